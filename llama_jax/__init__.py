@@ -1,0 +1,21 @@
+"""llama-jax: the LLaMA family in JAX / Flax NNX.
+
+    import llama_jax as lj
+    cfg = lj.PRESETS["llama2-7b"]
+    params = lj.init_params(cfg, jax.random.key(0), mesh=None)
+    logits = lj.forward(params, tokens, cfg)
+    model = lj.load("path/to/checkpoint_or.gguf")
+"""
+
+from llama_jax.config import PRESETS, LlamaConfig, RopeScaling, from_gguf, from_hf_config, from_params_json
+from llama_jax.model import KVCache, abstract_params, forward, init_params, logical_axes, param_count
+
+
+__all__ = [
+    "PRESETS", "LlamaConfig", "RopeScaling", "from_gguf", "from_hf_config", "from_params_json",
+    "KVCache", "abstract_params", "forward", "init_params", "logical_axes", "param_count",
+
+]
+from llama_jax.checkpoint import Loaded, load  # noqa: E402
+
+__all__ += ["Loaded", "load"]

@@ -1,0 +1,319 @@
+"""The LLaMA transformer as Flax NNX modules, and the pure functions around them.
+
+    tokens -> embed -> n_layers x Block (scanned) -> RMSNorm -> lm_head -> float32 logits
+    Block: x + Attention(RMSNorm(x)), then + MLP(RMSNorm(.))
+
+Every layer's weights are stacked on a leading `layers` axis (one `Block` holds them all) and the
+forward pass runs a `lax.scan` over that axis, so compile time does not grow with depth. Every
+parameter carries its logical axis names (`logical_axes` metadata); sharding.py maps them to a mesh.
+
+The public surface is pure: `init_params`, `forward`, `param_count` take and return pytrees of
+arrays. `nnx.merge` rebuilds the module inside the jit boundary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llama_jax.attention import attention
+from llama_jax.config import LlamaConfig
+from llama_jax.sharding import constrain
+
+Params = dict  # nested dict of arrays, the layout of DESIGN.md
+
+_init = nnx.initializers.normal(0.02)  # transformers' initializer_range default
+
+
+def _param(rngs: nnx.Rngs | None, shape, axes, dtype, ones=False) -> nnx.Param:
+    value = jnp.ones(shape, dtype) if ones else _init(rngs.params(), shape, dtype)
+    return nnx.Param(value, logical_axes=axes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary embeddings (Hugging Face's half-split layout: the pair of dimension i is i + head_dim/2)
+
+
+def rope_frequencies(cfg: LlamaConfig) -> jax.Array:  # [head_dim // 2] float32
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate in between.
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """x [batch, seq, heads, head_dim], positions [batch, seq] -> x rotated, computed in float32."""
+    angles = positions[:, :, None].astype(jnp.float32) * inv_freq  # [batch, seq, head_dim/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values of every layer, written in place at `index` as tokens arrive.
+
+    Rows of a batch share slot numbers: prompts are left-padded to one length, and `valid` marks the
+    slots that hold a real token (padding never receives attention)."""
+
+    k: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+    v: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+    valid: jax.Array  # [batch, max_len] bool
+    index: jax.Array  # int32 scalar: the slot the next token goes to
+
+    @classmethod
+    def zeros(cls, cfg: LlamaConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+        shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        dtype = dtype or cfg.compute_jnp_dtype
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                   jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules. Their parameters have a leading `layers` axis (Block) or none (the rest of Llama);
+# Block.__call__ runs one layer on a slice taken by the scan in Llama.__call__.
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, stack: tuple[int, ...] = ()):
+        axes = ("layers", "norm") if stack else ("norm",)
+        self.weight = _param(None, stack + (cfg.dim,), axes, cfg.param_jnp_dtype, ones=True)
+        self.eps = cfg.norm_eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs, stack: tuple[int, ...]):
+        d, n, kv, hd, dt = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.param_jnp_dtype
+        self.q = _param(rngs, stack + (d, n, hd), ("layers", "embed", "heads", "head_dim"), dt)
+        self.k = _param(rngs, stack + (d, kv, hd), ("layers", "embed", "kv_heads", "head_dim"), dt)
+        self.v = _param(rngs, stack + (d, kv, hd), ("layers", "embed", "kv_heads", "head_dim"), dt)
+        self.o = _param(rngs, stack + (n, hd, d), ("layers", "heads", "head_dim", "embed"), dt)
+
+    def __call__(self, x, positions, inv_freq, segment_ids=None, layer_cache=None):
+        """Without a cache: causal self-attention over x. With `layer_cache` = (k, v, start, mask)
+        for this layer ([batch, max_len, kv_heads, head_dim] each): write this call's keys and values
+        at slot `start`, attend over the cache under `mask` [batch, seq, max_len], and return the
+        updated (k, v) beside the output."""
+        dt = x.dtype
+        q = jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(dt))
+        k = jnp.einsum("btd,dkh->btkh", x, self.k[...].astype(dt))
+        v = jnp.einsum("btd,dkh->btkh", x, self.v[...].astype(dt))
+        q = constrain(apply_rope(q, positions, inv_freq), ("batch", "seq", "heads", "head_dim"))
+        k = apply_rope(k, positions, inv_freq)
+        if layer_cache is None:
+            out = attention(q, k, v, causal=True, segment_ids=segment_ids)
+        else:
+            cache_k, cache_v, start, mask = layer_cache
+            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, start, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, start, 0, 0))
+            out = attention(q, k.astype(dt), v.astype(dt), causal=False, mask=mask)
+        out = constrain(out, ("batch", "seq", "heads", "head_dim"))
+        return jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(dt)), (k, v)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs, stack: tuple[int, ...]):
+        d, f, dt = cfg.dim, cfg.ffn_dim, cfg.param_jnp_dtype
+        self.gate = _param(rngs, stack + (d, f), ("layers", "embed", "mlp"), dt)
+        self.up = _param(rngs, stack + (d, f), ("layers", "embed", "mlp"), dt)
+        self.down = _param(rngs, stack + (f, d), ("layers", "mlp", "embed"), dt)
+
+    def __call__(self, x):
+        dt = x.dtype
+        gate = jnp.einsum("btd,df->btf", x, self.gate[...].astype(dt))
+        up = jnp.einsum("btd,df->btf", x, self.up[...].astype(dt))
+        h = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
+        return jnp.einsum("btf,fd->btd", h, self.down[...].astype(dt))
+
+
+class Block(nnx.Module):
+    """All n_layers transformer layers, stacked; calling it runs one layer (a scan slice)."""
+
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        stack = (cfg.n_layers,)
+        self.attn_norm = RMSNorm(cfg, stack)
+        self.attn = Attention(cfg, rngs, stack)
+        self.mlp_norm = RMSNorm(cfg, stack)
+        self.mlp = MLP(cfg, rngs, stack)
+
+    def __call__(self, x, positions, inv_freq, segment_ids=None, layer_cache=None):
+        h, kv = self.attn(self.attn_norm(x), positions, inv_freq, segment_ids, layer_cache)
+        x = constrain(x + h, ("batch", "seq", "act_embed"))
+        x = constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "seq", "act_embed"))
+        return x, kv
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Llama(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dt = cfg.param_jnp_dtype
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), dt)
+        self.layers = Block(cfg, rngs)
+        self.norm = RMSNorm(cfg)
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(rngs, (cfg.dim, cfg.vocab_size), ("embed", "vocab"), dt)
+
+    def __call__(
+        self,
+        tokens: jax.Array,  # int32 [batch, seq]
+        positions: jax.Array | None = None,  # int32 [batch, seq]; default 0..seq-1 (or from the cache)
+        segment_ids: jax.Array | None = None,  # int32 [batch, seq]: packed documents attend only within
+        cache: KVCache | None = None,
+        token_mask: jax.Array | None = None,  # bool [batch, seq]: with a cache, False marks padding
+        *,
+        unroll: int | bool = 1,  # unroll the layer scan: decode is memory-bound and gains from it
+        remat: str = "none",  # what the backward pass recomputes: none | full | save_matmuls
+        return_hidden: bool = False,  # final normed hidden states instead of logits (chunked losses)
+    ):
+        cfg = self.cfg
+        cdt = cfg.compute_jnp_dtype
+        batch, seq = tokens.shape
+        if positions is None:
+            start = 0 if cache is None else cache.index
+            positions = jnp.broadcast_to(start + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        x = self.embed[...].astype(cdt)[tokens]
+        x = constrain(x, ("batch", "seq", "act_embed"))
+        inv_freq = rope_frequencies(cfg)
+        graphdef, stacked = nnx.split(self.layers)
+
+        if cache is None:
+            def body(x, layer):
+                x, _ = nnx.merge(graphdef, layer)(x, positions, inv_freq, segment_ids)
+                return x, None
+
+            policy = REMAT_POLICIES[remat]
+            if remat != "none":
+                body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+            x, _ = jax.lax.scan(body, x, stacked, unroll=unroll)
+        else:
+            x, cache = self._run_with_cache(x, positions, inv_freq, cache, token_mask, graphdef, stacked, unroll)
+
+        x = self.norm(x)
+        if return_hidden:
+            return x, cache
+        head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+        logits = jnp.einsum("btd,dv->btv", x, head.astype(cdt), preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "seq", "vocab")), cache
+
+    def _run_with_cache(self, x, positions, inv_freq, cache, token_mask, graphdef, stacked, unroll):
+        batch, seq = x.shape[:2]
+        start = cache.index
+        if token_mask is None:
+            token_mask = jnp.ones((batch, seq), bool)
+        valid = jax.lax.dynamic_update_slice(cache.valid, token_mask, (0, start))
+        # Query t sits in slot start + t and may read slots <= its own that hold real tokens.
+        slots = jnp.arange(cache.max_len)
+        causal = slots[None, :] <= (start + jnp.arange(seq))[:, None]  # [seq, max_len]
+        mask = causal[None] & valid[:, None, :]  # [batch, seq, max_len]
+
+        # The cache rides in the scan carry and is updated in place, one layer slice at a time.
+        def body(carry, layer_and_index):
+            x, ck, cv = carry
+            layer, i = layer_and_index
+            x, (k, v) = nnx.merge(graphdef, layer)(x, positions, inv_freq, None, (ck[i], cv[i], start, mask))
+            ck = jax.lax.dynamic_update_index_in_dim(ck, k, i, 0)
+            cv = jax.lax.dynamic_update_index_in_dim(cv, v, i, 0)
+            return (x, ck, cv), None
+
+        layer_ids = jnp.arange(self.cfg.n_layers)
+        (x, k, v), _ = jax.lax.scan(body, (x, cache.k, cache.v), (stacked, layer_ids), unroll=unroll)
+        return x, KVCache(k=k, v=v, valid=valid, index=start + seq)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions: the public interface
+
+
+def _pure(state) -> dict:
+    # flax >= 0.12.11 moves State.to_pure_dict to nnx.to_pure_dict; the GPU machine has 0.12.10.
+    return nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
+
+
+def _init_state(cfg: LlamaConfig, key: jax.Array) -> Params:
+    return _pure(nnx.split(Llama(cfg, rngs=nnx.Rngs(params=key)))[1])
+
+
+@functools.lru_cache(maxsize=64)
+def graphdef(cfg: LlamaConfig):
+    """The module structure for `cfg` (no arrays); `nnx.merge(graphdef(cfg), params)` gives a Llama."""
+    return nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))[0]
+
+
+def abstract_params(cfg: LlamaConfig) -> Params:
+    """Shapes and dtypes of every parameter, allocating nothing."""
+    return jax.eval_shape(functools.partial(_init_state, cfg), jax.random.key(0))
+
+
+def logical_axes(cfg: LlamaConfig) -> dict:
+    """The logical axis names of every parameter, in the params layout (a tuple per leaf)."""
+    state = nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))[1]
+    axes = jax.tree.map(lambda v: v.get_metadata()["logical_axes"], state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return _pure(axes)
+
+
+def param_count(cfg: LlamaConfig) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(cfg)))
+
+
+def init_params(cfg: LlamaConfig, key: jax.Array, mesh: jax.sharding.Mesh | None = None) -> Params:
+    """Random parameters (normal(0, 0.02), norms at one). With a mesh, each device creates only its
+    own shards: the whole model never exists on one device or host."""
+    if mesh is None:
+        return jax.jit(_init_state, static_argnums=0)(cfg, key)
+    from llama_jax.sharding import param_shardings
+
+    return jax.jit(_init_state, static_argnums=0, out_shardings=param_shardings(cfg, mesh))(cfg, key)
+
+
+def apply(params: Params, tokens: jax.Array, cfg: LlamaConfig, **kwargs):
+    """The model called on `params`; kwargs as in `Llama.__call__`. Returns (logits, cache)."""
+    return nnx.merge(graphdef(cfg), params)(tokens, **kwargs)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def forward(params: Params, tokens: jax.Array, cfg: LlamaConfig) -> jax.Array:
+    """Logits, float32 [batch, seq, vocab], for int32 tokens [batch, seq] (causal, positions 0..seq-1)."""
+    return apply(params, tokens, cfg)[0]
