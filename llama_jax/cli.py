@@ -26,6 +26,18 @@ def command(add):
     return add
 
 
+# === generate / chat (generation) ===
+
+# === convert / export (conversion) ===
+
+# === plan (sharding) ===
+
+# === train / finetune (training) ===
+
+# === quantize (quantization) ===
+
+# === eval (evaluation) ===
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llama-jax", description="LLaMA-family models in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
