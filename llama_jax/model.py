@@ -125,23 +125,25 @@ class Attention(nnx.Module):
         self.o = _param(rngs, stack + (n, hd, d), ("layers", "heads", "head_dim", "embed"), dt)
 
     def __call__(self, x, positions, inv_freq, segment_ids=None, layer_cache=None):
-        """Without a cache: causal self-attention over x. With `layer_cache` = (k, v, start, mask)
-        for this layer ([batch, max_len, kv_heads, head_dim] each): write this call's keys and values
-        at slot `start`, attend over the cache under `mask` [batch, seq, max_len], and return the
-        updated (k, v) beside the output."""
+        """Without a cache: causal self-attention over x. With `layer_cache` = (k, v, layer, start,
+        mask), k and v being every layer's cache [layers, batch, max_len, kv_heads, head_dim]: write
+        this call's keys and values in place at (layer, slot `start`), attend over that layer's
+        slots under `mask` [batch, seq, max_len], and return the updated (k, v) beside the output.
+        Writing only the new tokens keeps a decode step's cache traffic to one read of the layer."""
         dt = x.dtype
         q = jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(dt))
         k = jnp.einsum("btd,dkh->btkh", x, self.k[...].astype(dt))
         v = jnp.einsum("btd,dkh->btkh", x, self.v[...].astype(dt))
         q = constrain(apply_rope(q, positions, inv_freq), ("batch", "seq", "heads", "head_dim"))
-        k = apply_rope(k, positions, inv_freq)
+        k = constrain(apply_rope(k, positions, inv_freq), ("batch", "seq", "kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
         if layer_cache is None:
             out = attention(q, k, v, causal=True, segment_ids=segment_ids)
         else:
-            cache_k, cache_v, start, mask = layer_cache
-            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, start, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, start, 0, 0))
-            out = attention(q, k.astype(dt), v.astype(dt), causal=False, mask=mask)
+            cache_k, cache_v, layer, start, mask = layer_cache
+            k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), (layer, 0, start, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), (layer, 0, start, 0, 0))
+            out = attention(q, k[layer].astype(dt), v[layer].astype(dt), causal=False, mask=mask)
         out = constrain(out, ("batch", "seq", "heads", "head_dim"))
         return jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(dt)), (k, v)
 
@@ -252,9 +254,7 @@ class Llama(nnx.Module):
         def body(carry, layer_and_index):
             x, ck, cv = carry
             layer, i = layer_and_index
-            x, (k, v) = nnx.merge(graphdef, layer)(x, positions, inv_freq, None, (ck[i], cv[i], start, mask))
-            ck = jax.lax.dynamic_update_index_in_dim(ck, k, i, 0)
-            cv = jax.lax.dynamic_update_index_in_dim(cv, v, i, 0)
+            x, (ck, cv) = nnx.merge(graphdef, layer)(x, positions, inv_freq, None, (ck, cv, i, start, mask))
             return (x, ck, cv), None
 
         layer_ids = jnp.arange(self.cfg.n_layers)
@@ -298,14 +298,17 @@ def param_count(cfg: LlamaConfig) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(cfg)))
 
 
-def init_params(cfg: LlamaConfig, key: jax.Array, mesh: jax.sharding.Mesh | None = None) -> Params:
+def init_params(cfg: LlamaConfig, key: jax.Array, mesh: jax.sharding.Mesh | None = None, *, rules=None) -> Params:
     """Random parameters (normal(0, 0.02), norms at one). With a mesh, each device creates only its
-    own shards: the whole model never exists on one device or host."""
+    own shards (jit with out_shardings; JAX's partitionable threefry lets XLA split the random
+    numbers too): the whole model never exists on one device or host. `rules`: the logical-axis
+    table (default sharding.DEFAULT_RULES). The values do not depend on the mesh."""
     if mesh is None:
         return jax.jit(_init_state, static_argnums=0)(cfg, key)
     from llama_jax.sharding import param_shardings
 
-    return jax.jit(_init_state, static_argnums=0, out_shardings=param_shardings(cfg, mesh))(cfg, key)
+    shardings = param_shardings(cfg, mesh, rules)
+    return jax.jit(_init_state, static_argnums=0, out_shardings=shardings)(cfg, key)
 
 
 def apply(params: Params, tokens: jax.Array, cfg: LlamaConfig, **kwargs):
