@@ -1,0 +1,291 @@
+"""Autoregressive decoding with a KV cache: prefill, decode step, samplers, and two runners.
+
+    out = generate(model, ["Once upon a time", ""], max_new_tokens=64, temperature=0.8, top_p=0.9)
+    for piece in stream(model, "Hello"):       # text as it is produced
+        print(piece, end="", flush=True)
+    ids = generate_tokens(params, cfg, prompt_ids, max_new_tokens=128)   # arrays in, arrays out
+
+A batch of prompts of different lengths is left-padded to one length P. Every row shares cache
+slot numbers (slot s holds token s of the padded batch); padding is masked out of attention and
+each row's real tokens get rotary positions 0, 1, ... so a row decodes exactly as it would alone.
+The cache holds P + max_new_tokens slots.
+
+Runners:
+- `generate_tokens`: prefill then a `lax.while_loop` of decode steps, all in one jitted call (no
+  host round trip per token); stops early once every row has produced EOS.
+- `stream_tokens` / `stream`: jitted prefill and decode step called from Python, yielding each
+  token as it comes (chat). The cache buffers are donated to each call, so XLA updates them in place.
+Both draw the sample for step t from fold_in(key(seed), t), so they give the same tokens.
+
+The decode step runs the layer scan unrolled: decode is memory-bound, and a rolled scan copies each
+layer's weight slice (DESIGN.md, Performance).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama_jax.config import LlamaConfig
+from llama_jax.model import KVCache, apply
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen. temperature 0 is greedy (argmax); top_k 0 and top_p 1 are off."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Samplers
+
+
+def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """logits [..., vocab] with every token outside the top-k / nucleus set to -inf.
+
+    top_k: keep the k largest logits. top_p: keep the smallest set of most probable tokens whose
+    probabilities sum to at least top_p (the most probable token is always kept)."""
+    if top_k:
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]  # descending
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more probable tokens
+        keep = before < top_p  # token i is needed while the ones above it do not reach top_p yet
+        # The smallest kept logit: everything at or above it stays.
+        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return logits
+
+
+def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
+    """logits float32 [batch, vocab] -> token ids int32 [batch]. Temperature first, then top-k,
+    then top-p (transformers' order)."""
+    if sampling.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefill and decode step (pure; jitted below and inside the on-device loop)
+
+
+def _prefill(params, tokens, mask, cache, cfg):
+    """tokens, mask [batch, P] (left-padded; mask False on padding) -> logits [batch, vocab] of each
+    row's last token, the cache filled at slots 0..P-1, and each row's next position [batch]."""
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)  # real tokens: 0, 1, ...
+    logits, cache = apply(params, tokens, cfg, positions=positions, cache=cache, token_mask=mask)
+    return logits[:, -1], cache, mask.sum(axis=1).astype(jnp.int32)
+
+
+def _step(params, token, position, cache, cfg):
+    """token, position [batch] -> logits [batch, vocab] for the next token, cache one slot fuller."""
+    logits, cache = apply(params, token[:, None], cfg, positions=position[:, None], cache=cache, unroll=True)
+    return logits[:, 0], cache
+
+
+prefill = jax.jit(_prefill, static_argnames=("cfg",), donate_argnames=("cache",))
+decode_step = jax.jit(_step, static_argnames=("cfg",), donate_argnames=("cache",))
+
+
+@functools.partial(jax.jit, static_argnames=("sampling",))
+def _sample_jit(logits, key, step, sampling):
+    return sample(logits, jax.random.fold_in(key, step), sampling)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling"))
+def _loop(params, tokens, mask, key, eos_id, cfg, max_new_tokens, sampling):
+    """The on-device runner: tokens, mask [batch, P] -> new tokens int32 [batch, max_new_tokens]
+    (eos_id after a row's EOS) and each row's count of generated tokens before its EOS [batch]."""
+    batch, P = tokens.shape
+    cache = KVCache.zeros(cfg, batch, P + max_new_tokens)
+    logits, cache, position = _prefill(params, tokens, mask, cache, cfg)
+    out = jnp.full((batch, max_new_tokens), eos_id, jnp.int32)
+    done = jnp.zeros((batch,), bool)
+
+    def cond(carry):
+        step, _, _, _, done, _ = carry
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        step, logits, cache, position, done, out = carry
+        token = sample(logits, jax.random.fold_in(key, step), sampling)
+        token = jnp.where(done, eos_id, token)
+        out = jax.lax.dynamic_update_index_in_dim(out, token, step, axis=1)
+        done = done | (token == eos_id)
+        logits, cache = _step(params, token, position, cache, cfg)
+        return step + 1, logits, cache, position + 1, done, out
+
+    init = (jnp.zeros((), jnp.int32), logits, cache, position, done, out)
+    _, _, _, _, _, out = jax.lax.while_loop(cond, body, init)
+    lengths = jnp.argmax(jnp.concatenate([out == eos_id, jnp.ones((batch, 1), bool)], axis=1), axis=1)
+    return out, lengths
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching and checks
+
+
+def _pad_left(prompts: Sequence[Sequence[int]], multiple: int = 8):
+    """Left-pad token lists to one length (rounded up to `multiple`, so nearby prompt lengths share
+    a compiled program) -> tokens int32 [batch, P], mask bool [batch, P]."""
+    longest = max(len(p) for p in prompts)
+    P = max(multiple, -(-longest // multiple) * multiple)
+    tokens = np.zeros((len(prompts), P), np.int32)
+    mask = np.zeros((len(prompts), P), bool)
+    for i, p in enumerate(prompts):
+        if len(p):
+            tokens[i, P - len(p):] = p
+            mask[i, P - len(p):] = True
+    return tokens, mask
+
+
+def _check(cfg: LlamaConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not len(prompts):
+        raise ValueError("no prompts given")
+    for i, p in enumerate(prompts):
+        if not len(p):
+            raise ValueError(f"prompt {i} has no tokens (start from BOS at least)")
+        if min(p) < 0 or max(p) >= cfg.vocab_size:
+            raise ValueError(f"prompt {i} has token ids outside [0, {cfg.vocab_size})")
+        if len(p) + max_new_tokens > cfg.max_seq_len:
+            raise ValueError(
+                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that is "
+                f"{len(p) + max_new_tokens}, more than the model's context of {cfg.max_seq_len} tokens")
+
+
+def generate_tokens(params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, *,
+                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                    eos_id: int | None = None) -> list[list[int]]:
+    """Token ids in, token ids out: each prompt's new tokens, up to (not including) its EOS.
+    One jitted call (prefill + `lax.while_loop` of decode steps) for the whole batch."""
+    sampling = Sampling(float(temperature), int(top_k), float(top_p))
+    _check(cfg, prompts, max_new_tokens)
+    if max_new_tokens == 0:
+        return [[] for _ in prompts]
+    eos = cfg.eos_id if eos_id is None else eos_id
+    eos = -1 if eos is None else int(eos)  # -1 never matches: run to max_new_tokens
+    tokens, mask = _pad_left(prompts)
+    out, lengths = _loop(params, jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(seed),
+                         jnp.int32(eos), cfg, int(max_new_tokens), sampling)
+    out, lengths = np.asarray(out), np.asarray(lengths)
+    return [out[i, :lengths[i]].tolist() for i in range(len(prompts))]
+
+
+def stream_tokens(params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, *,
+                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                  eos_id: int | None = None) -> Iterator[np.ndarray]:
+    """Yields each step's tokens, int32 [batch] (eos_id for rows already finished), until every
+    row has produced EOS or max_new_tokens steps have run."""
+    sampling = Sampling(float(temperature), int(top_k), float(top_p))
+    _check(cfg, prompts, max_new_tokens)
+    eos = cfg.eos_id if eos_id is None else eos_id
+    eos = -1 if eos is None else int(eos)
+    tokens, mask = _pad_left(prompts)
+    key = jax.random.key(seed)
+    cache = KVCache.zeros(cfg, len(prompts), tokens.shape[1] + max_new_tokens)
+    done = np.zeros(len(prompts), bool)
+    position = None
+    for step in range(max_new_tokens):
+        if step == 0:
+            logits, cache, position = prefill(params, jnp.asarray(tokens), jnp.asarray(mask), cache, cfg)
+        token = np.asarray(_sample_jit(logits, key, step, sampling))
+        token = np.where(done, eos, token).astype(np.int32)
+        done |= token == eos
+        yield token
+        if done.all() or step + 1 == max_new_tokens:
+            return
+        logits, cache = decode_step(params, jnp.asarray(token), position, cache, cfg)
+        position = position + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Text in, text out
+
+
+def _encode_prompts(model, prompts: Sequence[str]) -> list[list[int]]:
+    tok = model.tokenizer
+    if tok is None:
+        raise ValueError("this model has no tokenizer; use generate_tokens with token ids")
+    out = []
+    for p in prompts:
+        if not isinstance(p, str):
+            raise ValueError(f"prompts must be strings, got {type(p).__name__}")
+        ids = tok.encode(p)
+        if not ids:  # an empty prompt starts from BOS alone
+            if tok.bos_id is None:
+                raise ValueError("empty prompt and the tokenizer has no BOS token to start from")
+            ids = [tok.bos_id]
+        out.append(ids)
+    return out
+
+
+def _continuation(tok, prompt: list[int], new: list[int]) -> str:
+    """The text of `new` as it reads after `prompt`. SentencePiece drops the leading space of a
+    text's first word, so "The dog" + [" was"] must be decoded together, then the prompt cut off
+    (its last tokens are context enough)."""
+    prompt = list(prompt[-16:])
+    before = tok.decode(prompt)
+    both = tok.decode(prompt + new)
+    return both[len(before):] if both.startswith(before) else tok.decode(new)
+
+
+def _eos(model) -> int | None:
+    tok = model.tokenizer
+    return tok.eos_id if tok is not None and tok.eos_id is not None else model.config.eos_id
+
+
+def generate(model, prompts: str | Sequence[str], max_new_tokens: int = 64, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, seed: int = 0) -> list[str]:
+    """Generated text (without the prompt) for each prompt. `model` is a `Loaded` (lj.load)."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    ids = _encode_prompts(model, prompts)
+    out = generate_tokens(model.params, model.config, ids, max_new_tokens, temperature=temperature, top_k=top_k,
+                          top_p=top_p, seed=seed, eos_id=_eos(model))
+    return [_continuation(model.tokenizer, p, row) for p, row in zip(ids, out)]
+
+
+def stream(model, prompt: str | Sequence[int], max_new_tokens: int = 256, temperature: float = 0.0,
+           top_p: float = 1.0, top_k: int = 0, seed: int = 0) -> Iterator[str]:
+    """Yields the text of one prompt (a string, or token ids) piece by piece as tokens arrive.
+    Text is released only once it is whole: a character split across byte tokens waits for
+    its last byte."""
+    ids = list(prompt) if not isinstance(prompt, str) else _encode_prompts(model, [prompt])[0]
+    eos = _eos(model)
+    new: list[int] = []
+    shown = ""
+    for token in stream_tokens(model.params, model.config, [ids], max_new_tokens, temperature=temperature,
+                               top_k=top_k, top_p=top_p, seed=seed, eos_id=eos):
+        if int(token[0]) == eos:
+            break
+        new.append(int(token[0]))
+        text = _continuation(model.tokenizer, ids, new)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence so far
+            continue
+        if text.startswith(shown):
+            yield text[len(shown):]
+            shown = text
+    text = _continuation(model.tokenizer, ids, new)
+    if text.startswith(shown) and len(text) > len(shown):
+        yield text[len(shown):]
