@@ -57,11 +57,16 @@ def rope_frequencies(cfg: LlamaConfig) -> jax.Array:  # [head_dim // 2] float32
     return jnp.where(medium, smoothed, scaled)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """x [batch, seq, heads, head_dim], positions [batch, seq] -> x rotated, computed in float32."""
-    angles = positions[:, :, None].astype(jnp.float32) * inv_freq  # [batch, seq, head_dim/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
+def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [batch, seq, 1, head_dim/2] for positions [batch, seq], in float32; computed once
+    per forward pass and shared by every layer."""
+    angles = positions[:, :, None].astype(jnp.float32) * inv_freq
+    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+
+
+def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotate x [batch, seq, heads, head_dim] by the rope_tables angles, in float32."""
+    cos, sin = rope
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
@@ -124,7 +129,7 @@ class Attention(nnx.Module):
         self.v = _param(rngs, stack + (d, kv, hd), ("layers", "embed", "kv_heads", "head_dim"), dt)
         self.o = _param(rngs, stack + (n, hd, d), ("layers", "heads", "head_dim", "embed"), dt)
 
-    def __call__(self, x, positions, inv_freq, segment_ids=None, layer_cache=None):
+    def __call__(self, x, rope, segment_ids=None, layer_cache=None):
         """Without a cache: causal self-attention over x. With `layer_cache` = (k, v, layer, start,
         mask), k and v being every layer's cache [layers, batch, max_len, kv_heads, head_dim]: write
         this call's keys and values in place at (layer, slot `start`), attend over that layer's
@@ -134,8 +139,8 @@ class Attention(nnx.Module):
         q = jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(dt))
         k = jnp.einsum("btd,dkh->btkh", x, self.k[...].astype(dt))
         v = jnp.einsum("btd,dkh->btkh", x, self.v[...].astype(dt))
-        q = constrain(apply_rope(q, positions, inv_freq), ("batch", "seq", "heads", "head_dim"))
-        k = constrain(apply_rope(k, positions, inv_freq), ("batch", "seq", "kv_heads", "head_dim"))
+        q = constrain(apply_rope(q, rope), ("batch", "seq", "heads", "head_dim"))
+        k = constrain(apply_rope(k, rope), ("batch", "seq", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
         if layer_cache is None:
             out = attention(q, k, v, causal=True, segment_ids=segment_ids)
@@ -173,8 +178,8 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg, stack)
         self.mlp = MLP(cfg, rngs, stack)
 
-    def __call__(self, x, positions, inv_freq, segment_ids=None, layer_cache=None):
-        h, kv = self.attn(self.attn_norm(x), positions, inv_freq, segment_ids, layer_cache)
+    def __call__(self, x, rope, segment_ids=None, layer_cache=None):
+        h, kv = self.attn(self.attn_norm(x), rope, segment_ids, layer_cache)
         x = constrain(x + h, ("batch", "seq", "act_embed"))
         x = constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "seq", "act_embed"))
         return x, kv
@@ -217,12 +222,12 @@ class Llama(nnx.Module):
             positions = jnp.broadcast_to(start + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
         x = self.embed[...].astype(cdt)[tokens]
         x = constrain(x, ("batch", "seq", "act_embed"))
-        inv_freq = rope_frequencies(cfg)
+        rope = rope_tables(positions, rope_frequencies(cfg))
         graphdef, stacked = nnx.split(self.layers)
 
         if cache is None:
             def body(x, layer):
-                x, _ = nnx.merge(graphdef, layer)(x, positions, inv_freq, segment_ids)
+                x, _ = nnx.merge(graphdef, layer)(x, rope, segment_ids)
                 return x, None
 
             policy = REMAT_POLICIES[remat]
@@ -230,7 +235,7 @@ class Llama(nnx.Module):
                 body = jax.checkpoint(body, policy=policy, prevent_cse=False)
             x, _ = jax.lax.scan(body, x, stacked, unroll=unroll)
         else:
-            x, cache = self._run_with_cache(x, positions, inv_freq, cache, token_mask, graphdef, stacked, unroll)
+            x, cache = self._run_with_cache(x, rope, cache, token_mask, graphdef, stacked, unroll)
 
         x = self.norm(x)
         if return_hidden:
@@ -239,7 +244,7 @@ class Llama(nnx.Module):
         logits = jnp.einsum("btd,dv->btv", x, head.astype(cdt), preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "seq", "vocab")), cache
 
-    def _run_with_cache(self, x, positions, inv_freq, cache, token_mask, graphdef, stacked, unroll):
+    def _run_with_cache(self, x, rope, cache, token_mask, graphdef, stacked, unroll):
         batch, seq = x.shape[:2]
         start = cache.index
         if token_mask is None:
@@ -254,7 +259,7 @@ class Llama(nnx.Module):
         def body(carry, layer_and_index):
             x, ck, cv = carry
             layer, i = layer_and_index
-            x, (ck, cv) = nnx.merge(graphdef, layer)(x, positions, inv_freq, None, (ck, cv, i, start, mask))
+            x, (ck, cv) = nnx.merge(graphdef, layer)(x, rope, None, (ck, cv, i, start, mask))
             return (x, ck, cv), None
 
         layer_ids = jnp.arange(self.cfg.n_layers)
