@@ -1,16 +1,44 @@
-"""Meshes and the logical-axis rules that map parameter and activation axes onto them.
+"""Meshes, the logical-axis rules that map parameter and activation axes onto them, and batch placement.
 
-Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with parameters sharded), `tensor`
-(Megatron-style model parallel). A rule maps a logical axis name to a mesh axis, a tuple of mesh axes,
-or None (replicated). One table serves parameters and activations.
+Three mesh axes, innermost last (so `tensor` stays inside a host's fast interconnect):
+  data    pure data parallel: parameters replicated, batch split
+  fsdp    data parallel with parameters (and optimizer state) sharded, gathered layer by layer
+  tensor  Megatron-style model parallel: heads, mlp and vocab split
+
+Every parameter and activation names its dimensions with logical axes ("embed", "heads", "batch", ...).
+A rules table maps each logical axis to a mesh axis, a tuple of mesh axes, or None (replicated). One
+table serves parameters and activations:
+
+    mesh = make_mesh(fsdp=-1, tensor=2)                     # -1: the remaining devices
+    params = init_params(cfg, key, mesh)                    # sharded at creation, DEFAULT_RULES
+    with jax.set_mesh(mesh):                                # activation constraints see the mesh here
+        logits = forward(params, place_batch(tokens, mesh), cfg)
+
+Custom rules: pass `rules=` to `param_shardings` / `init_params`, and wrap tracing in
+`use_rules(rules)` so the model's activation constraints follow the same table. Rules are read when a
+function is traced; jit's cache does not see them, so change them before the first call of a jitted
+function, not between calls (or `jax.clear_caches()`). There is no other global state: the mesh is
+JAX's own (`jax.set_mesh`).
+
+A dimension that its mesh axes don't divide (vocab 32000 over tensor=3, 2 kv heads over tensor=4, a
+batch of 1 over fsdp=8) is not split over the axes that don't divide it: it is replicated along them
+instead (XLA cannot shard unevenly). For parameters this emits a `ShardingFallbackWarning` naming the
+dimension and the axis; `warnings.simplefilter("error", ShardingFallbackWarning)` turns it into an error
+for those who would rather be told than replicate. GQA with fewer kv heads than `tensor` thus works
+with the k/v projections replicated across tensor (Megatron does the same).
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+import contextlib
+import contextvars
+import math
+import warnings
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -25,7 +53,9 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",
     "head_dim": None,
     "layers": None,
-    "norm": None,
+    # Norm weights are embed-sized vectors: FSDP shards them like every other weight (ZeRO-3), so no
+    # device holds a whole parameter; gathering them costs nothing next to the matrices.
+    "norm": "fsdp",
     # activations: the batch is split over every data-parallel axis; the residual stream's
     # features stay whole on each device (embed's fsdp split is for stored weights only).
     "batch": ("data", "fsdp"),
@@ -35,43 +65,221 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
-def logical_to_spec(axes: tuple[str | None, ...], rules: Rules | None = None, mesh=None) -> PartitionSpec:
-    """PartitionSpec for logical `axes`. A mesh axis is used at most once per array (the first
-    logical axis claiming it wins), and axes of size 1 in `mesh` are dropped."""
+class ShardingFallbackWarning(UserWarning):
+    """A parameter dimension is replicated along a mesh axis that does not divide it."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Meshes
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all of them, across every process).
+
+    One size may be -1: the devices left over by the others. Axes are `Auto`: XLA propagates
+    shardings between the model's constraints (`jax.make_mesh` alone would make Explicit axes)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    free = [k for k, v in sizes.items() if v == -1]
+    bad = [f"{k}={v}" for k, v in sizes.items() if not (isinstance(v, int) and (v >= 1 or v == -1))]
+    if bad or len(free) > 1:
+        raise ValueError(f"mesh sizes must be positive integers, at most one of them -1; got {', '.join(bad) or sizes}")
+    known = math.prod(v for v in sizes.values() if v != -1)
+    if free:
+        if len(devices) % known:
+            raise ValueError(f"mesh {_fmt(sizes)}: {len(devices)} devices are not a multiple of {known}")
+        sizes[free[0]] = len(devices) // known
+    if math.prod(sizes.values()) != len(devices):
+        raise ValueError(f"mesh {_fmt(sizes)} needs {math.prod(sizes.values())} devices, "
+                         f"but there are {len(devices)}")
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """"fsdp=16,tensor=4" -> {"fsdp": 16, "tensor": 4} (axes not named: data=1, fsdp=1, tensor=1)."""
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        if name.strip() not in sizes:
+            raise ValueError(f"mesh axis {name.strip()!r} unknown (axes: {', '.join(MESH_AXES)})")
+        try:
+            sizes[name.strip()] = int(value)
+        except ValueError:
+            raise ValueError(f"mesh axis {name.strip()}: {value!r} is not an integer") from None
+    return sizes
+
+
+def _fmt(sizes: Mapping[str, int]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sizes.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# Logical axes -> PartitionSpec
+
+
+def logical_to_spec(
+    axes: tuple[str | None, ...],
+    rules: Rules | None = None,
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+    shape: tuple[int, ...] | None = None,
+    on_fallback=None,
+) -> PartitionSpec:
+    """PartitionSpec for logical `axes` under `rules` (default DEFAULT_RULES).
+
+    A mesh axis is used at most once per array (the first logical axis claiming it wins). With `mesh`,
+    axes of size 1 are dropped. With `shape` too, a dimension keeps only the mesh axes whose product
+    divides it (the rest replicate it); `on_fallback(dim, name, size, mesh_axis, axis_size)` hears of each."""
     rules = DEFAULT_RULES if rules is None else rules
+    sizes = dict(mesh.shape) if mesh is not None else {}
     used: set[str] = set()
     spec = []
-    for name in axes:
+    for dim, name in enumerate(axes):
         target = rules.get(name) if name is not None else None
-        if target is None:
-            spec.append(None)
-            continue
-        targets = (target,) if isinstance(target, str) else tuple(target)
-        keep = tuple(t for t in targets if t not in used and (mesh is None or mesh.shape.get(t, 1) > 1))
+        targets = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+        keep: list[str] = []
+        for t in targets:
+            if t in used or (mesh is not None and sizes.get(t, 1) == 1):
+                continue
+            if shape is not None and shape[dim] % (math.prod(sizes[a] for a in keep) * sizes[t]):
+                if on_fallback is not None:
+                    on_fallback(dim, name, shape[dim], t, sizes[t])
+                continue
+            keep.append(t)
         used.update(keep)
-        spec.append(keep[0] if len(keep) == 1 else (keep or None))
+        spec.append(keep[0] if len(keep) == 1 else (tuple(keep) or None))
     return PartitionSpec(*spec)
+
+
+_RULES: contextvars.ContextVar[Rules | None] = contextvars.ContextVar("llama_jax_rules", default=None)
+
+
+@contextlib.contextmanager
+def use_rules(rules: Rules | None) -> Iterator[None]:
+    """Activation constraints traced inside this block follow `rules` (None: DEFAULT_RULES)."""
+    token = _RULES.set(None if rules is None else dict(rules))
+    try:
+        yield
+    finally:
+        _RULES.reset(token)
+
+
+def current_rules() -> Rules:
+    """The rules table in effect: the innermost `use_rules`, else DEFAULT_RULES."""
+    return _RULES.get() or DEFAULT_RULES
 
 
 def constrain(x: jax.Array, axes: tuple[str | None, ...], rules: Rules | None = None) -> jax.Array:
     """Pin activation `x` to the sharding its logical `axes` imply under the mesh in context
-    (`jax.set_mesh`); a no-op when there is none, so the model runs unchanged on one device."""
+    (`jax.set_mesh`); a no-op when there is none, so the model runs unchanged on one device.
+
+    Dimensions a mesh axis does not divide (a batch of 1 while decoding) are left replicated."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    spec = logical_to_spec(axes, rules, mesh)
+    if any(t == AxisType.Explicit for t in mesh.axis_types):
+        raise ValueError("llama_jax shards through Auto mesh axes; this mesh has Explicit ones. Build it with "
+                         "llama_jax.sharding.make_mesh, or jax.make_mesh(..., axis_types=(AxisType.Auto,) * 3)")
+    spec = logical_to_spec(axes, rules or current_rules(), mesh, x.shape)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def param_specs(cfg, rules: Rules | None = None, mesh=None):
-    """PartitionSpec for every parameter of `cfg`, in the params layout."""
-    from llama_jax.model import logical_axes
+# ---------------------------------------------------------------------------------------------
+# Parameters
 
-    return jax.tree.map(lambda a: logical_to_spec(a, rules, mesh), logical_axes(cfg),
-                        is_leaf=lambda x: isinstance(x, tuple))
+
+def _warn_fallback(path: str):
+    def warn(dim, name, size, axis, axis_size):
+        warnings.warn(
+            f"{path}: dimension {dim} ({name}={size}) is not divisible by mesh axis {axis}={axis_size}; "
+            f"replicating it along {axis}", ShardingFallbackWarning, stacklevel=4)
+    return warn
+
+
+def specs_for(axes_tree, shapes_tree, mesh, rules: Rules | None = None):
+    """PartitionSpecs for a pytree of logical-axes tuples and the matching pytree of arrays (or
+    ShapeDtypeStructs), replicating dims their mesh axes don't divide. Use it for any state laid
+    out like the params (optimizer moments, gradients)."""
+    is_axes = lambda x: isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x)  # noqa: E731
+    flat_axes, treedef = jax.tree_util.tree_flatten_with_path(axes_tree, is_leaf=is_axes)
+    shapes = treedef.flatten_up_to(shapes_tree)
+    specs = [logical_to_spec(axes, rules, mesh, tuple(s.shape), _warn_fallback(jax.tree_util.keystr(path)))
+             for (path, axes), s in zip(flat_axes, shapes)]
+    return jax.tree_util.tree_unflatten(treedef, specs)
+
+
+def param_specs(cfg, rules: Rules | None = None, mesh=None):
+    """PartitionSpec for every parameter of `cfg`, in the params layout. Without a mesh, the specs
+    the rules name (no size checks)."""
+    from llama_jax.model import abstract_params, logical_axes  # model imports this module
+
+    axes = logical_axes(cfg)
+    if mesh is None:
+        return jax.tree.map(lambda a: logical_to_spec(a, rules), axes, is_leaf=lambda x: isinstance(x, tuple))
+    return specs_for(axes, abstract_params(cfg), mesh, rules)
 
 
 def param_shardings(cfg, mesh: jax.sharding.Mesh, rules: Rules | None = None):
-    """NamedSharding for every parameter of `cfg` on `mesh`."""
+    """NamedSharding for every parameter of `cfg` on `mesh` (the params layout). Stable API."""
     return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(cfg, rules, mesh),
                         is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def shard_bytes(shape_dtype, sharding) -> int:
+    """Bytes one device holds of an array (or ShapeDtypeStruct) under `sharding`."""
+    shard = sharding.shard_shape(tuple(shape_dtype.shape))
+    return math.prod(shard) * np.dtype(shape_dtype.dtype).itemsize
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches. A batch is any pytree of arrays whose leading dimension is the batch (tokens, targets,
+# loss masks, segment ids): it is split over (data, fsdp) and replicated over tensor.
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2, rules: Rules | None = None) -> NamedSharding:
+    """Sharding of a [batch, seq, ...] input: batch over the data-parallel axes. Stable API."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh))
+
+
+def _batch_blocks(mesh, rules) -> tuple[int, list[int]]:
+    """How many blocks the batch is cut into, and which of them this process's devices hold."""
+    n = _batch_shards(mesh, rules)
+    index_map = batch_sharding(mesh, 1, rules).addressable_devices_indices_map((n,))
+    return n, sorted({idx[0].start or 0 for idx in index_map.values()})
+
+
+def _batch_shards(mesh, rules) -> int:
+    spec = logical_to_spec(("batch",), rules, mesh)[0]
+    names = () if spec is None else (spec,) if isinstance(spec, str) else spec
+    return math.prod(mesh.shape[a] for a in names)
+
+
+def local_batch_rows(global_batch: int, mesh: jax.sharding.Mesh, rules: Rules | None = None) -> slice:
+    """The rows of a global batch this process supplies to `place_batch`: the block its devices hold.
+    Every process runs the same data loader and reads only these rows. Stable API."""
+    n, mine = _batch_blocks(mesh, rules)
+    if global_batch % n:
+        raise ValueError(f"global batch {global_batch} is not divisible by the {n} data-parallel shards "
+                         f"of mesh {_fmt(dict(mesh.shape))}")
+    if mine != list(range(mine[0], mine[0] + len(mine))):
+        raise ValueError("this process's devices hold batch blocks that are not contiguous; order the mesh's "
+                         "devices by process (make_mesh does) so each process reads one block of the batch")
+    rows = global_batch // n
+    return slice(mine[0] * rows, (mine[-1] + 1) * rows)
+
+
+def place_batch(local_batch, mesh: jax.sharding.Mesh, rules: Rules | None = None):
+    """Global jax.Arrays, sharded by `batch_sharding`, from this process's rows of a batch (a pytree of
+    arrays whose leading dimension is the batch): the rows `local_batch_rows` names. In a single
+    process the local batch is the whole batch. Every process calls it, with its own rows. Stable API."""
+    n, mine = _batch_blocks(mesh, rules)
+
+    def place(x):
+        x = np.asarray(x)
+        if x.shape[0] % len(mine):
+            raise ValueError(f"local batch of {x.shape[0]} rows does not split over this process's "
+                             f"{len(mine)} batch shards")
+        global_shape = (x.shape[0] // len(mine) * n,) + x.shape[1:]
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim, rules), x, global_shape)
+
+    return jax.tree.map(place, local_batch)
