@@ -128,7 +128,6 @@ def run_generate(args):
     from llama_jax.generate import generate
 
     _check_sampling_args(args)
-    print("loading model ...", file=sys.stderr, flush=True)
     model = load_for_generation(args.model)
     text = generate(model, [args.prompt], **_sampling_kwargs(args))[0]
     print(text)
@@ -148,7 +147,6 @@ def run_chat(args):
     from llama_jax.tokenizer import chat_tokens
 
     _check_sampling_args(args)
-    print("loading model ...", file=sys.stderr, flush=True)
     model = load_for_generation(args.model)
     interactive = sys.stdin.isatty()
     print("chat: an empty line or Ctrl-D ends, /reset starts over", file=sys.stderr)
@@ -182,6 +180,64 @@ def run_chat(args):
 # === convert / export (conversion) ===
 
 # === plan (sharding) ===
+# `plan` compiles a step for a mesh of N devices and reports per-device memory. The work runs in a
+# child process (llama_jax/plan.py) started with N fake CPU devices: JAX fixes its device count when it
+# starts, and this process's JAX may already be running on other devices.
+
+
+@command
+def add_plan(sub):
+    p = sub.add_parser("plan", help="will a model fit a mesh? compile (never run) a step and report memory per device",
+                       description="Compile a training or decode step for a (data, fsdp, tensor) mesh on fake CPU "
+                                   "devices and print XLA's per-device memory: parameters, optimizer state, "
+                                   "temporaries, and whether it fits --hbm. Nothing is run or allocated.")
+    p.add_argument("--model", required=True, help="preset name (e.g. llama2-70b) or checkpoint path")
+    p.add_argument("--mesh", required=True, help="mesh axis sizes, e.g. fsdp=16,tensor=4 (unnamed axes are 1)")
+    p.add_argument("--batch", type=int, default=1, help="global batch (sequences) (default 1)")
+    p.add_argument("--seq", type=int, default=2048, help="sequence length; for --decode the KV cache length")
+    step = p.add_mutually_exclusive_group()
+    step.add_argument("--decode", action="store_const", dest="step", const="decode",
+                      help="one decode step over a KV cache of --seq slots, params in bfloat16")
+    step.add_argument("--train", action="store_const", dest="step", const="train",
+                      help="a full training step: loss, gradient and AdamW update (float32 params + moments)")
+    p.set_defaults(step="grad")
+    p.add_argument("--remat", default="none", choices=["none", "full", "save_matmuls"],
+                   help="what the backward pass recomputes (default none)")
+    p.add_argument("--hbm", type=float, default=None, help="memory per device in GiB, e.g. 80: say if it fits")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.set_defaults(run=run_plan)
+
+
+def run_plan(args):
+    import json
+    import math
+    import os
+    import re
+    import subprocess
+    from pathlib import Path
+
+    from llama_jax.sharding import parse_mesh
+
+    mesh = parse_mesh(args.mesh)
+    if any(v < 1 for v in mesh.values()):
+        raise UsageError(f"--mesh {args.mesh!r}: every axis size must be >= 1 (plan has no device count to fill -1)")
+    for name in ("batch", "seq"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be >= 1")
+    if args.hbm is not None and not args.hbm > 0:
+        raise UsageError("--hbm must be > 0 (GiB per device)")
+    devices = math.prod(mesh.values())
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", ""))
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip(),
+               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    request = dict(model=args.model, mesh=mesh, batch=args.batch, seq=args.seq, step=args.step,
+                   remat=args.remat, hbm=args.hbm, json=args.json)
+    sys.stdout.flush()
+    done = subprocess.run([sys.executable, "-m", "llama_jax.plan", json.dumps(request)], env=env)
+    return done.returncode
+
 
 # === train / finetune (training) ===
 

@@ -1,0 +1,266 @@
+"""Generation: KV-cache decoding against full forwards, batching, samplers, seeds, real models
+against transformers' generate, and the generate / chat command line."""
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import llama_jax as lj
+from checkpoints_convert.gguf import GGUFReader
+from llama_jax.checkpoint import Loaded, params_from_reader
+from llama_jax.cli import load_for_generation, main
+from llama_jax.config import from_hf_config
+from llama_jax.generate import (
+    Sampling, decode_step, filter_logits, generate, generate_tokens, prefill, sample, stream, stream_tokens)
+from llama_jax.model import KVCache
+from llama_jax.tokenizer import load_tokenizer
+from conftest import REPO, STORIES_GGUF
+from test_gguf import hf_from_gguf, smollm2_path
+
+
+@pytest.fixture(scope="module")
+def stories():
+    reader = GGUFReader(STORIES_GGUF)
+    cfg = from_hf_config(reader.config, compute_dtype="float32")
+    return Loaded(cfg, params_from_reader(reader, cfg), load_tokenizer(STORIES_GGUF))
+
+
+# ---------------------------------------------------------------------------------------------
+# Real models against transformers
+
+
+def test_stories_greedy_200_tokens_equal_transformers(stories):
+    ref = hf_from_gguf(STORIES_GGUF)
+    with torch.no_grad():
+        theirs = ref.generate(torch.tensor([[1]]), max_new_tokens=200, do_sample=False, eos_token_id=2,
+                              pad_token_id=0)[0, 1:].tolist()
+    mine = generate_tokens(stories.params, stories.config, [[1]], max_new_tokens=200)[0]
+    assert len(mine) == 200
+    assert mine == theirs[:200]
+    text = generate(stories, [""], max_new_tokens=200)[0]
+    assert text == stories.tokenizer.decode(mine)
+    assert text.startswith("Once upon a time, there was a little girl named Lily.")
+
+
+def test_smollm2_first_greedy_token_is_paris():
+    reader = GGUFReader(smollm2_path())
+    cfg = from_hf_config(reader.config)  # bfloat16 compute, as generate runs it by default
+    model = Loaded(cfg, params_from_reader(reader, cfg), load_tokenizer(smollm2_path()))
+    assert model.tokenizer.encode("The capital of France is") == [504, 3575, 282, 4649, 314]
+    ids = generate_tokens(model.params, cfg, [[504, 3575, 282, 4649, 314]], max_new_tokens=1)
+    assert ids == [[7042]]
+    assert generate(model, "The capital of France is", max_new_tokens=1) == [" Paris"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The KV cache against full forwards (tiny random models, float32)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-gqa"])
+def test_cached_decoding_equals_full_forward(preset):
+    """Prefill a left-padded batch of unequal prompts, then decode 12 steps; at every step each
+    row's logits equal lj.forward on that row's whole sequence so far (no padding, no cache)."""
+    cfg = lj.PRESETS[preset]
+    params = lj.init_params(cfg, jax.random.key(1))
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (5, 11, 1)]
+    P, steps = 11, 12
+    tokens = np.zeros((3, P), np.int32)
+    mask = np.zeros((3, P), bool)
+    for i, p in enumerate(prompts):
+        tokens[i, P - len(p):], mask[i, P - len(p):] = p, True
+    cache = KVCache.zeros(cfg, 3, P + steps)
+    logits, cache, position = prefill(params, jnp.asarray(tokens), jnp.asarray(mask), cache, cfg)
+    seqs, seen = [list(p) for p in prompts], [[] for _ in prompts]
+    for step in range(steps):
+        for i in range(3):
+            seen[i].append(np.asarray(logits[i]))
+        nxt = rng.integers(3, cfg.vocab_size, 3).astype(np.int32)  # any tokens will do
+        for i in range(3):
+            seqs[i].append(int(nxt[i]))
+        logits, cache = decode_step(params, jnp.asarray(nxt), position, cache, cfg)
+        position = position + 1
+    # The model is causal: the full forward's logits at t are those after the first t + 1 tokens.
+    for i, (p, seq) in enumerate(zip(prompts, seqs)):
+        full = np.asarray(lj.forward(params, jnp.asarray([seq[:-1]], jnp.int32), cfg))[0, len(p) - 1:]
+        np.testing.assert_allclose(np.stack(seen[i]), full, atol=2e-5, rtol=0, err_msg=f"row {i}")
+    assert int(cache.index) == P + steps
+
+
+def test_batch_rows_equal_alone(stories):
+    prompts = ["Once upon a time", "The dog ran to the big red", "", "Lily and Ben were"]
+    ids = [stories.tokenizer.encode(p) for p in prompts]
+    together = generate_tokens(stories.params, stories.config, ids, max_new_tokens=40)
+    for row, p in zip(together, ids):
+        assert generate_tokens(stories.params, stories.config, [p], max_new_tokens=40)[0] == row
+    assert len({tuple(r) for r in together}) == 4
+
+
+def test_stop_at_eos_per_row():
+    """With EOS set to a token each row produces, each row stops just before its first one."""
+    cfg = lj.PRESETS["tiny-gqa"]
+    params = lj.init_params(cfg, jax.random.key(2))
+    prompts = [[5, 6, 7], [9], [10, 11, 12, 13, 14]]
+    free = generate_tokens(params, cfg, prompts, max_new_tokens=20, eos_id=-1)
+    assert all(len(r) == 20 for r in free)
+    eos = free[0][4]
+    stopped = generate_tokens(params, cfg, prompts, max_new_tokens=20, eos_id=eos)
+    for f, s in zip(free, stopped):
+        assert s == (f[:f.index(eos)] if eos in f else f)
+    assert len(stopped[0]) == 4
+
+
+def test_stream_equals_loop_and_seeds(stories):
+    """The streaming runner and the on-device loop draw the same samples; a seed fixes the text."""
+    cfg, params = stories.config, stories.params
+    ids = [[1], stories.tokenizer.encode("The cat")]
+    kw = dict(temperature=0.9, top_k=40, top_p=0.95)
+    a = generate_tokens(params, cfg, ids, 30, seed=7, **kw)
+    b = generate_tokens(params, cfg, ids, 30, seed=7, **kw)
+    c = generate_tokens(params, cfg, ids, 30, seed=8, **kw)
+    assert a == b and a != c
+    streamed = np.stack(list(stream_tokens(params, cfg, ids, 30, seed=7, **kw)), axis=1)
+    for row, s in zip(a, streamed):
+        assert s[:len(row)].tolist() == row
+    text = generate(stories, "The cat", max_new_tokens=30, temperature=0.9, seed=3)
+    assert text == generate(stories, "The cat", max_new_tokens=30, temperature=0.9, seed=3)
+    assert "".join(stream(stories, "The cat", max_new_tokens=30, temperature=0.9, seed=3)) == text[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Samplers on hand-made distributions
+
+PROBS = np.array([0.05, 0.30, 0.15, 0.50])  # deliberately unsorted
+LOGITS = jnp.asarray(np.log(PROBS), jnp.float32)[None]
+
+
+def kept(logits) -> set:
+    return set(np.flatnonzero(np.isfinite(np.asarray(logits[0]))).tolist())
+
+
+@pytest.mark.parametrize("k, expected", [(1, {3}), (2, {1, 3}), (3, {1, 2, 3}), (4, {0, 1, 2, 3}), (0, {0, 1, 2, 3})])
+def test_top_k_keeps_the_k_most_probable(k, expected):
+    assert kept(filter_logits(LOGITS, top_k=k)) == expected
+
+
+@pytest.mark.parametrize("p, expected", [
+    (0.3, {3}),  # 0.5 alone reaches 0.3
+    (0.5, {3}),  # ... and 0.5 exactly
+    (0.7, {1, 3}),  # 0.5 + 0.3 = 0.8 >= 0.7
+    (0.9, {1, 2, 3}),  # 0.95 >= 0.9
+    (0.99, {0, 1, 2, 3}),
+    (1.0, {0, 1, 2, 3}),
+])
+def test_top_p_keeps_the_smallest_nucleus(p, expected):
+    assert kept(filter_logits(LOGITS, top_p=p)) == expected
+
+
+def test_top_k_then_top_p_and_sampled_frequencies():
+    # top-k 3 leaves {0.5, 0.3, 0.15} renormalised to 0.526, 0.316, 0.158; top-p 0.8 then keeps 2.
+    assert kept(filter_logits(LOGITS, top_k=3, top_p=0.8)) == {1, 3}
+    logits = jnp.broadcast_to(LOGITS, (20000, 4))
+    draws = np.asarray(sample(logits, jax.random.key(0), Sampling(temperature=1.0, top_p=0.9)))
+    freq = np.bincount(draws, minlength=4) / draws.size
+    assert freq[0] == 0  # outside the nucleus: never drawn
+    np.testing.assert_allclose(freq[1:], PROBS[1:] / PROBS[1:].sum(), atol=0.015)
+    greedy = np.asarray(sample(LOGITS, jax.random.key(0), Sampling()))
+    assert greedy.tolist() == [3]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks
+
+
+def test_context_length_and_argument_checks(stories):
+    cfg, params = stories.config, stories.params
+    with pytest.raises(ValueError, match="context of 2048"):
+        generate_tokens(params, cfg, [[1] * 2000], max_new_tokens=49)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate_tokens(params, cfg, [[1]], max_new_tokens=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(stories, "x", top_p=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(stories, "x", top_p=1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(stories, "x", temperature=-1.0)
+    assert generate_tokens(params, cfg, [[1] * 2000], max_new_tokens=48)[0]  # exactly fits
+    assert generate(stories, ["x"], max_new_tokens=0) == [""]
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def run_cli(capsys, *argv):
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-new-tokens", "-3", "hi"], "--max-new-tokens"),
+    (["--top-p", "0", "hi"], "--top-p"),
+    (["--top-p", "1.5", "hi"], "--top-p"),
+    (["--model", "/no/such/model.gguf", "hi"], "no such file"),
+])
+def test_cli_bad_arguments(capsys, argv, message):
+    rc, out, err = run_cli(capsys, "generate", *argv)
+    assert rc == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_cli_prompt_longer_than_context(capsys):
+    rc, out, err = run_cli(capsys, "generate", "--model", str(STORIES_GGUF), "once upon a time " * 600)
+    assert rc == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "context of 2048" in err
+
+
+def test_cli_file_that_is_not_a_model(capsys, tmp_path):
+    junk = tmp_path / "weights.bin"
+    junk.write_bytes(b"\x00" * 1000)
+    rc, out, err = run_cli(capsys, "generate", "--model", str(junk), "hi")
+    assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1 and "weights.bin" in err
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"GGUF" + b"\xff" * 64)
+    rc, out, err = run_cli(capsys, "generate", "--model", str(fake), "hi")
+    assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1 and "fake.gguf" in err
+
+
+def test_cli_generate_prints_only_the_text(stories):
+    """A real process: stdout holds the generated text and nothing else."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "llama_jax.cli", "generate", "--model", str(STORIES_GGUF), "--max-new-tokens", "30",
+         "Once upon a time"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == generate(stories, "Once upon a time", max_new_tokens=30)[0] + "\n"
+
+
+def test_cli_chat_keeps_the_conversation(capsys, monkeypatch, stories):
+    """Two turns through `chat`: the second reply is generated from both turns in the template."""
+    import io
+
+    from llama_jax.tokenizer import chat_tokens
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Tell me a story.\nWhat happened next?\n\n"))
+    rc, out, err = run_cli(capsys, "chat", "--model", str(STORIES_GGUF), "--max-new-tokens", "12")
+    assert rc == 0, err
+    replies = out.splitlines()
+    assert len(replies) == 2
+    model = load_for_generation(STORIES_GGUF)  # as the command loads it (bfloat16 compute)
+    tok, cfg = model.tokenizer, model.config
+    turns = [{"role": "user", "content": "Tell me a story."}]
+    first = generate_tokens(model.params, cfg, [chat_tokens(tok, turns)], 12)[0]
+    assert replies[0] == _decode_after(tok, chat_tokens(tok, turns), first)
+    turns += [{"role": "assistant", "content": replies[0].strip()}, {"role": "user", "content": "What happened next?"}]
+    second = generate_tokens(model.params, cfg, [chat_tokens(tok, turns)], 12)[0]
+    assert replies[1] == _decode_after(tok, chat_tokens(tok, turns), second)
+
+
+def _decode_after(tok, prompt, new):
+    before = tok.decode(prompt)
+    return tok.decode(prompt + new)[len(before):]
