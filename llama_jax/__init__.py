@@ -19,3 +19,7 @@ __all__ = [
 from llama_jax.checkpoint import Loaded, load  # noqa: E402
 
 __all__ += ["Loaded", "load"]
+from llama_jax.generate import generate, generate_tokens, stream  # noqa: E402
+from llama_jax.tokenizer import alpaca_prompt, load_tokenizer  # noqa: E402
+
+__all__ += ["generate", "generate_tokens", "stream", "alpaca_prompt", "load_tokenizer"]
