@@ -220,7 +220,10 @@ class Llama(nnx.Module):
         if positions is None:
             start = 0 if cache is None else cache.index
             positions = jnp.broadcast_to(start + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-        x = self.embed[...].astype(cdt)[tokens]
+        # Gather the table's features (fsdp) before the lookup, like any FSDP weight: looking up rows of an
+        # embed-split table would make XLA move the batch-split activations (and their gradient) across
+        # fsdp instead. The vocab stays split over tensor (a masked lookup plus one all-reduce).
+        x = constrain(self.embed[...], ("vocab", None)).astype(cdt)[tokens]
         x = constrain(x, ("batch", "seq", "act_embed"))
         rope = rope_tables(positions, rope_frequencies(cfg))
         graphdef, stacked = nnx.split(self.layers)

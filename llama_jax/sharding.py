@@ -87,10 +87,10 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[
     known = math.prod(v for v in sizes.values() if v != -1)
     if free:
         if len(devices) % known:
-            raise ValueError(f"mesh {_fmt(sizes)}: {len(devices)} devices are not a multiple of {known}")
+            raise ValueError(f"mesh {format_mesh(sizes)}: {len(devices)} devices are not a multiple of {known}")
         sizes[free[0]] = len(devices) // known
     if math.prod(sizes.values()) != len(devices):
-        raise ValueError(f"mesh {_fmt(sizes)} needs {math.prod(sizes.values())} devices, "
+        raise ValueError(f"mesh {format_mesh(sizes)} needs {math.prod(sizes.values())} devices, "
                          f"but there are {len(devices)}")
     shape = tuple(sizes[a] for a in MESH_AXES)
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
@@ -110,7 +110,8 @@ def parse_mesh(text: str) -> dict[str, int]:
     return sizes
 
 
-def _fmt(sizes: Mapping[str, int]) -> str:
+def format_mesh(sizes: Mapping[str, int]) -> str:
+    """{"data": 1, "fsdp": 16, "tensor": 4} -> "data=1,fsdp=16,tensor=4" (what parse_mesh reads)."""
     return ",".join(f"{k}={v}" for k, v in sizes.items())
 
 
@@ -243,12 +244,13 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2, rules: Rules | None =
 
 def _batch_blocks(mesh, rules) -> tuple[int, list[int]]:
     """How many blocks the batch is cut into, and which of them this process's devices hold."""
-    n = _batch_shards(mesh, rules)
+    n = batch_shard_count(mesh, rules)
     index_map = batch_sharding(mesh, 1, rules).addressable_devices_indices_map((n,))
     return n, sorted({idx[0].start or 0 for idx in index_map.values()})
 
 
-def _batch_shards(mesh, rules) -> int:
+def batch_shard_count(mesh, rules: Rules | None = None) -> int:
+    """Into how many blocks `mesh` cuts the batch (data x fsdp under the default rules)."""
     spec = logical_to_spec(("batch",), rules, mesh)[0]
     names = () if spec is None else (spec,) if isinstance(spec, str) else spec
     return math.prod(mesh.shape[a] for a in names)
@@ -260,7 +262,7 @@ def local_batch_rows(global_batch: int, mesh: jax.sharding.Mesh, rules: Rules | 
     n, mine = _batch_blocks(mesh, rules)
     if global_batch % n:
         raise ValueError(f"global batch {global_batch} is not divisible by the {n} data-parallel shards "
-                         f"of mesh {_fmt(dict(mesh.shape))}")
+                         f"of mesh {format_mesh(dict(mesh.shape))}")
     if mine != list(range(mine[0], mine[0] + len(mine))):
         raise ValueError("this process's devices hold batch blocks that are not contiguous; order the mesh's "
                          "devices by process (make_mesh does) so each process reads one block of the batch")

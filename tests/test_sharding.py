@@ -224,3 +224,25 @@ def test_decode_with_batch_one_on_fsdp_mesh():
         got = np.asarray(jax.jit(step)(jax.device_put(params, sharding.param_shardings(cfg, mesh)), tokens))
     assert np.max(np.abs(got - want)) <= 1e-5
     assert math.isfinite(float(got.sum()))
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 2, 4)], ids=lambda s: "data%d-fsdp%d-tensor%d" % s)
+def test_gradient_step_gathers_weights_not_activations(shape):
+    """What the constraints buy: in the compiled loss-and-gradient, the collectives gather weights
+    (FSDP) and reduce partial sums (tensor), but never gather a batch-split activation or the tokens
+    (which a lookup into an embed-split table used to force) and never all-to-all."""
+    cfg = lj.PRESETS["tiny"].replace(vocab_size=512, dim=128, ffn_dim=256, n_heads=8, n_kv_heads=8)
+    global_batch = 16  # no parameter dimension is 16 (head_dim is, but never leads)
+    mesh = make_mesh(*shape)
+    shardings = sharding.param_shardings(cfg, mesh)
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          lj.abstract_params(cfg), shardings)
+    tokens = jax.ShapeDtypeStruct((global_batch, 32), jnp.int32, sharding=sharding.batch_sharding(mesh))
+    with jax.set_mesh(mesh):
+        hlo = jax.jit(jax.grad(next_token_loss), static_argnums=2, out_shardings=shardings).lower(
+            params, tokens, cfg).compile().as_text()
+    gathers = re.findall(r"= \w+\[([\d,]*)\][^=]* all-gather(?:-start)?\(", hlo)
+    assert gathers, "expected FSDP weight all-gathers"
+    assert not [g for g in gathers if g.split(",")[0] == str(global_batch)]
+    assert " all-to-all(" not in hlo
+    assert "Involuntary" not in hlo

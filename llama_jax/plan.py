@@ -1,0 +1,299 @@
+"""Will it fit? Compile (never run) a step for a mesh of N devices and read XLA's memory analysis.
+
+`llama-jax plan` (cli.py) runs `plan()` in a child process that has N fake CPU devices: the device
+count must be fixed before JAX starts, and the caller's JAX may already be running on real devices.
+Inputs are abstract (jax.ShapeDtypeStruct with shardings), so nothing the size of the model is ever
+allocated; `jax.jit(...).lower(...).compile()` partitions the step exactly as it would on the pod.
+
+Three steps can be planned:
+  grad    loss and gradient of the next-token loss (params as the config says: float32 for presets)
+  train   grad + an AdamW update, params and optimizer state donated: what a training step holds
+  decode  one decode step over a KV cache of --seq slots, params in bfloat16, cache donated
+
+Caveats, printed with the table: the figures are XLA:CPU's buffer assignment of the partitioned
+program. The GPU/TPU compilers fuse and schedule differently, and on GPU attention runs as cuDNN's
+fused kernel, which never materialises the [seq, seq] scores that XLA's attention here does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from typing import Any
+
+GiB = 1 << 30
+
+
+@dataclasses.dataclass
+class Plan:
+    model: str
+    step: str
+    mesh: dict[str, int]
+    devices: int
+    batch: int
+    seq: int
+    remat: str
+    param_dtype: str
+    optimizer: str | None
+    # bytes per device
+    params: int
+    optimizer_state: int
+    other_inputs: int  # batch, KV cache, ...
+    arguments: int  # XLA: every input buffer (params + optimizer state + other inputs)
+    outputs: int  # XLA: output buffers not aliased with (donated) inputs
+    temporaries: int  # XLA: scratch space at the peak
+    total: int  # arguments + outputs + temporaries (+ code)
+    attention_scores: int  # one layer's [batch, heads, seq, kv] float32 scores on this device (XLA attention)
+    replicated: list[str]  # dimensions left whole because their mesh axis does not divide them
+    hbm_gib: float | None = None
+    compile_s: float = 0.0
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.hbm_gib is None else self.total <= self.hbm_gib * GiB
+
+
+def load_config(model: str):
+    """A preset name, or a checkpoint: Hugging Face folder / config.json, GGUF file, or a folder
+    with the config metadata our Orbax checkpoints store (config.json in our layout)."""
+    from pathlib import Path
+
+    from llama_jax.config import PRESETS, LlamaConfig, from_gguf, from_hf_config
+
+    if model in PRESETS:
+        return PRESETS[model]
+    path = Path(model)
+    if not path.exists():
+        raise ValueError(f"--model {model!r}: neither a preset ({', '.join(PRESETS)}) nor an existing path")
+    if path.is_file() and path.suffix == ".gguf":
+        return from_gguf(path)
+    cfg_file = path / "config.json" if path.is_dir() else path
+    if cfg_file.name.endswith(".json") and cfg_file.is_file():
+        d = json.loads(cfg_file.read_text())
+        if "vocab_size" in d and "dim" in d:  # our own LlamaConfig.to_dict()
+            return LlamaConfig.from_dict(d)
+        return from_hf_config(d)
+    raise ValueError(f"--model {model!r}: no config.json or GGUF file there to read the model's shape from")
+
+
+def _nbytes_per_device(tree, shardings) -> int:
+    import jax
+
+    from llama_jax.sharding import shard_bytes
+
+    return sum(shard_bytes(x, s) for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
+
+
+def plan(cfg, mesh_sizes: dict[str, int], batch: int, seq: int, step: str = "grad", *, remat: str = "none",
+         model_name: str = "", hbm_gib: float | None = None, rules=None, log=print) -> Plan:
+    """Compile `step` for `cfg` on a (data, fsdp, tensor) mesh of this process's devices and measure it."""
+    import warnings
+
+    import jax
+    import jax.numpy as jnp
+
+    from llama_jax import sharding
+    from jax.sharding import PartitionSpec
+
+    from llama_jax.model import CACHE_AXES, KVCache, abstract_params, apply
+
+    if step not in ("grad", "train", "decode"):
+        raise ValueError(f"step must be grad, train or decode, got {step!r}")
+    if step == "decode":
+        cfg = cfg.replace(param_dtype="bfloat16", compute_dtype="bfloat16")
+    mesh = sharding.make_mesh(**mesh_sizes)
+    n_batch = sharding.batch_shard_count(mesh, rules)
+    if batch % n_batch:
+        raise ValueError(f"--batch {batch} is not divisible by the {n_batch} data-parallel shards "
+                         f"(data x fsdp) of the mesh")
+
+    replicated: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", sharding.ShardingFallbackWarning)
+        p_shard = sharding.param_shardings(cfg, mesh, rules)
+    replicated = sorted({str(w.message).split(": ", 1)[1] for w in caught
+                         if issubclass(w.category, sharding.ShardingFallbackWarning)})
+
+    def sds(x, s):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+
+    params = jax.tree.map(sds, abstract_params(cfg), p_shard)
+    tok_shard = sharding.batch_sharding(mesh, 2, rules)
+    optimizer_name = None
+    opt_state: Any = ()
+
+    def loss_fn(params, tokens, targets):
+        logits = apply(params, tokens, cfg, remat=remat)[0]
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+
+    if step in ("grad", "train"):
+        tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=tok_shard)
+        others = (tokens, tokens)
+        if step == "grad":
+            fn = jax.jit(jax.value_and_grad(loss_fn), out_shardings=(None, p_shard))
+            args = (params, *others)
+        else:
+            tx, optimizer_name = _optimizer()
+            # Moments are laid out like the params (adam's mu and nu): shard them the same way.
+            opt_abstract = jax.eval_shape(tx.init, params)
+            opt_shard = _like_params(opt_abstract, params, p_shard, mesh)
+            opt_state = jax.tree.map(sds, opt_abstract, opt_shard)
+
+            def train_step(params, opt_state, tokens, targets):
+                import optax
+
+                loss, grads = jax.value_and_grad(loss_fn)(params, tokens, targets)
+                updates, opt_state = tx.update(grads, opt_state, params)
+                return optax.apply_updates(params, updates), opt_state, loss
+
+            fn = jax.jit(train_step, donate_argnums=(0, 1), out_shardings=(p_shard, opt_shard, None))
+            args = (params, opt_state, *others)
+    else:
+        cache_spec = sharding.logical_to_spec(CACHE_AXES, rules, mesh, (cfg.n_layers, batch, seq, cfg.n_kv_heads,
+                                                                         cfg.head_dim))
+        kv_shard = jax.sharding.NamedSharding(mesh, cache_spec)
+        kv = jax.ShapeDtypeStruct((cfg.n_layers, batch, seq, cfg.n_kv_heads, cfg.head_dim), cfg.compute_jnp_dtype,
+                                  sharding=kv_shard)
+        valid_spec = sharding.logical_to_spec(("batch", "cache_seq"), rules, mesh, (batch, seq))
+        cache = KVCache(kv, kv, jax.ShapeDtypeStruct((batch, seq), jnp.bool_,
+                                                     sharding=jax.sharding.NamedSharding(mesh, valid_spec)),
+                        jax.ShapeDtypeStruct((), jnp.int32, sharding=jax.sharding.NamedSharding(mesh, PartitionSpec())))
+        vec_shard = sharding.batch_sharding(mesh, 1, rules)
+        token = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=vec_shard)
+        others = (token, token, cache)
+
+        def decode(params, token, position, cache):
+            # generate.py's decode step, but with the layer scan rolled: unrolled, XLA:CPU copies out every
+            # layer's weight slice at once (tens of GiB that GPUs, reading slices in place, never hold).
+            logits, cache = apply(params, token[:, None], cfg, positions=position[:, None], cache=cache)
+            return logits[:, 0], cache
+
+        fn = jax.jit(decode, donate_argnums=(3,))
+        args = (params, *others)
+
+    log(f"plan: compiling {step} for {model_name or 'model'} on {mesh.size} devices "
+        f"({sharding.format_mesh(dict(mesh.shape))}), batch {batch} x seq {seq}")
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh), sharding.use_rules(rules):
+        compiled = fn.lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    if mem is None:
+        raise ValueError("this JAX backend reports no memory analysis")
+
+    p_bytes = _nbytes_per_device(params, p_shard)
+    o_bytes = _nbytes_per_device(opt_state, jax.tree.map(lambda x: x.sharding, opt_state)) if opt_state else 0
+    other_bytes = sum(_nbytes_per_device(x, jax.tree.map(lambda y: y.sharding, x)) for x in others)
+    outputs = mem.output_size_in_bytes - mem.alias_size_in_bytes
+    total = mem.argument_size_in_bytes + outputs + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes
+
+    # One layer's attention scores on a device, as XLA's (non-fused) attention holds them.
+    local_batch = batch // n_batch
+    t = mesh.shape["tensor"]
+    local_heads = cfg.n_heads // t if cfg.n_heads % t == 0 else cfg.n_heads
+    q_len = 1 if step == "decode" else seq
+    scores = local_batch * local_heads * q_len * seq * 4
+
+    return Plan(model=model_name, step=step, mesh=dict(mesh.shape), devices=mesh.size, batch=batch, seq=seq,
+                remat=remat, param_dtype=cfg.param_dtype, optimizer=optimizer_name, params=p_bytes,
+                optimizer_state=o_bytes, other_inputs=other_bytes, arguments=mem.argument_size_in_bytes,
+                outputs=outputs, temporaries=mem.temp_size_in_bytes, total=total, attention_scores=scores,
+                replicated=replicated, hbm_gib=hbm_gib, compile_s=compile_s)
+
+
+def _optimizer():
+    """train.py's optimizer when it exists, else optax.adamw (the state bytes are what matter)."""
+    try:
+        from llama_jax.train import make_optimizer
+
+        return make_optimizer(), "llama_jax.train.make_optimizer()"
+    except (ImportError, TypeError):
+        import optax
+
+        return optax.adamw(1e-4), "optax.adamw"
+
+
+def _like_params(state, params, p_shard, mesh):
+    """Shardings for an optimizer state: subtrees shaped like the params get the params' shardings,
+    everything else (step counts, scalars) is replicated."""
+    import jax
+
+    params_def = jax.tree.structure(params)
+    from jax.sharding import PartitionSpec
+
+    replicated = jax.sharding.NamedSharding(mesh, PartitionSpec())
+
+    def is_params_like(x):
+        try:
+            return jax.tree.structure(x) == params_def
+        except Exception:
+            return False
+
+    return jax.tree.map(lambda x: p_shard if is_params_like(x) else replicated, state, is_leaf=is_params_like)
+
+
+# ---------------------------------------------------------------------------------------------
+# Presentation
+
+
+def format_table(p: Plan) -> str:
+    def gib(b):
+        return f"{b / GiB:10.3f}"
+
+    mesh = ",".join(f"{k}={v}" for k, v in p.mesh.items())
+    lines = [
+        f"{p.model}: {p.step} step, mesh {mesh} ({p.devices} devices), batch {p.batch} x seq {p.seq}, "
+        f"params {p.param_dtype}" + (f", remat {p.remat}" if p.step != "decode" else "")
+        + (f", optimizer {p.optimizer}" if p.optimizer else ""),
+        f"{'per device':<34}{'GiB':>10}",
+        f"  {'parameters':<32}{gib(p.params)}",
+    ]
+    if p.step == "train":
+        lines.append(f"  {'optimizer state':<32}{gib(p.optimizer_state)}")
+    lines += [
+        f"  {'batch' if p.step != 'decode' else 'KV cache + tokens':<32}{gib(p.other_inputs)}",
+        f"  {'outputs (not donated)':<32}{gib(p.outputs)}",
+        f"  {'temporaries':<32}{gib(p.temporaries)}",
+        f"  {'total':<32}{gib(p.total)}",
+    ]
+    if p.hbm_gib is not None:
+        verdict = "fits" if p.fits else "does NOT fit"
+        lines.append(f"HBM {p.hbm_gib:g} GiB per device: {verdict} ({100 * p.total / (p.hbm_gib * GiB):.0f}% used)")
+    return "\n".join(lines)
+
+
+def notes(p: Plan) -> list[str]:
+    out = [f"compiled in {p.compile_s:.1f} s; figures are XLA:CPU's buffer assignment of the partitioned program "
+           f"(GPU/TPU compilers schedule differently)"]
+    if p.step != "decode":
+        out.append(f"temporaries include XLA attention's float32 scores, {p.attention_scores / GiB:.3f} GiB per layer "
+                   f"here; cuDNN / splash attention on GPU / TPU never materialise them")
+    out += [f"replicated: {r}" for r in p.replicated]
+    return out
+
+
+def main(argv: list[str]) -> int:
+    """Child-process entry: `python -m llama_jax.plan '<json args>'` (run by `llama-jax plan`)."""
+    a = json.loads(argv[0])
+    try:
+        cfg = load_config(a["model"])
+        p = plan(cfg, a["mesh"], a["batch"], a["seq"], a["step"], remat=a["remat"], model_name=a["model"],
+                 hbm_gib=a["hbm"], log=lambda m: print(m, file=sys.stderr, flush=True))
+    except ValueError as e:
+        print(f"llama-jax plan: error: {e}", file=sys.stderr)
+        return 2
+    for line in notes(p):
+        print(f"plan: {line}", file=sys.stderr)
+    if a.get("json"):
+        print(json.dumps({**dataclasses.asdict(p), "fits": p.fits}))
+    else:
+        print(format_table(p))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
