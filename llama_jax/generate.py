@@ -23,6 +23,7 @@ layer's weight slice (DESIGN.md, Performance).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Iterator, Sequence
@@ -32,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.config import LlamaConfig
-from llama_jax.model import KVCache, apply
+from llama_jax.model import CACHE_AXES, KVCache, apply
+from llama_jax.sharding import constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,9 +90,17 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
 # Prefill and decode step (pure; jitted below and inside the on-device loop)
 
 
+def _shard_cache(cache: KVCache) -> KVCache:
+    # Under a mesh (jax.set_mesh), the cache follows the same logical-axis rules as the model:
+    # batch over (data, fsdp), kv_heads over tensor. A no-op without one.
+    return KVCache(constrain(cache.k, CACHE_AXES), constrain(cache.v, CACHE_AXES),
+                   constrain(cache.valid, ("batch", "cache_seq")), cache.index)
+
+
 def _prefill(params, tokens, mask, cache, cfg):
     """tokens, mask [batch, P] (left-padded; mask False on padding) -> logits [batch, vocab] of each
     row's last token, the cache filled at slots 0..P-1, and each row's next position [batch]."""
+    cache = _shard_cache(cache)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)  # real tokens: 0, 1, ...
     logits, cache = apply(params, tokens, cfg, positions=positions, cache=cache, token_mask=mask)
     return logits[:, -1], cache, mask.sum(axis=1).astype(jnp.int32)
@@ -174,11 +184,18 @@ def _check(cfg: LlamaConfig, prompts: Sequence[Sequence[int]], max_new_tokens: i
                 f"{len(p) + max_new_tokens}, more than the model's context of {cfg.max_seq_len} tokens")
 
 
+def _on(mesh):
+    """The mesh in context for tracing (the model's and the cache's sharding constraints), or nothing."""
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
 def generate_tokens(params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, *,
                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                    eos_id: int | None = None) -> list[list[int]]:
+                    eos_id: int | None = None, mesh: jax.sharding.Mesh | None = None) -> list[list[int]]:
     """Token ids in, token ids out: each prompt's new tokens, up to (not including) its EOS.
-    One jitted call (prefill + `lax.while_loop` of decode steps) for the whole batch."""
+    One jitted call (prefill + `lax.while_loop` of decode steps) for the whole batch. With `mesh`
+    (params sharded on it, e.g. lj.load(path, mesh=mesh)) activations and cache are sharded by the
+    same rules."""
     sampling = Sampling(float(temperature), int(top_k), float(top_p))
     _check(cfg, prompts, max_new_tokens)
     if max_new_tokens == 0:
@@ -186,15 +203,16 @@ def generate_tokens(params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], 
     eos = cfg.eos_id if eos_id is None else eos_id
     eos = -1 if eos is None else int(eos)  # -1 never matches: run to max_new_tokens
     tokens, mask = _pad_left(prompts)
-    out, lengths = _loop(params, jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(seed),
-                         jnp.int32(eos), cfg, int(max_new_tokens), sampling)
+    with _on(mesh):
+        out, lengths = _loop(params, jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(seed),
+                             jnp.int32(eos), cfg, int(max_new_tokens), sampling)
     out, lengths = np.asarray(out), np.asarray(lengths)
     return [out[i, :lengths[i]].tolist() for i in range(len(prompts))]
 
 
 def stream_tokens(params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, *,
                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                  eos_id: int | None = None) -> Iterator[np.ndarray]:
+                  eos_id: int | None = None, mesh: jax.sharding.Mesh | None = None) -> Iterator[np.ndarray]:
     """Yields each step's tokens, int32 [batch] (eos_id for rows already finished), until every
     row has produced EOS or max_new_tokens steps have run."""
     sampling = Sampling(float(temperature), int(top_k), float(top_p))
@@ -208,14 +226,16 @@ def stream_tokens(params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], ma
     position = None
     for step in range(max_new_tokens):
         if step == 0:
-            logits, cache, position = prefill(params, jnp.asarray(tokens), jnp.asarray(mask), cache, cfg)
+            with _on(mesh):
+                logits, cache, position = prefill(params, jnp.asarray(tokens), jnp.asarray(mask), cache, cfg)
         token = np.asarray(_sample_jit(logits, key, step, sampling))
         token = np.where(done, eos, token).astype(np.int32)
         done |= token == eos
         yield token
         if done.all() or step + 1 == max_new_tokens:
             return
-        logits, cache = decode_step(params, jnp.asarray(token), position, cache, cfg)
+        with _on(mesh):
+            logits, cache = decode_step(params, jnp.asarray(token), position, cache, cfg)
         position = position + 1
 
 
@@ -256,18 +276,18 @@ def _eos(model) -> int | None:
 
 
 def generate(model, prompts: str | Sequence[str], max_new_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0, top_k: int = 0, seed: int = 0) -> list[str]:
+             top_p: float = 1.0, top_k: int = 0, seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> list[str]:
     """Generated text (without the prompt) for each prompt. `model` is a `Loaded` (lj.load)."""
     if isinstance(prompts, str):
         prompts = [prompts]
     ids = _encode_prompts(model, prompts)
     out = generate_tokens(model.params, model.config, ids, max_new_tokens, temperature=temperature, top_k=top_k,
-                          top_p=top_p, seed=seed, eos_id=_eos(model))
+                          top_p=top_p, seed=seed, eos_id=_eos(model), mesh=mesh)
     return [_continuation(model.tokenizer, p, row) for p, row in zip(ids, out)]
 
 
 def stream(model, prompt: str | Sequence[int], max_new_tokens: int = 256, temperature: float = 0.0,
-           top_p: float = 1.0, top_k: int = 0, seed: int = 0) -> Iterator[str]:
+           top_p: float = 1.0, top_k: int = 0, seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> Iterator[str]:
     """Yields the text of one prompt (a string, or token ids) piece by piece as tokens arrive.
     Text is released only once it is whole: a character split across byte tokens waits for
     its last byte."""
@@ -276,7 +296,7 @@ def stream(model, prompt: str | Sequence[int], max_new_tokens: int = 256, temper
     new: list[int] = []
     shown = ""
     for token in stream_tokens(model.params, model.config, [ids], max_new_tokens, temperature=temperature,
-                               top_k=top_k, top_p=top_p, seed=seed, eos_id=eos):
+                               top_k=top_k, top_p=top_p, seed=seed, eos_id=eos, mesh=mesh):
         if int(token[0]) == eos:
             break
         new.append(int(token[0]))
