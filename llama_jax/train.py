@@ -1,0 +1,408 @@
+"""Training: the state, the loss, one jitted sharded train step, the optimizer, and the loop.
+
+    optimizer = make_optimizer(lr=3e-4, warmup_steps=100, total_steps=10_000)
+    state = init_train_state(cfg, optimizer, jax.random.key(0), mesh)   # params sharded at creation
+    step = make_train_step(cfg, optimizer, mesh, accum_steps=4, remat="full")
+    batch = place_batch({"tokens": rows}, mesh)   # int32 [batch, seq + 1]; see `loss_sums` for the rest
+    state, metrics = step(state, batch)           # loss, grad_norm, lr, tokens, skipped, nonfinite_streak
+
+A batch is a dict of arrays with a leading batch dimension:
+    tokens       int32 [B, S+1]  the model reads tokens[:, :-1] and predicts tokens[:, 1:]
+    loss_mask    [B, S]          optional: 1 where the target tokens[:, t+1] counts (default: all)
+    segment_ids  int32 [B, S]    optional: packed documents; attention stays inside one segment
+    positions    int32 [B, S]    optional: rotary positions (restart at each document when packed)
+The loss is the mean cross-entropy over the counted targets of the whole batch (all micro-batches).
+
+Numerics: params stay float32 (the master copy) and the optimizer updates them in float32; the model
+casts them to cfg.compute_dtype (bfloat16) for its matmuls. Logits and the loss are float32, computed
+a chunk of the sequence at a time, so [batch, seq, vocab] float32 never exists for large vocabularies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import signal
+import sys
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from llama_jax import sharding
+from llama_jax.config import LlamaConfig
+from llama_jax.model import apply, init_params, param_count
+from llama_jax.sharding import place_batch  # noqa: F401  (re-exported: train.place_batch)
+
+H100_BF16_PEAK_FLOPS = 989e12  # dense bf16, per device (DESIGN.md's MFU denominator)
+
+
+# ---------------------------------------------------------------------------------------------
+# State
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    params: Any  # float32 master params (the model's params layout)
+    opt_state: Any  # optax state; moments laid out (and sharded) like params
+    step: jax.Array  # int32: optimizer updates applied so far (skipped steps not counted)
+    rng: jax.Array  # uint32 raw key data; step k's randomness is fold_in(wrap_key_data(rng), k)
+    skipped: jax.Array  # int32: steps skipped so far because their gradients were not finite
+    nonfinite_streak: jax.Array  # int32: consecutive such steps right now (0 after a good step)
+
+
+def _is_params_like(tree_def):
+    def check(x):
+        try:
+            return jax.tree.structure(x) == tree_def
+        except Exception:  # noqa: BLE001 - leaves of foreign types
+            return False
+    return check
+
+
+def state_shardings(cfg: LlamaConfig, optimizer: optax.GradientTransformation, mesh, rules=None) -> TrainState:
+    """NamedShardings of every leaf of a TrainState: params by the rules; inside the optimizer state,
+    every subtree laid out like the params (adam's mu and nu) sharded like them; scalars replicated."""
+    from llama_jax.model import abstract_params
+
+    p_shard = sharding.param_shardings(cfg, mesh, rules)
+    abstract = abstract_params(cfg)
+    opt_abstract = jax.eval_shape(optimizer.init, abstract)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    like = _is_params_like(jax.tree.structure(abstract))
+    opt_shard = jax.tree.map(lambda x: p_shard if like(x) else replicated, opt_abstract, is_leaf=like)
+    return TrainState(params=p_shard, opt_state=opt_shard, step=replicated, rng=replicated,
+                      skipped=replicated, nonfinite_streak=replicated)
+
+
+def init_train_state(cfg: LlamaConfig, optimizer: optax.GradientTransformation, key: jax.Array, mesh=None,
+                     params=None, rules=None) -> TrainState:
+    """A fresh TrainState: `params` (e.g. a loaded checkpoint's, cast to cfg.param_dtype) or random ones
+    from `key`; each device creates only its shards when a mesh is given."""
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    key = jnp.asarray(key, jnp.uint32)
+    shard = state_shardings(cfg, optimizer, mesh, rules) if mesh is not None else None
+    if params is None:
+        params = init_params(cfg, jax.random.wrap_key_data(key), mesh, rules=rules)
+    else:
+        params = jax.tree.map(lambda x: jnp.asarray(x, cfg.param_jnp_dtype), params)
+        if shard is not None:
+            params = jax.device_put(params, shard.params)
+    opt_state = jax.jit(optimizer.init, out_shardings=shard.opt_state if shard else None)(params)
+    def zero():  # a buffer each: donation rejects one buffer passed twice
+        return jnp.zeros((), jnp.int32)
+
+    rng = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(key), 1))
+    state = TrainState(params, opt_state, zero(), rng, zero(), zero())
+    if shard is not None:
+        state = dataclasses.replace(state, **{f: jax.device_put(getattr(state, f), getattr(shard, f))
+                                              for f in ("step", "rng", "skipped", "nonfinite_streak")})
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer
+
+
+def _decay_mask(params):
+    # AdamW's decoupled weight decay on the matrices only: RMSNorm gains (and nothing else) are exempt.
+    def keep(path, _):
+        return not any("norm" in str(getattr(k, "key", "")) for k in path)
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_schedule(lr: float = 3e-4, warmup_steps: int = 0, total_steps: int = 1, end_lr: float = 0.0):
+    """Linear warmup from 0 to `lr` over `warmup_steps`, then cosine decay to `end_lr` at `total_steps`."""
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, max(total_steps, warmup_steps + 1), end_lr)
+
+
+def make_optimizer(lr: float = 3e-4, warmup_steps: int = 0, total_steps: int = 1, weight_decay: float = 0.1,
+                   clip_norm: float | None = 1.0, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
+                   end_lr: float = 0.0) -> optax.GradientTransformation:
+    """AdamW (LLaMA's b1, b2, weight decay 0.1 by default) with linear warmup + cosine decay, after
+    clipping the gradient's global norm to `clip_norm` (None: no clipping). The learning rate lives
+    in the optimizer state (inject_hyperparams), so `current_lr(opt_state)` can report it."""
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
+        learning_rate=make_schedule(lr, warmup_steps, total_steps, end_lr), b1=b1, b2=b2, eps=eps,
+        weight_decay=weight_decay, mask=_decay_mask)
+    return optax.chain(optax.clip_by_global_norm(clip_norm), adamw) if clip_norm else adamw
+
+
+def current_lr(opt_state) -> jax.Array:
+    """The learning rate the last update used (NaN when the optimizer does not expose one)."""
+    lr = optax.tree_utils.tree_get(opt_state, "learning_rate", default=None,
+                                   filtering=lambda _, v: isinstance(v, jax.Array))
+    return jnp.asarray(jnp.nan if lr is None else lr, jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+
+
+def auto_loss_chunk(seq: int, vocab: int, max_logits: int = 1 << 24) -> int:
+    """Sequence positions per loss chunk: the whole sequence when one row's logits are small, else the
+    largest divisor of `seq` keeping a chunk's logits near `max_logits` elements per row (64 MiB f32)."""
+    if seq * vocab <= max_logits:
+        return seq
+    limit = max(1, max_logits // vocab)
+    return max(c for c in range(1, min(seq, limit) + 1) if seq % c == 0)
+
+
+def loss_sums(params, batch: dict, cfg: LlamaConfig, *, remat: str = "none", loss_chunk: int | None = None):
+    """(summed cross-entropy over counted targets, number of counted targets), both float32 scalars.
+
+    The final hidden states [B, S, D] are projected to float32 logits one sequence chunk at a time
+    [B, chunk, V] inside a rematerialised scan, so neither the forward nor the backward pass holds more
+    than one chunk of logits."""
+    tokens = batch["tokens"]
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]  # [B, S] each
+    b, s = inputs.shape
+    mask = batch.get("loss_mask")
+    mask = jnp.ones((b, s), jnp.float32) if mask is None else mask.astype(jnp.float32)
+    hidden, _ = apply(params, inputs, cfg, positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
+                      remat=remat, return_hidden=True)  # [B, S, D] compute dtype
+    head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]  # [D, V]
+    head = head.astype(cfg.compute_jnp_dtype)
+    chunk = loss_chunk or auto_loss_chunk(s, cfg.vocab_size)
+    if s % chunk:
+        raise ValueError(f"loss_chunk {chunk} does not divide the sequence length {s}")
+    n = s // chunk
+
+    def split(x):  # [B, S, ...] -> [n, B, chunk, ...]: the batch stays the sharded leading axis of a chunk
+        return jnp.moveaxis(x.reshape((b, n, chunk) + x.shape[2:]), 1, 0)
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def chunk_nll(total, xs):
+        h, t, m = xs  # [B, chunk, D], [B, chunk], [B, chunk]
+        logits = jnp.einsum("bcd,dv->bcv", h, head, preferred_element_type=jnp.float32)
+        logits = sharding.constrain(logits, ("batch", "seq", "vocab"))
+        lse = jax.nn.logsumexp(logits, axis=-1)  # [B, chunk]
+        target = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+        return total + jnp.sum((lse - target) * m), None
+
+    total, _ = jax.lax.scan(chunk_nll, jnp.zeros((), jnp.float32), (split(hidden), split(targets), split(mask)))
+    return total, jnp.sum(mask)
+
+
+def loss_fn(params, batch: dict, cfg: LlamaConfig, **kwargs) -> jax.Array:
+    """Mean next-token cross-entropy over the counted targets (float32 scalar)."""
+    total, count = loss_sums(params, batch, cfg, **kwargs)
+    return total / jnp.maximum(count, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The train step
+
+
+def _micro_batches(batch: dict, accum_steps: int) -> dict:
+    """[B, ...] -> [accum, B / accum, ...], micro-batch k taking rows k, k + accum, k + 2 accum, ...
+    The batch is split over the data axes in contiguous blocks; striding keeps every micro-batch
+    spread over all of them (a contiguous split would give each micro-batch to a few devices)."""
+    def split(x):
+        y = x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:])
+        y = sharding.constrain(y, ("batch",) + (None,) * (y.ndim - 1))
+        return jnp.swapaxes(y, 0, 1)
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation, mesh=None, *, accum_steps: int = 1,
+                    remat: str = "none", loss_chunk: int | None = None, rules=None):
+    """`step(state, batch) -> (state, metrics)`, jitted, the state donated.
+
+    With a mesh: params and optimizer state sharded by the rules, the batch split over (data, fsdp).
+    `accum_steps`: gradients of that many micro-batches (lax.scan) are summed before one update; the
+    batch's rows must divide into them. `remat`: none | full | save_matmuls (what the backward pass
+    recomputes per layer). A step whose gradients are not finite changes nothing but the `skipped`
+    and `nonfinite_streak` counters. Metrics are float32/int32 scalars: loss, grad_norm (before
+    clipping), lr, tokens (counted targets), skipped (1 if this step was), nonfinite_streak."""
+    from llama_jax.model import REMAT_POLICIES
+
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
+    if accum_steps < 1:
+        raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
+    grad_fn = jax.value_and_grad(functools.partial(loss_sums, cfg=cfg, remat=remat, loss_chunk=loss_chunk),
+                                 has_aux=True)
+
+    def gradients(params, batch):
+        if accum_steps == 1:
+            (total, count), grads = grad_fn(params, batch)
+            return grads, total, count
+        rows = batch["tokens"].shape[0]
+        if rows % accum_steps:
+            raise ValueError(f"batch of {rows} rows does not split into {accum_steps} micro-batches")
+
+        def body(carry, micro):
+            g_sum, l_sum, n_sum = carry
+            (total, count), g = grad_fn(params, micro)
+            return (jax.tree.map(jnp.add, g_sum, g), l_sum + total, n_sum + count), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        carry = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (grads, total, count), _ = jax.lax.scan(body, carry, _micro_batches(batch, accum_steps))
+        return grads, total, count
+
+    def step(state: TrainState, batch: dict):
+        # Gradients of the summed loss, divided once by the whole batch's target count: k micro-batches
+        # then give exactly the gradient of one batch k times the size.
+        grads, total, count = gradients(state.params, batch)
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: (g / denom).astype(jnp.float32), grads)
+        loss = total / denom
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+
+        def keep(new, old):  # non-finite step: the old value (elementwise: XLA fuses it into the update)
+            return jnp.where(finite, new, old)
+
+        new = TrainState(
+            params=jax.tree.map(keep, params, state.params),
+            opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+            step=state.step + finite.astype(jnp.int32),
+            rng=state.rng,
+            skipped=state.skipped + (~finite).astype(jnp.int32),
+            nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1).astype(jnp.int32))
+        metrics = dict(loss=loss, grad_norm=grad_norm, lr=current_lr(opt_state), tokens=count,
+                       skipped=(~finite).astype(jnp.int32), nonfinite_streak=new.nonfinite_streak)
+        return new, metrics
+
+    if mesh is None:
+        return jax.jit(step, donate_argnums=0)
+
+    shard = state_shardings(cfg, optimizer, mesh, rules)
+    batch_shard = sharding.batch_sharding(mesh, 1, rules)  # a prefix: every batch leaf split on dim 0
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def step_on_mesh(state, batch):
+        # The model's activation constraints read the mesh (and rules) while tracing.
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), sharding.use_rules(rules):
+            return step(state, batch)
+
+    return jax.jit(step_on_mesh, in_shardings=(shard, batch_shard), out_shardings=(shard, replicated),
+                   donate_argnums=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Throughput
+
+
+def flops_per_token(cfg: LlamaConfig, seq: int) -> float:
+    """Training FLOPs per token (DESIGN.md): 6N + 12 L d seq, N = parameters without the embedding table."""
+    n = param_count(cfg) - cfg.vocab_size * cfg.dim
+    return 6.0 * n + 12.0 * cfg.n_layers * cfg.dim * seq
+
+
+def mfu(tokens_per_s: float, cfg: LlamaConfig, seq: int, peak_flops: float = H100_BF16_PEAK_FLOPS,
+        n_devices: int = 1) -> float:
+    """Model FLOPs utilisation: achieved training FLOP/s over `peak_flops` (per device) x devices."""
+    return tokens_per_s * flops_per_token(cfg, seq) / (peak_flops * n_devices)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+class TrainingStopped(Exception):
+    """Training cannot go on (too many non-finite steps in a row); the message says why."""
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves a checkpoint after the current step and returns.
+    With several processes JAX's own preemption sync point decides, so that all save the same step."""
+
+    def __init__(self):
+        self.flag = False
+        self.previous = None
+
+    def __enter__(self):
+        if jax.process_count() == 1:
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, *_):
+        self.flag = True
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.flag
+
+    def __exit__(self, *_):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+@dataclasses.dataclass
+class FitResult:
+    state: TrainState
+    status: str  # "done" | "preempted"
+    history: list  # one metrics dict per step run
+
+
+def fit(state: TrainState, step_fn: Callable, batches: Iterator[dict], *, steps: int, cfg: LlamaConfig, mesh=None,
+        checkpoints=None, data_state: Callable[[], dict] | None = None, log: Callable[[dict], None] | None = None,
+        max_nonfinite: int = 10, peak_flops: float = H100_BF16_PEAK_FLOPS, progress: bool = True) -> FitResult:
+    """Run `step_fn` over `batches` (host numpy dicts, the global batch) until `state.step` reaches `steps`.
+
+    `checkpoints` (checkpoint.TrainCheckpointer): saved every N steps as configured there, at the end,
+    and on SIGTERM (then returns with status "preempted"); `data_state()` gives the data position to
+    save beside the state. `log(metrics)` hears every step's metrics (with step, tokens_per_s, mfu).
+    More than `max_nonfinite` consecutive non-finite steps raise TrainingStopped."""
+    from tqdm.auto import tqdm
+
+    n_devices = mesh.size if mesh is not None else 1
+    start = int(state.step)
+    bar = tqdm(total=steps, initial=start, disable=not progress, file=sys.stderr, dynamic_ncols=True, unit="step")
+    history = []
+    status = "done"
+    with _Preemption() as preemption:
+        t_last = time.perf_counter()
+        while int(state.step) < steps:
+            host = next(batches)
+            tokens_in_batch = host["tokens"].shape[0] * (host["tokens"].shape[1] - 1)
+            seq = host["tokens"].shape[1] - 1
+            if mesh is not None:
+                rows = sharding.local_batch_rows(host["tokens"].shape[0], mesh)
+                batch = place_batch({k: v[rows] for k, v in host.items()}, mesh)
+            else:
+                batch = jax.tree.map(jnp.asarray, host)
+            state, metrics = step_fn(state, batch)
+            m = {k: v.item() for k, v in jax.device_get(metrics).items()}
+            now = time.perf_counter()
+            m["step"] = int(state.step)
+            m["tokens_per_s"] = tokens_in_batch / (now - t_last)
+            m["mfu"] = mfu(m["tokens_per_s"], cfg, seq, peak_flops, n_devices)
+            t_last = now
+            history.append(m)
+            if log is not None:
+                log(m)
+            if m["skipped"]:
+                bar.write(f"step {m['step'] + 1}: non-finite gradients (loss {m['loss']}), update skipped "
+                          f"({m['nonfinite_streak']} in a row)")
+                if m["nonfinite_streak"] > max_nonfinite:
+                    raise TrainingStopped(
+                        f"{m['nonfinite_streak']} consecutive steps had non-finite gradients after step "
+                        f"{m['step']} (limit {max_nonfinite}); lower the learning rate or check the data")
+            else:
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
+                if checkpoints is not None:
+                    checkpoints.save(m["step"], state, data_state() if data_state else {})
+            if preemption.reached(int(state.step)):
+                status = "preempted"
+                break
+    bar.close()
+    if checkpoints is not None:
+        checkpoints.save(int(state.step), state, data_state() if data_state else {}, force=True)
+        checkpoints.wait()
+    return FitResult(state, status, history)
