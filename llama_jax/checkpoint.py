@@ -130,3 +130,98 @@ def load(path: str | Path, mesh: jax.sharding.Mesh | None = None, dtype: str | N
             params = jax.device_put(params, param_shardings(cfg, mesh))
         return Loaded(cfg, params, None)
     raise ValueError(f"{path}: not a model this version can load (expected a Hugging Face folder with config.json)")
+
+
+# =============================================================================================
+# === training checkpoints (training) ===
+# Owned by the training work (issue 6); everything above belongs to the conversion work.
+#
+# A training run's OUT folder is an Orbax CheckpointManager root: OUT/<step>/ holds "state" (params,
+# optimizer state, step, rng, skip counters) and "data" + "meta" (JSON: the data position, and the model
+# config and run settings). Orbax writes each step into a temporary folder and renames it when every
+# file is written (atomic finalize), so a save cut short by a crash or SIGKILL is never listed as a
+# step; leftover temporary folders are removed when the manager next opens the root.
+
+
+class TrainCheckpointer:
+    """Async Orbax saves of a TrainState every `save_every` steps, keeping the last `keep`.
+
+        ckpt = TrainCheckpointer(out, save_every=1000, keep=3)
+        if ckpt.latest_step() is not None:
+            state, data_position, meta = ckpt.restore(abstract_state)
+        ckpt.save(step, state, data_position)      # no-op unless step is due (or force=True)
+        ckpt.wait(); ckpt.close()
+    """
+
+    def __init__(self, directory, save_every: int = 1000, keep: int | None = 3, async_save: bool = True,
+                 meta: dict | None = None):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.directory = Path(directory).absolute()
+        self.meta = meta or {}
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=save_every, max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+            enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state, data_state: dict | None = None, *, force: bool = False) -> bool:
+        """Start saving `state` at `step` if it is due (every save_every steps) or `force`d; returns at
+        once after the arrays are copied off the device (the write goes on in the background)."""
+        ocp = self._ocp
+        if step in self.manager.all_steps():
+            return False
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(_state_tree(state)),
+            data=ocp.args.JsonSave(data_state or {}),
+            meta=ocp.args.JsonSave(self.meta))
+        return self.manager.save(step, args=args, force=force)
+
+    def restore(self, abstract_state, step: int | None = None):
+        """(state, data position, meta) of `step` (default: the latest complete one). `abstract_state`
+        is a TrainState of jax.ShapeDtypeStruct (with shardings: each device reads only its shards)."""
+        ocp = self._ocp
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{self.directory}: no complete checkpoint to resume from")
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                              _state_tree(abstract_state))
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+        return _state_from_tree(type(abstract_state), restored["state"]), dict(restored["data"] or {}), \
+            dict(restored["meta"] or {})
+
+    def read_meta(self, step: int | None = None) -> dict:
+        """The JSON metadata saved with `step` (default: the latest), without reading any arrays."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return {}
+        restored = self.manager.restore(step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))
+        return dict(restored["meta"] or {})
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def _state_tree(state) -> dict:
+    # Orbax stores plain containers; a TrainState (a dataclass) goes in as the dict of its fields.
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+
+
+def _state_from_tree(cls, tree: dict):
+    return cls(**tree)
+
+
+def is_train_checkpoint(path) -> bool:
+    """Whether `path` is a training run's folder (a TrainCheckpointer root holding a complete step)."""
+    path = Path(path)
+    return path.is_dir() and any(p.name.isdigit() and (p / "state").is_dir() for p in path.iterdir())
