@@ -240,6 +240,250 @@ def run_plan(args):
 
 
 # === train / finetune (training) ===
+# Both commands build a TrainState (fresh, or restored from OUT when it already holds a checkpoint), a
+# data source and the jitted train step, then hand them to llama_jax.train.fit. OUT receives Orbax
+# checkpoints (OUT/<step>/), metrics.jsonl (one JSON object a step) and TensorBoard events (OUT/tb).
+
+
+def _add_common_train_args(p, *, lr, weight_decay, b2, warmup_ratio):
+    p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, tb/ (resumes if it has a checkpoint)")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="rows per forward/backward pass; --batch is accumulated from micro-batches (default: --batch)")
+    p.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1", help="mesh axis sizes; -1 fills the remaining devices")
+    p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
+    p.add_argument("--warmup-ratio", type=float, default=warmup_ratio,
+                   help=f"linear warmup over this fraction of the steps, then cosine decay to 0 (default {warmup_ratio})")
+    p.add_argument("--weight-decay", type=float, default=weight_decay, help=f"AdamW weight decay (default {weight_decay})")
+    p.add_argument("--b2", type=float, default=b2, help=f"AdamW beta2 (default {b2})")
+    p.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clip; 0 = none (default 1.0)")
+    p.add_argument("--remat", default="none", choices=["none", "full", "save_matmuls"],
+                   help="what the backward pass recomputes (default none)")
+    p.add_argument("--compute-dtype", default=None, choices=["bfloat16", "float32", "float16"],
+                   help="matmul dtype (default: the model config's, bfloat16); params stay float32")
+    p.add_argument("--seed", type=int, default=0, help="data order and initialisation (default 0)")
+    p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (default 1000)")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints kept (default 3)")
+    p.add_argument("--max-nonfinite", type=int, default=10,
+                   help="stop after more than this many consecutive steps with non-finite gradients (default 10)")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="per-device peak TFLOP/s for MFU (default 989, H100 bf16 dense)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@command
+def add_train(sub):
+    p = sub.add_parser("train", help="pretrain on packed text (from scratch for a preset, or continue a checkpoint)")
+    p.add_argument("--model", required=True, help="preset name (random init) or checkpoint (continue training)")
+    p.add_argument("--data", required=True, nargs="+", help=".txt files (one document each) or .jsonl ({'text': ...})")
+    p.add_argument("--tokenizer", default=None, help="tokenizer (needed for a preset): tokenizer.model/.json, GGUF, folder")
+    p.add_argument("--seq-len", type=int, required=True, help="tokens per row")
+    p.add_argument("--batch", type=int, required=True, help="rows per optimizer step (global)")
+    p.add_argument("--steps", type=int, required=True, help="optimizer steps in all")
+    _add_common_train_args(p, lr=3e-4, weight_decay=0.1, b2=0.95, warmup_ratio=0.01)
+    p.set_defaults(run=run_train)
+
+
+@command
+def add_finetune(sub):
+    p = sub.add_parser("finetune", help="instruction-tune on Alpaca-format JSON (loss on the responses only)")
+    p.add_argument("--model", required=True, help="checkpoint to start from: Orbax checkpoint, GGUF, HF folder, run folder")
+    p.add_argument("--data", required=True, help="Alpaca JSON list (or .jsonl) of {instruction, input, output}")
+    p.add_argument("--tokenizer", default=None, help="tokenizer, when the checkpoint carries none")
+    p.add_argument("--epochs", type=float, default=3, help="passes over the data (default 3)")
+    p.add_argument("--batch", type=int, default=128, help="examples (rows) per optimizer step (default 128)")
+    p.add_argument("--max-len", type=int, default=512, help="tokens per example, prompt + response (default 512)")
+    p.add_argument("--pack", action="store_true", help="pack several examples into each row (default: one, padded)")
+    _add_common_train_args(p, lr=2e-5, weight_decay=0.0, b2=0.999, warmup_ratio=0.03)
+    p.set_defaults(run=run_finetune)
+
+
+def _positive(args, *names):
+    for name in names:
+        value = getattr(args, name.replace("-", "_"))
+        if value is not None and not value > 0:
+            raise UsageError(f"--{name} must be > 0, got {value}")
+
+
+def _training_model(spec, tokenizer_path):
+    """(config, params or None, tokenizer) for --model: a preset (random params) or a checkpoint."""
+    from pathlib import Path
+
+    from llama_jax.checkpoint import TrainCheckpointer, is_train_checkpoint
+    from llama_jax.config import LlamaConfig, PRESETS
+    from llama_jax.tokenizer import load_tokenizer
+
+    if spec in PRESETS:
+        if tokenizer_path is None:
+            raise UsageError(f"--model {spec} is a preset: give --tokenizer to read the data with")
+        tok = load_tokenizer(tokenizer_path)
+        cfg = PRESETS[spec]
+        if tok.vocab_size != cfg.vocab_size:  # a preset is an architecture: its vocabulary is the tokenizer's
+            cfg = cfg.replace(vocab_size=tok.vocab_size)
+        return cfg, None, tok
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"{spec}: neither a preset ({', '.join(PRESETS)}) nor an existing checkpoint")
+    if is_train_checkpoint(path):  # a previous run's folder: its latest params, a fresh optimizer
+        ckpt = TrainCheckpointer(path)
+        meta = ckpt.read_meta()
+        params = ckpt.manager.restore(ckpt.latest_step(), args=ckpt._ocp.args.Composite(
+            state=ckpt._ocp.args.StandardRestore()))["state"]["params"]
+        ckpt.close()
+        tok = load_tokenizer(tokenizer_path or meta["tokenizer"])
+        return LlamaConfig.from_dict(meta["config"]), params, tok
+    model = load_for_generation(path) if tokenizer_path is None else None
+    if model is None:
+        from llama_jax.checkpoint import load
+        model = load(path)
+        model.tokenizer = load_tokenizer(tokenizer_path)
+    return model.config, model.params, model.tokenizer
+
+
+def _tokenizer_source(args):
+    from pathlib import Path
+
+    from llama_jax.checkpoint import TrainCheckpointer, is_train_checkpoint
+
+    if args.tokenizer:
+        return str(Path(args.tokenizer).absolute())
+    if is_train_checkpoint(args.model):
+        return TrainCheckpointer(args.model).read_meta().get("tokenizer")
+    return str(Path(args.model).absolute())
+
+
+def _mesh_and_accum(args, batch):
+    from llama_jax import sharding
+
+    micro = args.micro_batch or batch
+    if batch % micro:
+        raise UsageError(f"--batch {batch} is not a multiple of --micro-batch {micro}")
+    try:
+        mesh = sharding.make_mesh(**sharding.parse_mesh(args.mesh))
+    except ValueError as e:
+        raise UsageError(f"--mesh {args.mesh}: {e}") from None
+    shards = sharding.batch_shard_count(mesh)
+    if micro % shards:
+        what = "--micro-batch" if args.micro_batch else "--batch"
+        raise UsageError(f"{what} {micro} does not divide over the {shards} data-parallel shards (data x fsdp) of "
+                         f"mesh {sharding.format_mesh(dict(mesh.shape))}")
+    return mesh, batch // micro
+
+
+def _run_training(args, cfg, params, source, batch, steps, meta):
+    """Shared by train and finetune: state (fresh or resumed from OUT), step, metrics writers, fit."""
+    import json
+    import math
+    import time
+    from pathlib import Path
+
+    import jax
+
+    from llama_jax import train
+    from llama_jax.checkpoint import TrainCheckpointer
+    from llama_jax.data import Batches
+
+    mesh, accum = _mesh_and_accum(args, batch)
+    warmup = math.ceil(args.warmup_ratio * steps)
+    optimizer = train.make_optimizer(lr=args.lr, warmup_steps=warmup, total_steps=steps, weight_decay=args.weight_decay,
+                                     clip_norm=args.clip_norm or None, b2=args.b2)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder")
+    ckpt = TrainCheckpointer(out, save_every=args.save_every, keep=args.keep, meta=meta)
+    batches = Batches(source, batch)
+    resume = ckpt.latest_step()
+    if resume is not None:
+        saved = ckpt.read_meta(resume)
+        if saved.get("config") != meta["config"]:
+            raise UsageError(f"--out {out} holds a run of a different model (config differs); use another --out")
+        shardings = train.state_shardings(cfg, optimizer, mesh)
+        abstract = jax.eval_shape(lambda: train.init_train_state(cfg, optimizer, jax.random.key(0)))
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+        state, data_state, _ = ckpt.restore(abstract, resume)
+        batches.load_state_dict(data_state)
+        print(f"llama-jax {args.command}: resuming from step {resume} in {out}", file=sys.stderr)
+    else:
+        state = train.init_train_state(cfg, optimizer, jax.random.key(args.seed), mesh, params=params)
+    step_fn = train.make_train_step(cfg, optimizer, mesh, accum_steps=accum, remat=args.remat)
+
+    from tensorboardX import SummaryWriter
+
+    tb = SummaryWriter(str(out / "tb"))
+    with open(out / "metrics.jsonl", "a") as metrics_file:
+        def log(m):
+            m = dict(m, epoch=batches.epoch, time=time.time())
+            metrics_file.write(json.dumps(m) + "\n")
+            metrics_file.flush()
+            for k in ("loss", "grad_norm", "lr", "tokens_per_s", "mfu", "skipped"):
+                tb.add_scalar(f"train/{k}", m[k], m["step"])
+
+        try:
+            result = train.fit(state, step_fn, batches, steps=steps, cfg=cfg, mesh=mesh, checkpoints=ckpt,
+                               data_state=batches.state_dict, log=log, max_nonfinite=args.max_nonfinite,
+                               peak_flops=args.peak_tflops * 1e12, progress=not args.no_progress)
+        except train.TrainingStopped as e:
+            print(f"llama-jax {args.command}: stopped: {e}", file=sys.stderr)
+            return 1
+        finally:
+            tb.close()
+    ckpt.close()
+    step = int(result.state.step)
+    if result.status == "preempted":
+        print(f"llama-jax {args.command}: preempted (SIGTERM): saved step {step} to {out}; "
+              "run the same command to resume", file=sys.stderr)
+    else:
+        print(f"llama-jax {args.command}: done: step {step} saved to {out}", file=sys.stderr)
+    return 0
+
+
+def _train_config(args, cfg):
+    if args.compute_dtype:
+        cfg = cfg.replace(compute_dtype=args.compute_dtype)
+    return cfg.replace(param_dtype="float32")  # the float32 master copy
+
+
+def run_train(args):
+    from llama_jax.data import PackedText, read_documents
+
+    _positive(args, "seq-len", "batch", "steps", "micro-batch", "lr", "save-every", "keep")
+    docs = read_documents(args.data)  # file errors before the model loads
+    cfg, params, tok = _training_model(args.model, args.tokenizer)
+    cfg = _train_config(args, cfg)
+    if args.seq_len > cfg.max_seq_len:
+        raise UsageError(f"--seq-len {args.seq_len} is above the model's context of {cfg.max_seq_len} tokens")
+    source = PackedText([tok.encode(d, eos=True) for d in docs], args.seq_len, seed=args.seed)
+    meta = dict(command="train", config=cfg.to_dict(), tokenizer=_tokenizer_source(args), model=args.model,
+                data=[str(d) for d in args.data], seq_len=args.seq_len, batch=args.batch, steps=args.steps)
+    return _run_training(args, cfg, params, source, args.batch, args.steps, meta)
+
+
+def run_finetune(args):
+    import math
+
+    from llama_jax.config import PRESETS
+    from llama_jax.data import Batches, InstructionRows, encode_alpaca, read_alpaca
+
+    _positive(args, "epochs", "batch", "micro-batch", "max-len", "lr", "save-every", "keep")
+    records = read_alpaca(args.data)  # file and record errors before the model loads
+    if args.model in PRESETS:
+        raise UsageError(f"--model {args.model} is a preset; finetune starts from a trained checkpoint")
+    cfg, params, tok = _training_model(args.model, args.tokenizer)
+    cfg = _train_config(args, cfg)
+    if args.max_len > cfg.max_seq_len:
+        raise UsageError(f"--max-len {args.max_len} is above the model's context of {cfg.max_seq_len} tokens")
+    examples = encode_alpaca(records, tok, args.max_len)
+    if len(examples) < len(records):
+        print(f"llama-jax finetune: {len(records) - len(examples)} of {len(records)} records dropped: their prompt "
+              f"alone fills --max-len {args.max_len}", file=sys.stderr)
+    # Rows as long as the longest example (rounded up to 64), at most --max-len: short data trains faster.
+    longest = max(len(ids) for ids, _ in examples)
+    seq = min(args.max_len, -(-longest // 64) * 64)
+    source = InstructionRows(examples, seed=args.seed, pack=args.pack, max_len=seq)
+    steps = max(1, math.ceil(args.epochs * Batches(source, args.batch).rows_in_epoch(0) / args.batch))
+    meta = dict(command="finetune", config=cfg.to_dict(), tokenizer=_tokenizer_source(args), model=args.model,
+                data=str(args.data), max_len=args.max_len, batch=args.batch, epochs=args.epochs, steps=steps)
+    return _run_training(args, cfg, params, source, args.batch, steps, meta)
+
 
 # === quantize (quantization) ===
 
