@@ -57,8 +57,11 @@ def _load_gguf(path):
     return Loaded(cfg, params_from_reader(reader, cfg), tokenizer_from_gguf(reader))
 
 
-def load_for_generation(path=None):
-    """`llama_jax.load(path)` (no path: the default model) with a tokenizer attached."""
+def load_for_generation(path=None, compute_dtype="auto"):
+    """`llama_jax.load(path)` (no path: the default model) with a tokenizer attached. compute_dtype
+    "auto": float32 on CPU (no bfloat16 units there, and small models' near-ties flip in bfloat16),
+    the checkpoint config's dtype elsewhere."""
+    import jax
     import inspect
     from pathlib import Path
 
@@ -85,6 +88,10 @@ def load_for_generation(path=None):
         if path is None:
             raise ValueError("the default model has no tokenizer")
         model.tokenizer = load_tokenizer(path)
+    if compute_dtype == "auto":
+        compute_dtype = "float32" if jax.default_backend() == "cpu" else None
+    if compute_dtype:
+        model.config = model.config.replace(compute_dtype=compute_dtype)
     return model
 
 
@@ -96,6 +103,8 @@ def _add_sampling_args(p, max_new_tokens):
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="compute dtype (auto: float32 on CPU, the checkpoint's otherwise)")
 
 
 def _check_sampling_args(args):
@@ -128,7 +137,7 @@ def run_generate(args):
     from llama_jax.generate import generate
 
     _check_sampling_args(args)
-    model = load_for_generation(args.model)
+    model = load_for_generation(args.model, args.dtype)
     text = generate(model, [args.prompt], **_sampling_kwargs(args))[0]
     print(text)
     return 0
@@ -147,7 +156,7 @@ def run_chat(args):
     from llama_jax.tokenizer import chat_tokens
 
     _check_sampling_args(args)
-    model = load_for_generation(args.model)
+    model = load_for_generation(args.model, args.dtype)
     interactive = sys.stdin.isatty()
     print("chat: an empty line or Ctrl-D ends, /reset starts over", file=sys.stderr)
     messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -203,6 +212,7 @@ def add_plan(sub):
     p.set_defaults(step="grad")
     p.add_argument("--remat", default="none", choices=["none", "full", "save_matmuls"],
                    help="what the backward pass recomputes (default none)")
+    p.add_argument("--accum", type=int, default=1, help="--train: gradient accumulation micro-batches (default 1)")
     p.add_argument("--hbm", type=float, default=None, help="memory per device in GiB, e.g. 80: say if it fits")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(run=run_plan)
@@ -221,9 +231,11 @@ def run_plan(args):
     mesh = parse_mesh(args.mesh)
     if any(v < 1 for v in mesh.values()):
         raise UsageError(f"--mesh {args.mesh!r}: every axis size must be >= 1 (plan has no device count to fill -1)")
-    for name in ("batch", "seq"):
+    for name in ("batch", "seq", "accum"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1")
+    if args.accum > 1 and args.step != "train":
+        raise UsageError("--accum needs --train")
     if args.hbm is not None and not args.hbm > 0:
         raise UsageError("--hbm must be > 0 (GiB per device)")
     devices = math.prod(mesh.values())
@@ -233,7 +245,7 @@ def run_plan(args):
                XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip(),
                PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     request = dict(model=args.model, mesh=mesh, batch=args.batch, seq=args.seq, step=args.step,
-                   remat=args.remat, hbm=args.hbm, json=args.json)
+                   remat=args.remat, accum=args.accum, hbm=args.hbm, json=args.json)
     sys.stdout.flush()
     done = subprocess.run([sys.executable, "-m", "llama_jax.plan", json.dumps(request)], env=env)
     return done.returncode

@@ -6,9 +6,11 @@ Inputs are abstract (jax.ShapeDtypeStruct with shardings), so nothing the size o
 allocated; `jax.jit(...).lower(...).compile()` partitions the step exactly as it would on the pod.
 
 Three steps can be planned:
-  grad    loss and gradient of the next-token loss (params as the config says: float32 for presets)
-  train   grad + an AdamW update, params and optimizer state donated: what a training step holds
-  decode  one decode step over a KV cache of --seq slots, params in bfloat16, cache donated
+  grad    gradient of train.py's next-token loss (params as the config says: float32 for presets)
+  train   train.py's whole training step (make_train_step with make_optimizer's AdamW): float32
+          master params and two moments, state donated, optional gradient accumulation
+  decode  one decode step over a KV cache of --seq slots, params in bfloat16, cache donated (the
+          layer scan is rolled here, where generate.py unrolls it: see `plan`)
 
 Caveats, printed with the table: the figures are XLA:CPU's buffer assignment of the partitioned
 program. The GPU/TPU compilers fuse and schedule differently, and on GPU attention runs as cuDNN's
@@ -36,12 +38,13 @@ class Plan:
     batch: int
     seq: int
     remat: str
+    accum_steps: int
     param_dtype: str
     optimizer: str | None
     # bytes per device
     params: int
     optimizer_state: int
-    other_inputs: int  # batch, KV cache, ...
+    other_inputs: int  # batch, KV cache, step counters, ...
     arguments: int  # XLA: every input buffer (params + optimizer state + other inputs)
     outputs: int  # XLA: output buffers not aliased with (donated) inputs
     temporaries: int  # XLA: scratch space at the peak
@@ -79,25 +82,16 @@ def load_config(model: str):
     raise ValueError(f"--model {model!r}: no config.json or GGUF file there to read the model's shape from")
 
 
-def _nbytes_per_device(tree, shardings) -> int:
-    import jax
-
-    from llama_jax.sharding import shard_bytes
-
-    return sum(shard_bytes(x, s) for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
-
-
 def plan(cfg, mesh_sizes: dict[str, int], batch: int, seq: int, step: str = "grad", *, remat: str = "none",
-         model_name: str = "", hbm_gib: float | None = None, rules=None, log=print) -> Plan:
+         accum_steps: int = 1, model_name: str = "", hbm_gib: float | None = None, rules=None, log=print) -> Plan:
     """Compile `step` for `cfg` on a (data, fsdp, tensor) mesh of this process's devices and measure it."""
     import warnings
 
     import jax
     import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
 
-    from llama_jax import sharding
-    from jax.sharding import PartitionSpec
-
+    from llama_jax import sharding, train
     from llama_jax.model import CACHE_AXES, KVCache, abstract_params, apply
 
     if step not in ("grad", "train", "decode"):
@@ -106,12 +100,11 @@ def plan(cfg, mesh_sizes: dict[str, int], batch: int, seq: int, step: str = "gra
         cfg = cfg.replace(param_dtype="bfloat16", compute_dtype="bfloat16")
     mesh = sharding.make_mesh(**mesh_sizes)
     n_batch = sharding.batch_shard_count(mesh, rules)
-    if batch % n_batch:
-        raise ValueError(f"--batch {batch} is not divisible by the {n_batch} data-parallel shards "
-                         f"(data x fsdp) of the mesh")
+    if batch % (n_batch * accum_steps):
+        raise ValueError(f"--batch {batch} is not divisible by the {n_batch} data-parallel shards (data x fsdp) "
+                         f"of the mesh" + (f" times --accum {accum_steps}" if accum_steps > 1 else ""))
 
-    replicated: list[str] = []
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught:  # dimensions replicated for want of divisibility
         warnings.simplefilter("always", sharding.ShardingFallbackWarning)
         p_shard = sharding.param_shardings(cfg, mesh, rules)
     replicated = sorted({str(w.message).split(": ", 1)[1] for w in caught
@@ -121,50 +114,34 @@ def plan(cfg, mesh_sizes: dict[str, int], batch: int, seq: int, step: str = "gra
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
 
     params = jax.tree.map(sds, abstract_params(cfg), p_shard)
-    tok_shard = sharding.batch_sharding(mesh, 2, rules)
-    optimizer_name = None
+    replicated_sharding = NamedSharding(mesh, PartitionSpec())
     opt_state: Any = ()
-
-    def loss_fn(params, tokens, targets):
-        logits = apply(params, tokens, cfg, remat=remat)[0]
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+    optimizer_name = None
 
     if step in ("grad", "train"):
-        tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=tok_shard)
-        others = (tokens, tokens)
+        # train.py's batch: tokens [batch, seq + 1] (inputs and shifted targets), rows over (data, fsdp).
+        data = {"tokens": jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32, sharding=sharding.batch_sharding(mesh))}
         if step == "grad":
-            fn = jax.jit(jax.value_and_grad(loss_fn), out_shardings=(None, p_shard))
-            args = (params, *others)
-        else:
-            tx, optimizer_name = _optimizer()
-            # Moments are laid out like the params (adam's mu and nu): shard them the same way.
-            opt_abstract = jax.eval_shape(tx.init, params)
-            opt_shard = _like_params(opt_abstract, params, p_shard, mesh)
-            opt_state = jax.tree.map(sds, opt_abstract, opt_shard)
-
-            def train_step(params, opt_state, tokens, targets):
-                import optax
-
-                loss, grads = jax.value_and_grad(loss_fn)(params, tokens, targets)
-                updates, opt_state = tx.update(grads, opt_state, params)
-                return optax.apply_updates(params, updates), opt_state, loss
-
-            fn = jax.jit(train_step, donate_argnums=(0, 1), out_shardings=(p_shard, opt_shard, None))
-            args = (params, opt_state, *others)
+            grad = jax.grad(lambda p, b: train.loss_fn(p, b, cfg, remat=remat))
+            fn = jax.jit(grad, out_shardings=p_shard)
+            args, others = (params, data), (data,)
+        else:  # the training step train.py runs, with its optimizer and state
+            optimizer = train.make_optimizer()
+            optimizer_name = "train.make_optimizer() (AdamW)"
+            shardings = train.state_shardings(cfg, optimizer, mesh, rules)
+            abstract = jax.eval_shape(lambda: train.init_train_state(cfg, optimizer, jax.random.key(0)))
+            state = jax.tree.map(sds, abstract, shardings)
+            opt_state = state.opt_state
+            fn = train.make_train_step(cfg, optimizer, mesh, accum_steps=accum_steps, remat=remat, rules=rules)
+            args, others = (state, data), (data, state.step, state.rng, state.skipped, state.nonfinite_streak)
     else:
-        cache_spec = sharding.logical_to_spec(CACHE_AXES, rules, mesh, (cfg.n_layers, batch, seq, cfg.n_kv_heads,
-                                                                         cfg.head_dim))
-        kv_shard = jax.sharding.NamedSharding(mesh, cache_spec)
-        kv = jax.ShapeDtypeStruct((cfg.n_layers, batch, seq, cfg.n_kv_heads, cfg.head_dim), cfg.compute_jnp_dtype,
-                                  sharding=kv_shard)
-        valid_spec = sharding.logical_to_spec(("batch", "cache_seq"), rules, mesh, (batch, seq))
-        cache = KVCache(kv, kv, jax.ShapeDtypeStruct((batch, seq), jnp.bool_,
-                                                     sharding=jax.sharding.NamedSharding(mesh, valid_spec)),
-                        jax.ShapeDtypeStruct((), jnp.int32, sharding=jax.sharding.NamedSharding(mesh, PartitionSpec())))
-        vec_shard = sharding.batch_sharding(mesh, 1, rules)
-        token = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=vec_shard)
-        others = (token, token, cache)
+        shape = (cfg.n_layers, batch, seq, cfg.n_kv_heads, cfg.head_dim)
+        kv = jax.ShapeDtypeStruct(shape, cfg.compute_jnp_dtype,
+                                  sharding=NamedSharding(mesh, sharding.logical_to_spec(CACHE_AXES, rules, mesh, shape)))
+        valid = jax.ShapeDtypeStruct((batch, seq), jnp.bool_, sharding=NamedSharding(
+            mesh, sharding.logical_to_spec(("batch", "cache_seq"), rules, mesh, (batch, seq))))
+        cache = KVCache(kv, kv, valid, jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated_sharding))
+        token = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding.batch_sharding(mesh, 1, rules))
 
         def decode(params, token, position, cache):
             # generate.py's decode step, but with the layer scan rolled: unrolled, XLA:CPU copies out every
@@ -173,7 +150,7 @@ def plan(cfg, mesh_sizes: dict[str, int], batch: int, seq: int, step: str = "gra
             return logits[:, 0], cache
 
         fn = jax.jit(decode, donate_argnums=(3,))
-        args = (params, *others)
+        args, others = (params, token, token, cache), (token, token, cache)
 
     log(f"plan: compiling {step} for {model_name or 'model'} on {mesh.size} devices "
         f"({sharding.format_mesh(dict(mesh.shape))}), batch {batch} x seq {seq}")
@@ -185,55 +162,21 @@ def plan(cfg, mesh_sizes: dict[str, int], batch: int, seq: int, step: str = "gra
     if mem is None:
         raise ValueError("this JAX backend reports no memory analysis")
 
-    p_bytes = _nbytes_per_device(params, p_shard)
-    o_bytes = _nbytes_per_device(opt_state, jax.tree.map(lambda x: x.sharding, opt_state)) if opt_state else 0
-    other_bytes = sum(_nbytes_per_device(x, jax.tree.map(lambda y: y.sharding, x)) for x in others)
+    def per_device(tree):
+        return sum(sharding.shard_bytes(x, x.sharding) for x in jax.tree.leaves(tree))
+
     outputs = mem.output_size_in_bytes - mem.alias_size_in_bytes
     total = mem.argument_size_in_bytes + outputs + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes
-
     # One layer's attention scores on a device, as XLA's (non-fused) attention holds them.
-    local_batch = batch // n_batch
     t = mesh.shape["tensor"]
     local_heads = cfg.n_heads // t if cfg.n_heads % t == 0 else cfg.n_heads
-    q_len = 1 if step == "decode" else seq
-    scores = local_batch * local_heads * q_len * seq * 4
+    scores = batch // n_batch // accum_steps * local_heads * (1 if step == "decode" else seq) * seq * 4
 
     return Plan(model=model_name, step=step, mesh=dict(mesh.shape), devices=mesh.size, batch=batch, seq=seq,
-                remat=remat, param_dtype=cfg.param_dtype, optimizer=optimizer_name, params=p_bytes,
-                optimizer_state=o_bytes, other_inputs=other_bytes, arguments=mem.argument_size_in_bytes,
-                outputs=outputs, temporaries=mem.temp_size_in_bytes, total=total, attention_scores=scores,
-                replicated=replicated, hbm_gib=hbm_gib, compile_s=compile_s)
-
-
-def _optimizer():
-    """train.py's optimizer when it exists, else optax.adamw (the state bytes are what matter)."""
-    try:
-        from llama_jax.train import make_optimizer
-
-        return make_optimizer(), "llama_jax.train.make_optimizer()"
-    except (ImportError, TypeError):
-        import optax
-
-        return optax.adamw(1e-4), "optax.adamw"
-
-
-def _like_params(state, params, p_shard, mesh):
-    """Shardings for an optimizer state: subtrees shaped like the params get the params' shardings,
-    everything else (step counts, scalars) is replicated."""
-    import jax
-
-    params_def = jax.tree.structure(params)
-    from jax.sharding import PartitionSpec
-
-    replicated = jax.sharding.NamedSharding(mesh, PartitionSpec())
-
-    def is_params_like(x):
-        try:
-            return jax.tree.structure(x) == params_def
-        except Exception:
-            return False
-
-    return jax.tree.map(lambda x: p_shard if is_params_like(x) else replicated, state, is_leaf=is_params_like)
+                remat=remat, accum_steps=accum_steps, param_dtype=cfg.param_dtype, optimizer=optimizer_name, params=per_device(params),
+                optimizer_state=per_device(opt_state), other_inputs=per_device(others),
+                arguments=mem.argument_size_in_bytes, outputs=outputs, temporaries=mem.temp_size_in_bytes,
+                total=total, attention_scores=scores, replicated=replicated, hbm_gib=hbm_gib, compile_s=compile_s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,6 +191,7 @@ def format_table(p: Plan) -> str:
     lines = [
         f"{p.model}: {p.step} step, mesh {mesh} ({p.devices} devices), batch {p.batch} x seq {p.seq}, "
         f"params {p.param_dtype}" + (f", remat {p.remat}" if p.step != "decode" else "")
+        + (f", {p.accum_steps} micro-batches" if p.accum_steps > 1 else "")
         + (f", optimizer {p.optimizer}" if p.optimizer else ""),
         f"{'per device':<34}{'GiB':>10}",
         f"  {'parameters':<32}{gib(p.params)}",
@@ -281,8 +225,8 @@ def main(argv: list[str]) -> int:
     a = json.loads(argv[0])
     try:
         cfg = load_config(a["model"])
-        p = plan(cfg, a["mesh"], a["batch"], a["seq"], a["step"], remat=a["remat"], model_name=a["model"],
-                 hbm_gib=a["hbm"], log=lambda m: print(m, file=sys.stderr, flush=True))
+        p = plan(cfg, a["mesh"], a["batch"], a["seq"], a["step"], remat=a["remat"], accum_steps=a["accum"],
+                 model_name=a["model"], hbm_gib=a["hbm"], log=lambda m: print(m, file=sys.stderr, flush=True))
     except ValueError as e:
         print(f"llama-jax plan: error: {e}", file=sys.stderr)
         return 2

@@ -38,16 +38,17 @@ def _leaves(x):
 
 
 def test_train_plan_matches_array_sizes():
-    """tiny on fsdp=4: every parameter has a 64-wide (embed or norm) dim, so each device holds exactly
-    1/4 of the bytes; AdamW's two moments double that; XLA's own count of the argument buffers equals
-    params + optimizer state + batch."""
+    """train.py's step for tiny on fsdp=4: every parameter has a 64-wide (embed or norm) dim, so each
+    device holds exactly 1/4 of the bytes; AdamW's two moments double that; XLA's own count of the
+    argument buffers equals params + optimizer state + batch + the state's counters."""
     cfg = lj.PRESETS["tiny"]
     p = plan_json("--model", "tiny", "--mesh", "fsdp=4", "--batch", "8", "--seq", "32", "--train")
     total = param_bytes(cfg)
     assert p["devices"] == 4 and p["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
     assert p["params"] == total // 4
-    assert 2 * p["params"] <= p["optimizer_state"] <= 2 * p["params"] + 64  # mu, nu (+ a step count)
-    assert p["other_inputs"] == 2 * 8 * 32 * 4 // 4  # tokens and targets, int32, split over fsdp
+    assert 2 * p["params"] <= p["optimizer_state"] <= 2 * p["params"] + 256  # mu, nu (+ scalars: count, lr, ...)
+    # tokens int32 [8, 33] split over fsdp; step, skipped, streak int32 and the rng's two uint32, replicated
+    assert p["other_inputs"] == 8 * 33 * 4 // 4 + 3 * 4 + 2 * 4
     inputs = p["params"] + p["optimizer_state"] + p["other_inputs"]
     assert inputs <= p["arguments"] <= inputs + 1024  # (+ XLA's pointer tables)
     assert p["outputs"] < 1024  # new params and state are written over the donated ones
@@ -94,6 +95,7 @@ def test_decode_plan_counts_the_kv_cache(tmp_path):
     (["--model", "tiny", "--mesh", "pipe=2"], "mesh axis 'pipe' unknown"),
     (["--model", "no-such-model", "--mesh", "fsdp=2"], "neither a preset"),
     (["--model", "tiny", "--mesh", "fsdp=4", "--batch", "6"], "--batch 6 is not divisible by the 4"),
+    (["--model", "tiny", "--mesh", "fsdp=4", "--accum", "2"], "--accum needs --train"),
 ])
 def test_plan_errors_are_one_line(args, message):
     done = plan(*args)
@@ -104,16 +106,17 @@ def test_plan_errors_are_one_line(args, message):
 
 
 def test_llama2_70b_on_64_devices():
-    """The issue's pod: 64 devices, fsdp=16 x tensor=4. Every dimension divides, so each matrix is
-    exactly 1/64 per device and each norm 1/16 (float32 master); the AdamW moments twice that."""
-    p = plan_json("--model", "llama2-70b", "--mesh", "fsdp=16,tensor=4", "--batch", "64", "--seq", "4096",
-                  "--train", "--remat", "full", "--hbm", "80")
-    assert p["devices"] == 64 and not p["replicated"]
+    """The issue's pod: 64 devices, fsdp=16 x tensor=4, batch 256 x 4096 in 4 micro-batches. Every
+    dimension divides, so each matrix is exactly 1/64 per device and each norm 1/16 (float32 master);
+    the AdamW moments twice that. Compiles in seconds."""
+    p = plan_json("--model", "llama2-70b", "--mesh", "fsdp=16,tensor=4", "--batch", "256", "--seq", "4096",
+                  "--train", "--remat", "full", "--accum", "4", "--hbm", "80")
+    assert p["devices"] == 64 and not p["replicated"] and p["accum_steps"] == 4
     norms = 8192 * (2 * 80 + 1)
     assert p["params"] == (68_976_648_192 - norms) * 4 // 64 + norms * 4 // 16
-    assert 2 * p["params"] <= p["optimizer_state"] <= 2 * p["params"] + 64
-    # Full remat keeps one [16 rows, 4096, 8192] bf16 residual per layer: 80 GiB... for batch 256;
-    # at batch 64 it is 80 * 4 * 4096 * 8192 * 2 bytes = 20 GiB, a lower bound on the temporaries.
+    assert 2 * p["params"] <= p["optimizer_state"] <= 2 * p["params"] + 256
+    # Full remat keeps each layer's input: a micro-batch is 64 rows, 4 per fsdp shard, so at least
+    # 80 layers x [4, 4096, 8192] bfloat16 = 20 GiB of temporaries.
     assert p["temporaries"] >= 80 * 4 * 4096 * 8192 * 2
     assert p["fits"] == (p["total"] <= 80 * GiB)
 
