@@ -60,10 +60,12 @@ class Plan:
 
 
 def load_config(model: str):
-    """A preset name, or a checkpoint: Hugging Face folder / config.json, GGUF file, or a folder
-    with the config metadata our Orbax checkpoints store (config.json in our layout)."""
+    """The config of a preset name or a checkpoint: a Hugging Face folder or config.json, a GGUF file,
+    a training run's folder (its saved metadata), or a folder with our LlamaConfig as config.json.
+    Only metadata is read, never weights."""
     from pathlib import Path
 
+    from llama_jax.checkpoint import TrainCheckpointer, is_train_checkpoint
     from llama_jax.config import PRESETS, LlamaConfig, from_gguf, from_hf_config
 
     if model in PRESETS:
@@ -73,13 +75,19 @@ def load_config(model: str):
         raise ValueError(f"--model {model!r}: neither a preset ({', '.join(PRESETS)}) nor an existing path")
     if path.is_file() and path.suffix == ".gguf":
         return from_gguf(path)
+    if is_train_checkpoint(path):
+        saved = TrainCheckpointer(path).read_meta().get("config")
+        if saved is None:
+            raise ValueError(f"--model {model!r}: training checkpoint without a saved config")
+        return LlamaConfig.from_dict(saved)
     cfg_file = path / "config.json" if path.is_dir() else path
     if cfg_file.name.endswith(".json") and cfg_file.is_file():
         d = json.loads(cfg_file.read_text())
         if "vocab_size" in d and "dim" in d:  # our own LlamaConfig.to_dict()
             return LlamaConfig.from_dict(d)
         return from_hf_config(d)
-    raise ValueError(f"--model {model!r}: no config.json or GGUF file there to read the model's shape from")
+    raise ValueError(f"--model {model!r}: no config.json, GGUF file or training checkpoint there to read "
+                     f"the model's shape from")
 
 
 def plan(cfg, mesh_sizes: dict[str, int], batch: int, seq: int, step: str = "grad", *, remat: str = "none",

@@ -129,3 +129,19 @@ def test_llama_65b_decode_on_64_devices():
     kv = 2 * 80 * 256 * 2048 * 64 * 128 * 2 // 64
     assert kv <= p["other_inputs"] <= kv + GiB // 1000
     assert p["fits"] is True
+
+
+def test_model_from_a_training_checkpoint(tmp_path):
+    """--model may be a training run's folder: the config comes from its saved metadata."""
+    import jax
+
+    from llama_jax.checkpoint import TrainCheckpointer
+    from llama_jax.plan import load_config
+    from llama_jax.train import init_train_state, make_optimizer
+
+    cfg = lj.PRESETS["tiny-gqa"]
+    ckpt = TrainCheckpointer(tmp_path, async_save=False, meta={"config": cfg.to_dict()})
+    ckpt.save(1, init_train_state(cfg, make_optimizer(), jax.random.key(0)), force=True)
+    ckpt.wait()
+    ckpt.close()
+    assert load_config(str(tmp_path)) == cfg
