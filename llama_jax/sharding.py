@@ -7,25 +7,30 @@ Three mesh axes, innermost last (so `tensor` stays inside a host's fast intercon
 
 Every parameter and activation names its dimensions with logical axes ("embed", "heads", "batch", ...).
 A rules table maps each logical axis to a mesh axis, a tuple of mesh axes, or None (replicated). One
-table serves parameters and activations:
+table serves parameters and activations (DEFAULT_RULES: DESIGN.md's table, plus norm -> fsdp):
 
     mesh = make_mesh(fsdp=-1, tensor=2)                     # -1: the remaining devices
-    params = init_params(cfg, key, mesh)                    # sharded at creation, DEFAULT_RULES
+    params = init_params(cfg, key, mesh)                    # each device creates only its shards
     with jax.set_mesh(mesh):                                # activation constraints see the mesh here
         logits = forward(params, place_batch(tokens, mesh), cfg)
 
-Custom rules: pass `rules=` to `param_shardings` / `init_params`, and wrap tracing in
-`use_rules(rules)` so the model's activation constraints follow the same table. Rules are read when a
-function is traced; jit's cache does not see them, so change them before the first call of a jitted
-function, not between calls (or `jax.clear_caches()`). There is no other global state: the mesh is
-JAX's own (`jax.set_mesh`).
+Custom rules: pass `rules=` to `param_shardings` / `init_params`, and trace inside `use_rules(rules)`
+so the model's activation constraints follow the same table. Rules are read when a function is traced
+and jit's cache does not see them: set them before a jitted function's first call, not between calls
+(or call `jax.clear_caches()`). That context is this module's only state; the mesh is JAX's own.
 
 A dimension that its mesh axes don't divide (vocab 32000 over tensor=3, 2 kv heads over tensor=4, a
 batch of 1 over fsdp=8) is not split over the axes that don't divide it: it is replicated along them
 instead (XLA cannot shard unevenly). For parameters this emits a `ShardingFallbackWarning` naming the
 dimension and the axis; `warnings.simplefilter("error", ShardingFallbackWarning)` turns it into an error
 for those who would rather be told than replicate. GQA with fewer kv heads than `tensor` thus works
-with the k/v projections replicated across tensor (Megatron does the same).
+with the k/v projections replicated across tensor (as Megatron does).
+
+Multi-host: every process builds the same mesh over all devices (make_mesh), reads the rows
+`local_batch_rows(global_batch, mesh)` of each batch, and `place_batch` joins them into global arrays.
+
+Stable API (train.py, generate.py and users build on it): make_mesh, param_shardings, batch_sharding,
+place_batch, local_batch_rows, constrain, use_rules, DEFAULT_RULES.
 """
 
 from __future__ import annotations
@@ -140,9 +145,12 @@ def logical_to_spec(
         targets = () if target is None else (target,) if isinstance(target, str) else tuple(target)
         keep: list[str] = []
         for t in targets:
-            if t in used or (mesh is not None and sizes.get(t, 1) == 1):
+            if mesh is not None and t not in sizes:
+                raise ValueError(f"rules map {name!r} to mesh axis {t!r}, which the mesh lacks (it has "
+                                 f"{', '.join(sizes)})")
+            if t in used or (mesh is not None and sizes[t] == 1):
                 continue
-            if shape is not None and shape[dim] % (math.prod(sizes[a] for a in keep) * sizes[t]):
+            if shape is not None and mesh is not None and shape[dim] % (math.prod(sizes[a] for a in keep) * sizes[t]):
                 if on_fallback is not None:
                     on_fallback(dim, name, shape[dim], t, sizes[t])
                 continue
@@ -167,7 +175,8 @@ def use_rules(rules: Rules | None) -> Iterator[None]:
 
 def current_rules() -> Rules:
     """The rules table in effect: the innermost `use_rules`, else DEFAULT_RULES."""
-    return _RULES.get() or DEFAULT_RULES
+    rules = _RULES.get()
+    return DEFAULT_RULES if rules is None else rules
 
 
 def constrain(x: jax.Array, axes: tuple[str | None, ...], rules: Rules | None = None) -> jax.Array:

@@ -183,6 +183,8 @@ def test_rules_are_overridable():
     assert replicated.sharding.shard_shape(replicated.shape) == (2, 8, cfg.vocab_size)
     assert split.sharding.shard_shape(split.shape) == (2, 8, cfg.vocab_size // 4)
     assert sharding.current_rules() is sharding.DEFAULT_RULES
+    with pytest.raises(ValueError, match="rules map 'heads' to mesh axis 'model', which the mesh lacks"):
+        sharding.param_shardings(cfg, mesh, {**sharding.DEFAULT_RULES, "heads": "model"})
 
 
 def test_explicit_mesh_axes_are_rejected_clearly():
