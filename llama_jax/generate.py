@@ -8,17 +8,17 @@
 A batch of prompts of different lengths is left-padded to one length P. Every row shares cache
 slot numbers (slot s holds token s of the padded batch); padding is masked out of attention and
 each row's real tokens get rotary positions 0, 1, ... so a row decodes exactly as it would alone.
-The cache holds P + max_new_tokens slots.
+The cache holds at least P + max_new_tokens slots.
 
 Runners:
-- `generate_tokens`: prefill then a `lax.while_loop` of decode steps, all in one jitted call (no
-  host round trip per token); stops early once every row has produced EOS.
+- `generate_tokens` (`decode_loop` on arrays): prefill then a `lax.while_loop` of decode steps,
+  all in one jitted call (no host round trip per token); stops early once every row has produced EOS.
 - `stream_tokens` / `stream`: jitted prefill and decode step called from Python, yielding each
   token as it comes (chat). The cache buffers are donated to each call, so XLA updates them in place.
 Both draw the sample for step t from fold_in(key(seed), t), so they give the same tokens.
 
-The decode step runs the layer scan unrolled: decode is memory-bound, and a rolled scan copies each
-layer's weight slice (DESIGN.md, Performance).
+The decode step runs the layer scan unrolled on GPU/TPU: decode is memory-bound, and a rolled scan
+copies each layer's weight slice (DESIGN.md, Performance). On CPU it stays rolled (DECODE_UNROLL).
 """
 
 from __future__ import annotations
@@ -106,9 +106,18 @@ def _prefill(params, tokens, mask, cache, cfg):
     return logits[:, -1], cache, mask.sum(axis=1).astype(jnp.int32)
 
 
+# Unroll the decode step's layer scan on accelerators (None: all but CPU). There a rolled scan copies
+# each layer's weight slice every step (DESIGN.md: 919 vs ~2600 GB/s on an H100). On CPU the copy is
+# cheap and the unrolled program is not: SmolLM2 (30 layers) compiles in 15 s instead of 1 s and
+# steps 2x slower.
+DECODE_UNROLL: bool | None = None
+
+
 def _step(params, token, position, cache, cfg):
     """token, position [batch] -> logits [batch, vocab] for the next token, cache one slot fuller."""
-    logits, cache = apply(params, token[:, None], cfg, positions=position[:, None], cache=cache, unroll=True)
+    unroll = DECODE_UNROLL if DECODE_UNROLL is not None else jax.default_backend() != "cpu"
+    logits, cache = apply(params, token[:, None], cfg, positions=position[:, None], cache=cache,
+                          unroll=True if unroll else 1)
     return logits[:, 0], cache
 
 
@@ -121,12 +130,15 @@ def _sample_jit(logits, key, step, sampling):
     return sample(logits, jax.random.fold_in(key, step), sampling)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling"))
-def _loop(params, tokens, mask, key, eos_id, cfg, max_new_tokens, sampling):
-    """The on-device runner: tokens, mask [batch, P] -> new tokens int32 [batch, max_new_tokens]
-    (eos_id after a row's EOS) and each row's count of generated tokens before its EOS [batch]."""
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "cache_len"))
+def decode_loop(params, tokens, mask, key, eos_id, cfg: LlamaConfig, max_new_tokens: int,
+                sampling: Sampling = Sampling(), cache_len: int | None = None):
+    """The on-device runner, arrays in and out (what a benchmark times):
+    tokens int32, mask bool [batch, P] (left-padded), key (jax.random.key), eos_id int32 scalar (-1:
+    never stop early) -> new tokens int32 [batch, max_new_tokens] (eos_id after a row's EOS) and each
+    row's count of generated tokens before its EOS [batch]. The loop ends when every row is done."""
     batch, P = tokens.shape
-    cache = KVCache.zeros(cfg, batch, P + max_new_tokens)
+    cache = KVCache.zeros(cfg, batch, cache_len or P + max_new_tokens)
     logits, cache, position = _prefill(params, tokens, mask, cache, cfg)
     out = jnp.full((batch, max_new_tokens), eos_id, jnp.int32)
     done = jnp.zeros((batch,), bool)
@@ -154,11 +166,21 @@ def _loop(params, tokens, mask, key, eos_id, cfg, max_new_tokens, sampling):
 # Batching and checks
 
 
-def _pad_left(prompts: Sequence[Sequence[int]], multiple: int = 8):
-    """Left-pad token lists to one length (rounded up to `multiple`, so nearby prompt lengths share
-    a compiled program) -> tokens int32 [batch, P], mask bool [batch, P]."""
-    longest = max(len(p) for p in prompts)
-    P = max(multiple, -(-longest // multiple) * multiple)
+def _bucket(n: int) -> int:
+    # Shapes are rounded up so that nearby lengths share a compiled program: multiples of 8 up to
+    # 64, then powers of two (left padding is masked, so it costs compute, never correctness).
+    return max(8, -(-n // 8) * 8) if n <= 64 else 1 << (n - 1).bit_length()
+
+
+def _cache_len(P: int, max_new_tokens: int) -> int:
+    # Cache slots (not positions: those are checked against the context) in steps of 128, so a chat's
+    # turns of different lengths reuse one compiled decode step.
+    return -(-(P + max_new_tokens) // 128) * 128
+
+
+def _pad_left(prompts: Sequence[Sequence[int]]):
+    """Left-pad token lists to one bucketed length -> tokens int32 [batch, P], mask bool [batch, P]."""
+    P = _bucket(max(len(p) for p in prompts))
     tokens = np.zeros((len(prompts), P), np.int32)
     mask = np.zeros((len(prompts), P), bool)
     for i, p in enumerate(prompts):
@@ -204,8 +226,9 @@ def generate_tokens(params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], 
     eos = -1 if eos is None else int(eos)  # -1 never matches: run to max_new_tokens
     tokens, mask = _pad_left(prompts)
     with _on(mesh):
-        out, lengths = _loop(params, jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(seed),
-                             jnp.int32(eos), cfg, int(max_new_tokens), sampling)
+        out, lengths = decode_loop(params, jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(seed),
+                                   jnp.int32(eos), cfg, int(max_new_tokens), sampling,
+                                   _cache_len(tokens.shape[1], max_new_tokens))
     out, lengths = np.asarray(out), np.asarray(lengths)
     return [out[i, :lengths[i]].tolist() for i in range(len(prompts))]
 
@@ -221,7 +244,7 @@ def stream_tokens(params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], ma
     eos = -1 if eos is None else int(eos)
     tokens, mask = _pad_left(prompts)
     key = jax.random.key(seed)
-    cache = KVCache.zeros(cfg, len(prompts), tokens.shape[1] + max_new_tokens)
+    cache = KVCache.zeros(cfg, len(prompts), _cache_len(tokens.shape[1], max_new_tokens))
     done = np.zeros(len(prompts), bool)
     position = None
     for step in range(max_new_tokens):

@@ -61,10 +61,14 @@ def test_smollm2_first_greedy_token_is_paris():
 # The KV cache against full forwards (tiny random models, float32)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-gqa"])
-def test_cached_decoding_equals_full_forward(preset):
+@pytest.mark.parametrize("preset, unroll", [("tiny", False), ("tiny-gqa", False), ("tiny-gqa", True)])
+def test_cached_decoding_equals_full_forward(preset, unroll, monkeypatch):
     """Prefill a left-padded batch of unequal prompts, then decode 12 steps; at every step each
-    row's logits equal lj.forward on that row's whole sequence so far (no padding, no cache)."""
+    row's logits equal lj.forward on that row's whole sequence so far (no padding, no cache).
+    unroll=True is the decode step accelerators run (CPU runs the rolled scan)."""
+    gen = sys.modules["llama_jax.generate"]
+    monkeypatch.setattr(gen, "DECODE_UNROLL", unroll)
+    jax.clear_caches()  # the setting is read at trace time
     cfg = lj.PRESETS[preset]
     params = lj.init_params(cfg, jax.random.key(1))
     rng = np.random.default_rng(0)
@@ -89,6 +93,7 @@ def test_cached_decoding_equals_full_forward(preset):
     for i, (p, seq) in enumerate(zip(prompts, seqs)):
         full = np.asarray(lj.forward(params, jnp.asarray([seq[:-1]], jnp.int32), cfg))[0, len(p) - 1:]
         np.testing.assert_allclose(np.stack(seen[i]), full, atol=2e-5, rtol=0, err_msg=f"row {i}")
+    jax.clear_caches()
     assert int(cache.index) == P + steps
 
 
