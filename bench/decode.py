@@ -1,0 +1,144 @@
+"""Decode speed on GPU, beside Hugging Face transformers (eager and torch.compile) in the same invocation.
+
+    python bench/decode.py                          # Llama-2-7B shape, bf16, prompt 128, 128 new, batch 1 16 64
+    python bench/decode.py --batch 1 --no-peer      # ours only
+
+Random bf16 weights (timing does not depend on the values). For each batch: prefill seconds, ms per
+decode step, tokens/s, GB/s moved (weights + the KV cache slots attended), compile seconds, and a
+correctness check (greedy tokens against the argmax of a full forward over the same sequence).
+One JSON line per figure. Each side runs in its own process so the frameworks never share GPU memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ANCHORS = Path(os.environ.get("LLAMA_JAX_ANCHORS", HERE.parent.parent / "shared" / "anchors"))
+
+
+def ours(a) -> None:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import llama_jax as lj
+    from llama_jax.generate import Sampling, decode_loop, prefill
+
+    cfg = lj.PRESETS[a.preset].replace(param_dtype="bfloat16", compute_dtype="bfloat16")
+    params = lj.init_params(cfg, jax.random.key(0))
+    if a.bits:
+        from llama_jax import quantize
+
+        params = quantize.quantize_params(params, cfg, bits=a.bits, group=a.group)
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    max_len = a.prompt + a.new
+    device = jax.devices()[0].device_kind
+
+    greedy = Sampling()
+    for batch in a.batch:
+        rng = np.random.default_rng(batch)
+        prompt = jnp.asarray(rng.integers(3, cfg.vocab_size, (batch, a.prompt)), jnp.int32)
+        mask = jnp.ones(prompt.shape, bool)
+        key, never = jax.random.key(0), jnp.int32(-1)  # eos -1: every row runs all `new` steps
+
+        def generate_all():  # prefill + `new` decode steps in one on-device loop
+            return decode_loop(params, prompt, mask, key, never, cfg, a.new, greedy, cache_len=max_len)[0]
+
+        def prefill_only():
+            cache = lj.KVCache.zeros(cfg, batch, max_len)
+            return prefill(params, prompt, mask, cache, cfg=cfg)[0]
+
+        t0 = time.perf_counter()
+        tokens = generate_all()
+        tokens.block_until_ready()
+        compile_s = time.perf_counter() - t0  # first call: tracing + compiling + one run
+        prefill_only().block_until_ready()
+        prefill_s = min(_timed(prefill_only) for _ in range(5))
+        total_s = min(_timed(generate_all) for _ in range(3))
+        step_s = (total_s - prefill_s) / a.new
+        cache_bytes = 2 * cfg.n_layers * batch * max_len * cfg.n_kv_heads * cfg.head_dim * 2
+        # Greedy tokens vs the argmax of one full forward over prompt + generated tokens.
+        seq = jnp.concatenate([prompt, tokens[:, :-1]], axis=1)
+        full = jnp.argmax(lj.forward(params, seq, cfg)[:, a.prompt - 1:], axis=-1)
+        match = float(jnp.mean(full == tokens))
+        print(json.dumps(dict(
+            impl="llama-jax", preset=a.preset, bits=a.bits or 16, batch=batch, prompt=a.prompt, new=a.new,
+            prefill_s=round(prefill_s, 4), decode_ms_per_step=round(step_s * 1e3, 3),
+            decode_tok_s=round(batch / step_s, 1), weight_gb=round(weight_bytes / 1e9, 2),
+            achieved_weight_gbps=round(weight_bytes / step_s / 1e9, 1),
+            achieved_weight_cache_gbps=round((weight_bytes + cache_bytes) / step_s / 1e9, 1),
+            first_call_s=round(compile_s, 1), greedy_match_full_forward=round(match, 4),
+            device=device, jax=jax.__version__)), flush=True)
+
+
+def check_small(a) -> None:
+    """Exactness on the GPU: float32 greedy decode equals a full forward token for token, and a bf16
+    forward is within bf16 tolerance of a float32 forward on the CPU."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import llama_jax as lj
+    from llama_jax.generate import Sampling, decode_loop, prefill
+
+    cfg = lj.PRESETS["tiny-gqa"]
+    params = lj.init_params(cfg, jax.random.key(1))
+    prompt = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (4, 16)), jnp.int32)
+    mask = jnp.ones(prompt.shape, bool)
+    tokens = decode_loop(params, prompt, mask, jax.random.key(0), jnp.int32(-1), cfg, 32)[0]
+    seq = jnp.concatenate([prompt, tokens[:, :-1]], axis=1)
+    full = jnp.argmax(lj.forward(params, seq, cfg)[:, 15:], axis=-1)
+    exact = bool(jnp.all(full == tokens))
+
+    cpu = jax.devices("cpu")[0]
+    params_cpu = jax.device_put(params, cpu)
+    ref = np.asarray(lj.forward(params_cpu, jax.device_put(seq, cpu), cfg))  # runs where its inputs live
+    cfg16 = cfg.replace(param_dtype="bfloat16", compute_dtype="bfloat16")
+    out = np.asarray(lj.forward(jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), seq, cfg16))
+    rel = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+    print(json.dumps(dict(check="gpu-correctness", f32_greedy_equals_full_forward=exact,
+                          bf16_gpu_vs_f32_cpu_rel_err=round(rel, 5), bf16_within_tolerance=rel < 1e-2,
+                          device=jax.devices()[0].device_kind)), flush=True)
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    out = fn()
+    out.block_until_ready()
+    return time.perf_counter() - t0
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="llama2-7b")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--bits", type=int, default=0, choices=[0, 4, 8], help="weight-only quantization (0: bf16)")
+    p.add_argument("--group", type=int, default=64)
+    p.add_argument("--no-peer", action="store_true")
+    p.add_argument("--only-ours", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.only_ours:
+        ours(a)
+        if not a.bits:
+            check_small(a)
+        return
+    subprocess.run([sys.executable, __file__, "--only-ours"] + [x for x in sys.argv[1:] if x != "--no-peer"])
+    if not a.no_peer and not a.bits:
+        batches = [str(b) for b in a.batch]
+        base = [sys.executable, str(ANCHORS / "hf_llama_decode.py"), "--size", a.preset, "--batch", *batches,
+                "--prompt", str(a.prompt), "--new", str(a.new)]
+        subprocess.run(base)
+        subprocess.run(base + ["--compile"])
+
+
+if __name__ == "__main__":
+    main()

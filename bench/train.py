@@ -1,0 +1,107 @@
+"""Training-step speed on GPU, beside Hugging Face + torch.compile measured in the same invocation.
+
+    python bench/train.py                        # 7B width x 8 layers, seq 2048, batch 4, one GPU, + HF peer
+    python bench/train.py --preset llama2-7b --mesh fsdp=2 --no-peer   # full 7B on two GPUs, fsdp
+
+One JSON line per figure: tokens/s, MFU (DESIGN.md: tokens/s * (6N + 12*L*d*seq) / peak, N without the
+embedding table), compile seconds, step seconds, peak device memory. Each side runs in its own process so
+the two frameworks never share the GPU's memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ANCHORS = Path(os.environ.get("LLAMA_JAX_ANCHORS", HERE.parent.parent / "shared" / "anchors"))
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    out = {}
+    for part in filter(None, text.split(",")):
+        k, v = part.split("=")
+        out[k] = int(v)
+    return out
+
+
+def ours(a) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import llama_jax as lj
+    from llama_jax import train
+    from llama_jax.sharding import make_mesh, place_batch
+
+    if a.preset:
+        cfg = lj.PRESETS[a.preset]
+    else:
+        cfg = lj.LlamaConfig(vocab_size=32000, dim=a.width, n_layers=a.layers, n_heads=a.heads,
+                             n_kv_heads=a.kv_heads, ffn_dim=a.ffn, max_seq_len=a.seq)
+    cfg = cfg.replace(param_dtype="float32", compute_dtype="bfloat16", max_seq_len=max(a.seq, cfg.max_seq_len))
+    mesh = make_mesh(**parse_mesh(a.mesh)) if a.mesh else make_mesh(data=1, fsdp=-1, tensor=1)
+    optimizer = train.make_optimizer(lr=1e-4, warmup_steps=10, total_steps=1000)
+    state = train.init_train_state(cfg, optimizer, jax.random.key(0), mesh)
+    step = train.make_train_step(cfg, optimizer, mesh, remat=a.remat)
+    rng = np.random.default_rng(0)
+    batch = place_batch({"tokens": rng.integers(0, cfg.vocab_size, (a.batch, a.seq + 1), dtype=np.int32)}, mesh)
+
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    for _ in range(3):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(a.steps):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    dt = float(np.median(times))
+    n_non_embed = lj.param_count(cfg) - cfg.vocab_size * cfg.dim
+    flops_tok = 6 * n_non_embed + 12 * cfg.n_layers * cfg.dim * a.seq
+    n_dev = len(mesh.devices.flat)
+    tok_s = a.batch * a.seq / dt
+    mem = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in mesh.devices.flat)
+    return dict(impl="llama-jax", preset=a.preset, width=cfg.dim, layers=cfg.n_layers, seq=a.seq, batch=a.batch,
+                mesh=dict(mesh.shape), remat=a.remat, step_s=round(dt, 4), compile_s=round(compile_s, 1),
+                tokens_per_s=round(tok_s), mfu=round(tok_s * flops_tok / (a.peak_tflops * 1e12 * n_dev), 4),
+                loss=float(metrics["loss"]), peak_mem_gb=round(mem / 1e9, 1),
+                device=jax.devices()[0].device_kind, n_devices=n_dev, jax=jax.__version__)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default=None, help="a PRESETS name (default: the peer's 7B-width x 8-layer shape)")
+    p.add_argument("--width", type=int, default=4096); p.add_argument("--ffn", type=int, default=11008)
+    p.add_argument("--layers", type=int, default=8); p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=32)
+    p.add_argument("--seq", type=int, default=2048); p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--remat", default="none", choices=["none", "full", "save_matmuls"])
+    p.add_argument("--mesh", default="", help="e.g. fsdp=2 (default: every device on fsdp)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per card (H100 SXM: 989)")
+    p.add_argument("--no-peer", action="store_true")
+    p.add_argument("--only-ours", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.only_ours:
+        print(json.dumps(ours(a)), flush=True)
+        return
+    cmd = [sys.executable, __file__, "--only-ours"] + [x for x in sys.argv[1:] if x != "--no-peer"]
+    subprocess.run(cmd, check=False)
+    if not a.no_peer and not a.preset:
+        subprocess.run([sys.executable, str(ANCHORS / "hf_llama_train.py"), "--width", str(a.width),
+                        "--ffn", str(a.ffn), "--layers", str(a.layers), "--heads", str(a.heads),
+                        "--kv-heads", str(a.kv_heads), "--seq", str(a.seq), "--batch", str(a.batch),
+                        "--peak-tflops", str(a.peak_tflops)], check=False)
+
+
+if __name__ == "__main__":
+    main()
