@@ -125,12 +125,14 @@ def sliding_windows(n: int, window: int, stride: int) -> list[tuple[int, int, in
     """(begin, end, first): the window covers tokens [begin, end) and scores [first, end).
 
     Hugging Face's definition: windows start every `stride` tokens, and each scores the tokens after
-    the previous window's end, so token i >= 1 is scored once, with min(i, window - 1) to
-    window - stride tokens of context (token 0 has no context and is never scored)."""
+    the previous window's end, so token i >= 1 is scored once, with between window - stride and
+    window - 1 tokens of context (fewer only near the start; token 0 has no context and is never
+    scored). A stride equal to the window would leave each window's first token unscored (it has
+    no context inside its window), so the stride is capped at window - 1."""
     if not 1 <= stride <= window:
         raise ValueError(f"stride must be between 1 and the window ({window}), got {stride}")
     out, prev_end = [], 0
-    for begin in range(0, n, stride):
+    for begin in range(0, n, min(stride, window - 1)):
         end = min(begin + window, n)
         first = max(prev_end, begin + 1)
         if first < end:
