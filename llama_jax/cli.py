@@ -129,16 +129,23 @@ def _sampling_kwargs(args):
 def add_generate(sub):
     p = sub.add_parser("generate", help="continue a prompt (prints only the generated text)")
     p.add_argument("prompt", help='the text to continue ("" starts from BOS)')
+    p.add_argument("--chat", action="store_true",
+                   help="send the prompt as one user message in the model's chat template and print the reply")
     _add_sampling_args(p, 64)
     p.set_defaults(run=run_generate)
 
 
 def run_generate(args):
-    from llama_jax.generate import generate
+    from llama_jax.generate import generate, stream
+    from llama_jax.tokenizer import chat_tokens
 
     _check_sampling_args(args)
     model = load_for_generation(args.model, args.dtype)
-    text = generate(model, [args.prompt], **_sampling_kwargs(args))[0]
+    if args.chat:
+        ids = chat_tokens(model.tokenizer, [{"role": "user", "content": args.prompt}])
+        text = "".join(stream(model, ids, **_sampling_kwargs(args)))
+    else:
+        text = generate(model, [args.prompt], **_sampling_kwargs(args))[0]
     print(text)
     return 0
 
