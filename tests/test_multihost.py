@@ -64,9 +64,12 @@ def test_two_processes_match_one(tmp_path):
     procs = []
     for pid in range(2):
         env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                   LLAMA_JAX_COORDINATOR=f"127.0.0.1:{port}", LLAMA_JAX_NUM_PROCESSES="2",
-                   LLAMA_JAX_PROCESS_ID=str(pid), PYTHONPATH=str(Path(__file__).parent.parent))
-        procs.append(subprocess.Popen([sys.executable, __file__, str(tmp_path / f"out{pid}.npz")], env=env,
+                   PYTHONPATH=str(Path(__file__).parent.parent))
+        # Process 0 is told its coordinates as arguments, process 1 through the environment.
+        coords = [f"127.0.0.1:{port}", "2", "0"] if pid == 0 else []
+        if pid == 1:
+            env.update(LLAMA_JAX_COORDINATOR=f"127.0.0.1:{port}", LLAMA_JAX_NUM_PROCESSES="2", LLAMA_JAX_PROCESS_ID="1")
+        procs.append(subprocess.Popen([sys.executable, __file__, str(tmp_path / f"out{pid}.npz"), *coords], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:
         outputs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
@@ -100,6 +103,20 @@ def test_initialize_arguments_are_checked(monkeypatch):
         distributed.initialize()
     monkeypatch.setenv("LLAMA_JAX_NUM_PROCESSES", "1")  # one process: nothing to join
     assert distributed.initialize().process_count == 1
+    monkeypatch.delenv("LLAMA_JAX_NUM_PROCESSES")
+    # This test process has used JAX already: joining now cannot work, and says why.
+    with pytest.raises(ValueError, match="must run before any other JAX call"):
+        distributed.initialize("127.0.0.1:1234", num_processes=2, process_id=0)
+
+
+def test_nothing_configured_runs_as_one_process():
+    """The same script on a laptop: no arguments, no variables, no cluster -> one process, no error."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLAMA_JAX_", "SLURM_", "OMPI_", "JAX_COORD"))}
+    code = "from llama_jax import distributed; i = distributed.initialize(); print(i.process_count, i.process_index)"
+    done = subprocess.run([sys.executable, "-c", code], env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+                          text=True, timeout=120, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["1", "0"]
 
 
 if __name__ == "__main__":  # a worker: join, compute, save
@@ -108,7 +125,9 @@ if __name__ == "__main__":  # a worker: join, compute, save
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from llama_jax import distributed
 
-    info = distributed.initialize(timeout_s=60)
+    coords = sys.argv[2:]  # coordinator, num_processes, process_id; or none: the environment says
+    info = distributed.initialize(coords[0], int(coords[1]), int(coords[2]), timeout_s=60) if coords else \
+        distributed.initialize(timeout_s=60)
     from llama_jax.sharding import make_mesh
 
     loss, grads = compute(make_mesh(**MESH))
