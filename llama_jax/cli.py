@@ -604,7 +604,7 @@ def _eval_choice(args):
         if args.json:
             print(json.dumps(results[-1].to_dict()), flush=True)
     if not args.json:
-        size = paper_size(model.params) if args.paper_size == "auto" else args.paper_size
+        size = paper_size(model.config) if args.paper_size == "auto" else args.paper_size
         print(results_table(results, size))
     return 0
 

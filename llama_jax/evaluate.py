@@ -352,7 +352,9 @@ def _hellaswag_text(text: str) -> str:
 def _hellaswag(rec, where) -> Question:
     activity = _field(rec, "activity_label", str, where)
     if "ctx_a" in rec:
-        ctx = f"{_field(rec, 'ctx_a', str, where)} {rec.get('ctx_b', '').capitalize()}"
+        ctx_b = _field(rec, "ctx_b", str, where) if "ctx_b" in rec else ""
+        # ctx_b continues ctx_a's sentence in lower case ("he is ..."); upper-case its first letter only.
+        ctx = f"{_field(rec, 'ctx_a', str, where)} {ctx_b[:1].upper()}{ctx_b[1:]}"
     else:
         ctx = _field(rec, "ctx", str, where)
     endings = _str_list(rec, "endings", where)
@@ -510,7 +512,8 @@ class ChoiceResult:
     accuracies: dict  # accuracy under every normalisation computed (the unnormalised one included)
 
     def to_dict(self) -> dict:
-        return dict(task=self.task, norm=self.norm, n=self.n, accuracy=self.accuracy, stderr=self.stderr,
+        stderr = None if math.isnan(self.stderr) else self.stderr  # JSON has no NaN
+        return dict(task=self.task, norm=self.norm, n=self.n, accuracy=self.accuracy, stderr=stderr,
                     accuracies=self.accuracies)
 
 
@@ -583,14 +586,12 @@ LLAMA_TABLE3 = {
 PAPER_SIZES = {"7B": 6.7e9, "13B": 13.0e9, "33B": 32.5e9, "65B": 65.2e9}
 
 
-def paper_size(cfg_or_params) -> str:
-    """The paper's model size nearest (in log parameters) to a config's or a params pytree's."""
-    if isinstance(cfg_or_params, LlamaConfig):
-        from llama_jax.model import param_count
+def paper_size(cfg: LlamaConfig) -> str:
+    """The paper's model size nearest, in log parameter count, to `cfg`'s (counted from the config,
+    not the params, which may be quantized and packed)."""
+    from llama_jax.model import param_count
 
-        n = param_count(cfg_or_params)
-    else:
-        n = sum(math.prod(x.shape) for x in jax.tree.leaves(cfg_or_params))
+    n = param_count(cfg)
     return min(PAPER_SIZES, key=lambda s: abs(math.log(PAPER_SIZES[s] / n)))
 
 
