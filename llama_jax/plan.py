@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 import time
 from typing import Any
@@ -144,8 +143,8 @@ def plan(cfg, mesh_sizes: dict[str, int], batch: int, seq: int, step: str = "gra
             args, others = (state, data), (data, state.step, state.rng, state.skipped, state.nonfinite_streak)
     else:
         shape = (cfg.n_layers, batch, seq, cfg.n_kv_heads, cfg.head_dim)
-        kv = jax.ShapeDtypeStruct(shape, cfg.compute_jnp_dtype,
-                                  sharding=NamedSharding(mesh, sharding.logical_to_spec(CACHE_AXES, rules, mesh, shape)))
+        kv_spec = sharding.logical_to_spec(CACHE_AXES, rules, mesh, shape)  # as generate.py shards its cache
+        kv = jax.ShapeDtypeStruct(shape, cfg.compute_jnp_dtype, sharding=NamedSharding(mesh, kv_spec))
         valid = jax.ShapeDtypeStruct((batch, seq), jnp.bool_, sharding=NamedSharding(
             mesh, sharding.logical_to_spec(("batch", "cache_seq"), rules, mesh, (batch, seq))))
         cache = KVCache(kv, kv, valid, jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated_sharding))
@@ -181,8 +180,8 @@ def plan(cfg, mesh_sizes: dict[str, int], batch: int, seq: int, step: str = "gra
     scores = batch // n_batch // accum_steps * local_heads * (1 if step == "decode" else seq) * seq * 4
 
     return Plan(model=model_name, step=step, mesh=dict(mesh.shape), devices=mesh.size, batch=batch, seq=seq,
-                remat=remat, accum_steps=accum_steps, param_dtype=cfg.param_dtype, optimizer=optimizer_name, params=per_device(params),
-                optimizer_state=per_device(opt_state), other_inputs=per_device(others),
+                remat=remat, accum_steps=accum_steps, param_dtype=cfg.param_dtype, optimizer=optimizer_name,
+                params=per_device(params), optimizer_state=per_device(opt_state), other_inputs=per_device(others),
                 arguments=mem.argument_size_in_bytes, outputs=outputs, temporaries=mem.temp_size_in_bytes,
                 total=total, attention_scores=scores, replicated=replicated, hbm_gib=hbm_gib, compile_s=compile_s)
 

@@ -78,7 +78,8 @@ class ShardingFallbackWarning(UserWarning):
 # Meshes
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
+              devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
     """A (data, fsdp, tensor) mesh over `devices` (default: all of them, across every process).
 
     One size may be -1: the devices left over by the others. Axes are `Auto`: XLA propagates
