@@ -131,8 +131,13 @@ def test_answer_normalisation_subtracts_the_unconditional_likelihood(stories):
     assert set(result.accuracies) == {"none", "chars", "tokens", "answer"}
 
 
-def test_smollm2_beats_chance_on_hand_written_questions():
-    model = load_for_generation(smollm2_path())
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_for_generation(smollm2_path())
+
+
+def test_smollm2_beats_chance_on_hand_written_questions(smollm2):
+    model = smollm2
     task = ev.read_task(QUESTIONS)
     assert task.name == "mc_questions" and task.norm == "chars" and len(task.questions) == 20
     assert all(len(q.choices) == 4 for q in task.questions)  # chance is 25%
@@ -295,3 +300,15 @@ def test_cli_perplexity_errors(capsys, tmp_path):
         rc, out, err = run_cli(capsys, "eval", "perplexity", "--model", str(STORIES_GGUF), *argv)
         assert rc == 2 and out == "", (argv, err)
         assert len(err.strip().splitlines()) == 1 and message in err, (argv, err)
+
+
+def test_smollm2_perplexity_without_bos(smollm2):
+    """SmolLM2 adds no BOS: the first token has no context, is not scored, and its bytes leave the count."""
+    ids = smollm2.tokenizer.encode(STORY)
+    assert ids[0] != smollm2.tokenizer.bos_id
+    result = ev.perplexity(smollm2, STORY, window=256, stride=128)
+    first = smollm2.tokenizer.decode(ids[:1])
+    assert STORY.startswith(first) and result.tokens == len(ids) - 1
+    assert result.bytes == len(STORY.encode()) - len(first.encode())
+    print(f"\nSmolLM2 on story.txt: perplexity {result.perplexity:.2f}, {result.bits_per_byte:.3f} bits/byte")
+    assert 1 < result.perplexity < 20  # a simple story in plain English
