@@ -54,3 +54,28 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
         for k, s in per_layer.items():
             shapes[f"model.layers.{i}.{k}"] = s
     return shapes
+
+
+# Keys some checkpoints carry that are not parameters (recomputed from the config): ignored.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def check_keys_and_shapes(found: dict[str, tuple[int, ...] | None], config: dict, where) -> None:
+    """Raise ConvertError unless `found` (key -> shape, Hugging Face names) holds exactly the tensors
+    of a LLaMA with this config. A shape of None is not known yet (checked when the tensor is read).
+    `where(key)` names the file a key came from, for the message."""
+    from checkpoints_convert.hf import ConvertError
+
+    expected = expected_shapes(config)
+    if config.get("tie_word_embeddings", False):
+        found = {k: s for k, s in found.items() if k != "lm_head.weight"}  # some ship the tied copy too
+    for key in found:
+        if key not in expected and not key.endswith(IGNORED_SUFFIXES):
+            raise ConvertError(f"{where(key)}: unknown key '{key}' (expected only the tensors of a LLaMA with "
+                               f"{config['num_hidden_layers']} layers)")
+    for key, shape in expected.items():
+        if key not in found:
+            raise ConvertError(f"{where(key)}: missing key '{key}' (expected shape {list(shape)})")
+        if found[key] is not None and tuple(found[key]) != shape:
+            raise ConvertError(f"{where(key)}: key '{key}' has shape {list(found[key])}, expected {list(shape)} "
+                               "(from the config)")

