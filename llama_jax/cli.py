@@ -194,6 +194,58 @@ def run_chat(args):
 
 
 # === convert / export (conversion) ===
+# `convert` streams a released checkpoint (Meta, Hugging Face, GGUF) into an Orbax checkpoint;
+# `export hf` writes one back as Hugging Face safetensors. Both write into a hidden folder beside
+# OUT_DIR and rename it when complete; bad input is reported before anything is written.
+
+
+@command
+def add_convert(sub):
+    p = sub.add_parser("convert", help="released weights (Meta .pth, Hugging Face, GGUF) -> an Orbax checkpoint",
+                       description="Convert released weights into an Orbax checkpoint (params, config, tokenizer) "
+                                   "that --model and llama_jax.load accept. Memory holds one layer at a time.")
+    p.add_argument("format", choices=["meta", "hf", "gguf"],
+                   help="meta: params.json + consolidated.NN.pth; hf: config.json + *.safetensors; gguf: a .gguf file")
+    p.add_argument("input", help="the Meta or Hugging Face folder, or the GGUF file")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="the checkpoint folder to create (new or empty)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="parameter dtype stored (default bfloat16)")
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in OUT_DIR")
+    p.set_defaults(run=run_convert)
+
+
+def run_convert(args):
+    from llama_jax.checkpoint import convert, open_reader
+
+    reader = open_reader(args.format, args.input)
+    out = convert(reader, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"llama-jax convert: wrote {out}", file=sys.stderr)
+    return 0
+
+
+@command
+def add_export(sub):
+    p = sub.add_parser("export", help="an Orbax checkpoint -> Hugging Face safetensors (transformers loads it)")
+    formats = p.add_subparsers(dest="export_format", required=True)
+    hf = formats.add_parser("hf", help="config.json + safetensors (+ index when sharded) + tokenizer files")
+    hf.add_argument("checkpoint", help="a checkpoint made by `llama-jax convert`")
+    hf.add_argument("out_dir", metavar="OUT_DIR", help="the Hugging Face folder to create (new or empty)")
+    hf.add_argument("--max-shard-gb", type=float, default=2.0,
+                    help="largest safetensors file in GB; bigger models are split with an index (default 2)")
+    hf.add_argument("--overwrite", action="store_true", help="replace a Hugging Face model already in OUT_DIR")
+    p.set_defaults(run=run_export)
+
+
+def run_export(args):
+    from llama_jax.checkpoint import export_hf
+
+    if not args.max_shard_gb > 0:
+        raise UsageError(f"--max-shard-gb must be > 0, got {args.max_shard_gb}")
+    out = export_hf(args.checkpoint, args.out_dir, max_shard_bytes=int(args.max_shard_gb * 1e9),
+                    overwrite=args.overwrite)
+    print(f"llama-jax export: wrote {out}", file=sys.stderr)
+    return 0
+
 
 # === plan (sharding) ===
 # `plan` compiles a step for a mesh of N devices and reports per-device memory. The work runs in a
