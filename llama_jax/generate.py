@@ -143,21 +143,25 @@ def decode_loop(params, tokens, mask, key, eos_id, cfg: LlamaConfig, max_new_tok
     out = jnp.full((batch, max_new_tokens), eos_id, jnp.int32)
     done = jnp.zeros((batch,), bool)
 
-    def cond(carry):
-        step, _, _, _, done, _ = carry
-        return (step < max_new_tokens) & ~jnp.all(done)
-
-    def body(carry):
-        step, logits, cache, position, done, out = carry
+    def pick(step, logits, done, out):  # sample token `step`; finished rows repeat eos_id
         token = sample(logits, jax.random.fold_in(key, step), sampling)
         token = jnp.where(done, eos_id, token)
         out = jax.lax.dynamic_update_index_in_dim(out, token, step, axis=1)
-        done = done | (token == eos_id)
+        return token, done | (token == eos_id), out
+
+    def cond(carry):
+        step, _, _, _, done, _ = carry
+        return (step < max_new_tokens - 1) & ~jnp.all(done)
+
+    def body(carry):
+        step, logits, cache, position, done, out = carry
+        token, done, out = pick(step, logits, done, out)
         logits, cache = _step(params, token, position, cache, cfg)
         return step + 1, logits, cache, position + 1, done, out
 
     init = (jnp.zeros((), jnp.int32), logits, cache, position, done, out)
-    _, _, _, _, _, out = jax.lax.while_loop(cond, body, init)
+    step, logits, _, _, done, out = jax.lax.while_loop(cond, body, init)
+    _, _, out = pick(step, logits, done, out)  # the last token needs no forward pass after it
     lengths = jnp.argmax(jnp.concatenate([out == eos_id, jnp.ones((batch, 1), bool)], axis=1), axis=1)
     return out, lengths
 
