@@ -8,6 +8,7 @@
 
 A batch is a dict of arrays with a leading batch dimension:
     tokens       int32 [B, S+1]  the model reads tokens[:, :-1] and predicts tokens[:, 1:]
+    targets      int32 [B, S]    optional: explicit targets; tokens are then the inputs, [B, S]
     loss_mask    [B, S]          optional: 1 where the target tokens[:, t+1] counts (default: all)
     segment_ids  int32 [B, S]    optional: packed documents; attention stays inside one segment
     positions    int32 [B, S]    optional: rotary positions (restart at each document when packed)
@@ -91,10 +92,9 @@ def init_train_state(cfg: LlamaConfig, optimizer: optax.GradientTransformation, 
     shard = state_shardings(cfg, optimizer, mesh, rules) if mesh is not None else None
     if params is None:
         params = init_params(cfg, jax.random.wrap_key_data(key), mesh, rules=rules)
-    else:
-        params = jax.tree.map(lambda x: jnp.asarray(x, cfg.param_jnp_dtype), params)
-        if shard is not None:
-            params = jax.device_put(params, shard.params)
+    else:  # a copy in the param dtype, on the mesh: the step donates the state, never the caller's arrays
+        cast = functools.partial(jax.tree.map, lambda x: jnp.asarray(x, cfg.param_jnp_dtype))
+        params = jax.jit(cast, out_shardings=shard.params if shard else None)(params)
     opt_state = jax.jit(optimizer.init, out_shardings=shard.opt_state if shard else None)(params)
     def zero():  # a buffer each: donation rejects one buffer passed twice
         return jnp.zeros((), jnp.int32)
@@ -161,8 +161,10 @@ def loss_sums(params, batch: dict, cfg: LlamaConfig, *, remat: str = "none", los
     The final hidden states [B, S, D] are projected to float32 logits one sequence chunk at a time
     [B, chunk, V] inside a rematerialised scan, so neither the forward nor the backward pass holds more
     than one chunk of logits."""
-    tokens = batch["tokens"]
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]  # [B, S] each
+    if "targets" in batch:  # explicit targets: tokens are the inputs, both [B, S]
+        inputs, targets = batch["tokens"], batch["targets"]
+    else:
+        inputs, targets = batch["tokens"][:, :-1], batch["tokens"][:, 1:]  # [B, S] each
     b, s = inputs.shape
     mask = batch.get("loss_mask")
     mask = jnp.ones((b, s), jnp.float32) if mask is None else mask.astype(jnp.float32)
@@ -256,7 +258,7 @@ def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation, m
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: (g / denom).astype(jnp.float32), grads)
         loss = total / denom
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -369,8 +371,8 @@ def fit(state: TrainState, step_fn: Callable, batches: Iterator[dict], *, steps:
         t_last = time.perf_counter()
         while int(state.step) < steps:
             host = next(batches)
-            tokens_in_batch = host["tokens"].shape[0] * (host["tokens"].shape[1] - 1)
-            seq = host["tokens"].shape[1] - 1
+            seq = host["tokens"].shape[1] - ("targets" not in host)
+            tokens_in_batch = host["tokens"].shape[0] * seq
             if mesh is not None:
                 rows = sharding.local_batch_rows(host["tokens"].shape[0], mesh)
                 batch = place_batch({k: v[rows] for k, v in host.items()}, mesh)
