@@ -109,11 +109,17 @@ class BPETokenizer(Tokenizer):
         except Exception as e:
             where = "tokenizer.json" if from_string else str(tokenizer_json)
             raise ValueError(f"{where}: not a tokenizers tokenizer.json ({e})") from None
-        # Whatever the file's post-processor does, BOS/EOS are added by encode() alone.
+        # BOS/EOS are added by encode() alone, but the file's post-processor tells whether the model
+        # expects BOS (Llama 3's tokenizer.json prepends <|begin_of_text|>; its config does not say).
+        plain = self.tk.encode("a", add_special_tokens=False).ids
+        processed = self.tk.encode("a", add_special_tokens=True).ids
+        prepended = processed[0] if len(processed) > len(plain) and processed[1:len(plain) + 1] == plain else None
         self.tk.post_processor = None
         self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
         self.bos_id = self.eos_id = None
-        self.add_bos = False  # byte-level vocabularies rarely add BOS; tokenizer_config.json may say so
+        self.add_bos = prepended is not None
+        if prepended is not None:
+            self.bos_id, self.bos_token = prepended, self.tk.id_to_token(prepended)
         self._apply_config(config or {})
 
     def _encode(self, text):

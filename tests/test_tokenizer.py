@@ -144,3 +144,22 @@ def test_alpaca_prompt():
         "Write a response that appropriately completes the request.\n\n### Instruction:\nTranslate.\n\n"
         "### Input:\nbonjour\n\n### Response:\n")
     assert alpaca_prompt("x", "") == ALPACA_NO_INPUT.format(instruction="x")
+
+
+def test_tokenizer_json_post_processor_decides_bos(tmp_path):
+    """A Llama-3-style tokenizer.json whose post-processor prepends BOS (and no tokenizer_config
+    saying so): encode adds BOS exactly as the tokenizers library's own encode does."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"<|begin_of_text|>": 0, "<|end_of_text|>": 1, "h": 2, "i": 3, "hi": 4, "Ġ": 5, "Ġhi": 6}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[("h", "i"), ("Ġ", "hi")]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>"])
+    tk.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                      special_tokens=[("<|begin_of_text|>", 0)])
+    tk.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer(tmp_path / "tokenizer.json")
+    for text in ["hi hi", "ih", ""]:
+        assert tok.encode(text) == tk.encode(text).ids
+        assert tok.encode(text, bos=False) == tk.encode(text, add_special_tokens=False).ids
+    assert tok.bos_id == 0
