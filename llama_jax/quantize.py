@@ -258,16 +258,19 @@ def _copy(tree):
 
 
 def quantize_params(params, cfg: LlamaConfig, bits: int = 8, group: int | None = None,
-                    include_embeddings: bool = False, *, zero_point: bool = False,
+                    include_embeddings: bool = False, *, zero_point: bool | None = None,
                     scale_dtype: str = "float16"):
     """params with every linear weight a QArray (a new tree; `params` is left as it is).
 
     bits 8: per output channel (group None) or groups of 32/64/128 along the contraction axis.
-    bits 4: groups (default 64), symmetric like Q4_0, or with a zero point like Q4_1.
+    bits 4: groups (default 64) with a zero point like Q4_1 (the default: on stories260K it loses 7%
+    of perplexity where symmetric groups lose 15%), or symmetric like Q4_0 (zero_point=False).
     include_embeddings: the embedding and the lm_head too (the embedding is gathered by row, so it is
     grouped along the model dimension; tied models then reuse it transposed as the lm_head)."""
     if bits == 4 and group is None:
         group = 64
+    if zero_point is None:
+        zero_point = bits == 4
     out = _copy(params)
     todo = [(p, LINEAR[p], -2, True) for p in LINEAR]
     if include_embeddings:
