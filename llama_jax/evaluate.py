@@ -69,7 +69,7 @@ def row_logprobs(params, cfg: LlamaConfig, rows: Sequence[Sequence[int]], batch_
                  buckets: bool = True) -> list[np.ndarray]:
     """`token_logprobs` of each row of token ids (rows of any lengths up to cfg.max_seq_len).
 
-    Rows are sorted by length and run in batches of `batch_size`, right-padded to a bucketed length
+    Rows are grouped by bucketed length and run in batches of `batch_size`, right-padded to the bucket
     (buckets=True), or each at its own length with no padding at all (buckets=False: slower to
     compile, and a check that padding changes nothing)."""
     if batch_size < 1:
