@@ -149,7 +149,6 @@ def test_adamw_with_clipping_matches_optax_reference():
     # a weight by up to ~lr. 1e-4 still tells decayed norm gains apart (lr * decay * 1.0 = 1e-3).
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, atol=1e-4)
-    assert float(jnp.abs(state.params["norm"]["weight"] - params0["norm"]["weight"]).max()) > 1e-3
 
 
 def test_nonfinite_step_is_skipped_and_counted():
