@@ -301,15 +301,38 @@ def param_bytes(params) -> int:
     return sum(_nbytes(x) for x in jax.tree.leaves(params))
 
 
-def scheme(params) -> dict | None:
-    """How `params` is quantized, for checkpoint metadata: {path: {bits, group, axis, split, tail,
-    zero_point}} for every QArray, or None for a float tree. `restore_template` inverts it."""
+def scheme(params) -> dict:
+    """How `params` is quantized, for checkpoint metadata: {"a.b.c": {bits, group, axis, split, tail,
+    zero_point, scale_dtype}} for every QArray ({} for a float tree). `abstract_quantized` inverts it."""
     out = {}
     for path, leaf in _walk(params):
         if isinstance(leaf, QArray):
-            out["/".join(path)] = dict(bits=leaf.bits, group=leaf.group, axis=leaf.axis, split=leaf.split,
-                                       tail=list(leaf.tail), zero_point=leaf.zeros is not None)
-    return out or None
+            out[".".join(path)] = dict(bits=leaf.bits, group=leaf.group, axis=leaf.axis, split=leaf.split,
+                                       tail=list(leaf.tail), zero_point=leaf.zeros is not None,
+                                       scale_dtype=str(jnp.dtype(leaf.scales.dtype)))
+    return out
+
+
+def abstract_quantized(cfg: LlamaConfig, scheme_: dict):
+    """The params tree (ShapeDtypeStructs, QArrays where `scheme_` says) that `scheme(params)` described."""
+    from llama_jax.model import abstract_params
+
+    tree = _copy(abstract_params(cfg))
+    for name, s in scheme_.items():
+        path = tuple(name.split("."))
+        lead = (cfg.n_layers,) if path[0] == "layers" else ()
+        tail = tuple(s["tail"])
+        m = [math.prod(tail[:s["split"]]), math.prod(tail[s["split"]:])]
+        a = s["axis"] + 2
+        m[a] = -(-m[a] // s["group"]) * s["group"]  # padded to whole groups
+        groups = list(m)
+        groups[a] //= s["group"]
+        m[a] = m[a] * s["bits"] // 8  # int4: two codes a byte
+        sds = lambda shape, dt: jax.ShapeDtypeStruct(lead + tuple(shape), jnp.dtype(dt))  # noqa: E731
+        _set(tree, path, QArray(sds(m, jnp.int8 if s["bits"] == 8 else jnp.uint8), sds(groups, s["scale_dtype"]),
+                                sds(groups, s["scale_dtype"]) if s["zero_point"] else None,
+                                s["bits"], s["group"], s["axis"], tail, s["split"]))
+    return tree
 
 
 def _walk(tree, prefix=()):
@@ -484,3 +507,132 @@ def load_gguf(path: str | Path, include_embeddings: bool = True, dtype: str | No
 
     cfg, params = params_from_gguf(path, include_embeddings, dtype)
     return Loaded(cfg, params, load_tokenizer(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantized Orbax checkpoints: the layout of `llama-jax convert` (llama_jax.json + params/ + tokenizer
+# files), each QArray stored as a folder of arrays {values, scales[, zeros]}, and the scheme in the
+# metadata under "quantization". llama_jax.load reads them through `load_quantized_checkpoint`.
+
+
+def _as_dicts(params):
+    return jax.tree.map(lambda x: {k: v for k, v in (("values", x.values), ("scales", x.scales),
+                                                      ("zeros", x.zeros)) if v is not None}
+                        if isinstance(x, QArray) else x, params, is_leaf=lambda x: isinstance(x, QArray))
+
+
+def _from_dicts(tree, template):
+    return jax.tree.map(lambda t, x: dataclasses.replace(t, values=x["values"], scales=x["scales"],
+                                                         zeros=x.get("zeros")) if isinstance(t, QArray) else x,
+                        template, tree, is_leaf=lambda x: isinstance(x, QArray))
+
+
+def is_quantized_checkpoint(path: str | Path) -> bool:
+    import json
+
+    from llama_jax.checkpoint import CHECKPOINT_META, is_checkpoint
+
+    path = Path(path)
+    return is_checkpoint(path) and bool(json.loads((path / CHECKPOINT_META).read_text()).get("quantization"))
+
+
+def save_quantized(model, out_dir: str | Path, source: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Write a Loaded whose params hold QArrays as an Orbax checkpoint at `out_dir` (written beside
+    it and renamed when complete, like `convert`). Tokenizer files are copied from `source` (a
+    checkpoint or Hugging Face folder) or written from it (a GGUF file)."""
+    import json
+    import shutil
+
+    import orbax.checkpoint as ocp
+
+    from llama_jax import checkpoint as ck
+
+    out = Path(out_dir).absolute()
+    ck._check_out_dir(out, overwrite, ck.is_checkpoint, "a checkpoint")
+    ck._remove_stale_temp_dirs(out)
+    tmp, created = ck._make_temp_dir(out)
+    try:
+        with ck._quiet_absl():
+            ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).save(tmp / "params",
+                                                                 args=ocp.args.PyTreeSave(_as_dicts(model.params)))
+        if source is not None:
+            src = Path(source)
+            reader = ck.reader_for(src) if not ck.is_checkpoint(src) else None
+            if reader is not None and hasattr(reader, "write_tokenizer"):
+                reader.write_tokenizer(tmp)
+            else:
+                for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                             "generation_config.json"):
+                    if (src / name).is_file():
+                        shutil.copy(src / name, tmp / name)
+        info = {"format": ck.FORMAT, "version": ck.VERSION, "config": model.config.to_dict(),
+                "source": str(source or ""), "quantization": scheme(model.params)}
+        (tmp / ck.CHECKPOINT_META).write_text(json.dumps(info, indent=1))
+        ck._publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    return out
+
+
+def load_quantized_checkpoint(path: str | Path, mesh=None):
+    """A Loaded from a checkpoint written by `save_quantized` (QArrays restored as stored; with `mesh`,
+    placed by `param_shardings`)."""
+    import orbax.checkpoint as ocp
+
+    from llama_jax import checkpoint as ck
+    from llama_jax.tokenizer import load_tokenizer
+
+    path = Path(path)
+    info = ck.read_checkpoint_info(path)
+    if not info.get("quantization"):
+        raise ValueError(f"{path}: not a quantized checkpoint (no 'quantization' in {ck.CHECKPOINT_META})")
+    cfg = LlamaConfig.from_dict(info["config"])
+    template = abstract_quantized(cfg, info["quantization"])
+    if mesh is not None:
+        shardings = param_shardings(template, cfg, mesh)
+    else:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, template)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), _as_dicts(template),
+                          _as_dicts(shardings))
+    try:
+        with ck._quiet_absl():
+            tree = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
+                path / "params", args=ocp.args.PyTreeRestore(
+                    item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+    except Exception as e:
+        raise ValueError(f"{path}: unreadable quantized checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    for p, want in _walk(target):
+        got = _get(tree, p)
+        if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
+            raise ValueError(f"{path}: {'.'.join(p)} stored as {got.dtype}{list(got.shape)}, "
+                             f"expected {want.dtype}{list(want.shape)} from {ck.CHECKPOINT_META}")
+    has_tokenizer = any((path / n).is_file() for n in ("tokenizer.model", "tokenizer.json"))
+    return ck.Loaded(cfg, _from_dicts(tree, template), load_tokenizer(path) if has_tokenizer else None)
+
+
+def load_quantized(path: str | Path | None, keep_gguf: bool = False, mesh=None):
+    """The loader hook: a Loaded for a quantized checkpoint, or (keep_gguf) for a GGUF file kept
+    quantized as shipped; None for anything else (for llama_jax.load to read as floats)."""
+    from checkpoints_convert.gguf import is_gguf
+
+    if path is not None and is_quantized_checkpoint(path):
+        return load_quantized_checkpoint(path, mesh)
+    if not keep_gguf:
+        return None
+    if path is None:
+        from llama_jax.checkpoint import default_gguf
+
+        path = default_gguf()
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if not is_gguf(path):
+        raise ValueError(f"{path}: --keep-quantized needs a GGUF file (quantize other models with `llama-jax quantize`)")
+    model = load_gguf(path)
+    if mesh is not None:
+        model.params = jax.device_put(model.params, param_shardings(model.params, model.config, mesh))
+    return model
