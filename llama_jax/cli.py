@@ -57,7 +57,7 @@ def _load_gguf(path):
     return Loaded(cfg, params_from_reader(reader, cfg), tokenizer_from_gguf(reader))
 
 
-def load_for_generation(path=None, compute_dtype="auto"):
+def load_for_generation(path=None, compute_dtype="auto", keep_quantized=False):
     """`llama_jax.load(path)` (no path: the default model) with a tokenizer attached. compute_dtype
     "auto": float32 on CPU (no bfloat16 units there, and small models' near-ties flip in bfloat16),
     the checkpoint config's dtype elsewhere."""
@@ -74,7 +74,12 @@ def load_for_generation(path=None, compute_dtype="auto"):
             path = _default_model_path()  # this load() has no default model yet
         else:
             model = load()
-    if path is not None:
+    from llama_jax.quantize import load_quantized  # quantized checkpoints; GGUF blocks kept with --keep-quantized
+
+    quantized = load_quantized(path, keep_quantized)
+    if quantized is not None:
+        model = quantized
+    elif path is not None:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such file or folder")
@@ -105,6 +110,8 @@ def _add_sampling_args(p, max_new_tokens):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="compute dtype (auto: float32 on CPU, the checkpoint's otherwise)")
+    p.add_argument("--keep-quantized", action="store_true",
+                   help="run a GGUF's Q8_0/Q4_0/Q4_1 weights quantized as shipped (default: decoded to floats)")
 
 
 def _check_sampling_args(args):
@@ -140,7 +147,7 @@ def run_generate(args):
     from llama_jax.tokenizer import chat_tokens
 
     _check_sampling_args(args)
-    model = load_for_generation(args.model, args.dtype)
+    model = load_for_generation(args.model, args.dtype, args.keep_quantized)
     if args.chat:
         ids = chat_tokens(model.tokenizer, [{"role": "user", "content": args.prompt}])
         text = "".join(stream(model, ids, **_sampling_kwargs(args)))
@@ -163,7 +170,7 @@ def run_chat(args):
     from llama_jax.tokenizer import chat_tokens
 
     _check_sampling_args(args)
-    model = load_for_generation(args.model, args.dtype)
+    model = load_for_generation(args.model, args.dtype, args.keep_quantized)
     interactive = sys.stdin.isatty()
     print("chat: an empty line or Ctrl-D ends, /reset starts over", file=sys.stderr)
     messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -557,6 +564,56 @@ def run_finetune(args):
 
 
 # === quantize (quantization) ===
+# `quantize` turns a float model into a weight-only int8/int4 checkpoint (llama_jax/quantize.py): the
+# same folder layout as `convert`, each quantized weight stored as codes + scales (+ zero points), and
+# the scheme in llama_jax.json. `generate --model` and `chat --model` load it quantized.
+
+
+@command
+def add_quantize(sub):
+    p = sub.add_parser("quantize", help="a model -> a weight-only int8 / int4 Orbax checkpoint",
+                       description="Quantize every linear weight of a model (an Orbax checkpoint, GGUF file or "
+                                   "Hugging Face folder) to int8 per output channel, or to int4 in groups along the "
+                                   "input axis with a scale and a zero point per group (llama.cpp's Q4_1 layout), "
+                                   "and write an Orbax checkpoint that generate and chat accept.")
+    p.add_argument("checkpoint", metavar="CKPT", help="the float model: Orbax checkpoint, GGUF file or HF folder")
+    p.add_argument("out_dir", metavar="OUT", help="the quantized checkpoint folder to create (new or empty)")
+    p.add_argument("--bits", type=int, choices=[8, 4], required=True, help="8: per-channel int8; 4: group-wise int4")
+    p.add_argument("--group", type=int, default=None,
+                   help="weights per scale along the input axis: 32, 64 or 128 (int4 default 64; int8 default: "
+                        "one scale per output channel)")
+    p.add_argument("--symmetric", action="store_true",
+                   help="int4 without zero points (llama.cpp's Q4_0 layout; smaller, less accurate)")
+    p.add_argument("--include-embeddings", action="store_true",
+                   help="quantize the embedding and lm_head too (default: keep them in the checkpoint's dtype)")
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in OUT")
+    p.set_defaults(run=run_quantize)
+
+
+def run_quantize(args):
+    from pathlib import Path
+
+    from llama_jax import quantize as Q
+    from llama_jax.checkpoint import load
+
+    if args.group is not None and args.group not in Q.GROUPS:
+        raise UsageError(f"--group must be one of {', '.join(map(str, Q.GROUPS))}, got {args.group}")
+    if args.symmetric and args.bits != 4:
+        raise UsageError("--symmetric is for --bits 4 (int8 is always symmetric)")
+    src = Path(args.checkpoint)
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: no such file or folder")
+    if Q.is_quantized_checkpoint(src):
+        raise UsageError(f"{src}: already quantized")
+    model = load(src)
+    before = Q.param_bytes(model.params)
+    model.params = Q.quantize_params(model.params, model.config, bits=args.bits, group=args.group,
+                                     include_embeddings=args.include_embeddings,
+                                     zero_point=False if args.symmetric else None)
+    out = Q.save_quantized(model, args.out_dir, source=src, overwrite=args.overwrite)
+    print(f"llama-jax quantize: wrote {out} ({before / 1e9:.3g} GB -> {Q.param_bytes(model.params) / 1e9:.3g} GB "
+          "of parameters)", file=sys.stderr)
+    return 0
 
 # === eval (evaluation) ===
 # `eval perplexity` and `eval choice` (llama_jax/evaluate.py). Inputs are read and checked before the
