@@ -102,7 +102,9 @@ class HFReader:
 
     def location(self, name: str) -> Path:
         """The file holding tensor `name` (for error messages)."""
-        return self.folder / self._where[name] if name in self._where else self.folder
+        if name in self._where:
+            return self.folder / self._where[name]
+        return self.folder / self._files[0] if len(self._files) == 1 else self.folder
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor's shape, read from the file headers (no tensor data)."""

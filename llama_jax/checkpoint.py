@@ -319,15 +319,27 @@ def _write_params(reader, cfg: LlamaConfig, params_dir: Path, progress: bool) ->
             params_dir, args=ocp.args.PyTreeSave(skeleton))
 
     total = sum(cfg.n_layers if p[0] == "layers" else 1 for p in paths)
-    with tqdm(total=total, desc="convert", unit="tensor", file=sys.stderr, disable=not progress) as bar:
-        for p in paths:
-            shape = _get(abstract, p).shape
-            stacked = p[0] == "layers"
-            store = _create_array(params_dir / ".".join(p), shape, dtype, stacked)
-            for i in range(cfg.n_layers) if stacked else [None]:
-                leaf = leaf_from_reader(reader, p, cfg, dtype, i)  # [*shape[1:]] or [*shape]
-                (store[i] if stacked else store).write(leaf).result()
-                bar.update()
+    writing = None  # the previous slice's write, finished while the next slice is read (2 in memory)
+    try:
+        with tqdm(total=total, desc="convert", unit="tensor", file=sys.stderr, disable=not progress,
+                  leave=False) as bar:
+            for p in paths:
+                shape = _get(abstract, p).shape
+                stacked = p[0] == "layers"
+                store = _create_array(params_dir / ".".join(p), shape, dtype, stacked)
+                for i in range(cfg.n_layers) if stacked else [None]:
+                    leaf = leaf_from_reader(reader, p, cfg, dtype, i)  # [*shape[1:]] or [*shape]
+                    if writing is not None:
+                        writing.result()
+                    writing = (store[i] if stacked else store).write(leaf)
+                    bar.update()
+        writing, last = None, writing
+        if last is not None:
+            last.result()
+    finally:
+        if writing is not None:  # a failure while the previous write runs: let it end before cleanup
+            with contextlib.suppress(Exception):
+                writing.result()
 
 
 def _create_array(array_dir: Path, shape: tuple[int, ...], dtype: np.dtype, stacked: bool):
@@ -560,7 +572,8 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, max_shard_bytes: int 
         [p for p in paths if p[0] != "layers" and p != ("embed",)]
 
     def tensors():  # (HF name, HF-layout array), in the order Hugging Face files list them
-        for item in tqdm(order, desc="export", unit="tensor", file=sys.stderr, disable=not progress):
+        for item in tqdm(order, desc="export", unit="tensor", file=sys.stderr, disable=not progress,
+                         leave=False):
             p, i = item if isinstance(item[-1], int) else (item, None)
             leaf = PARAM_MAP[p]
             ours = (stores[p][i] if i is not None else stores[p]).read().result()
@@ -610,8 +623,11 @@ class TrainCheckpointer:
         self._ocp = ocp
         self.directory = Path(directory).absolute()
         self.meta = meta or {}
+        # Which steps to save is decided here (every save_every steps, or forced), not by Orbax's policy,
+        # which would also save the first step of every run.
+        self.save_every = save_every
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=save_every, max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+            save_interval_steps=1, max_to_keep=keep, create=True, cleanup_tmp_directories=True,
             enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -625,13 +641,13 @@ class TrainCheckpointer:
         """Start saving `state` at `step` if it is due (every save_every steps) or `force`d; returns at
         once after the arrays are copied off the device (the write goes on in the background)."""
         ocp = self._ocp
-        if step in self.manager.all_steps():
+        if not (force or step % self.save_every == 0) or step in self.manager.all_steps():
             return False
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(_state_tree(state)),
             data=ocp.args.JsonSave(data_state or {}),
             meta=ocp.args.JsonSave(self.meta))
-        return self.manager.save(step, args=args, force=force)
+        return self.manager.save(step, args=args, force=True)
 
     def restore(self, abstract_state, step: int | None = None):
         """(state, data position, meta) of `step` (default: the latest complete one). `abstract_state`
