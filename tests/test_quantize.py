@@ -188,6 +188,7 @@ def test_smollm2_perplexity_and_paris(smollm2):
     nll, logits = _nll(params, cfg, tokens)
     assert int(np.argmax(logits[4])) == PARIS
     assert np.exp(nll) < 20  # the float model predicts this text well: the comparison below is meaningful
+    # The file kept quantized decodes to these very weights (test above); the CLI test runs it on Paris.
     # SmolLM2's "float" weights are its Q4_1 weights decoded: they already sit on a 4-bit grid of groups
     # of 32 with a minimum. int4 in groups of 32 with a zero point finds that grid again (perplexity
     # unchanged); coarser or symmetric groups quantize a second time onto a misaligned grid (+30% here),
@@ -195,7 +196,6 @@ def test_smollm2_perplexity_and_paris(smollm2):
     variants = {
         "int8 per channel": (Q.quantize_params(params, cfg, bits=8), 0.02),
         "int4 g32 + zero point": (Q.quantize_params(params, cfg, bits=4, group=32, zero_point=True), 0.08),
-        "GGUF kept quantized": (kept, 1e-4),
     }
     for name, (qp, tol) in variants.items():
         q_nll, q_logits = _nll(qp, cfg, tokens)
@@ -292,3 +292,47 @@ def test_sharded_quantized_forward_matches_one_device():
     with jax.set_mesh(mesh):
         out = lj.forward(sharded, tokens, cfg)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def _cli(capsys, *argv):
+    from llama_jax.cli import main
+
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_quantize_writes_a_checkpoint_generate_accepts(tmp_path, capsys, stories):
+    cfg, params, _ = stories
+    out = tmp_path / "stories-int4"
+    rc, _, err = _cli(capsys, "quantize", str(STORIES_GGUF), str(out), "--bits", "4", "--group", "32")
+    assert rc == 0, err
+    assert Q.is_quantized_checkpoint(out)
+    model = Q.load_quantized_checkpoint(out)
+    assert model.tokenizer is not None and model.config.dim == cfg.dim
+    # What was stored is exactly quantize_params of the float model.
+    want = Q.quantize_params(params, cfg, bits=4, group=32)
+    for p, leaf in Q._walk(Q._as_dicts(want)):
+        np.testing.assert_array_equal(np.asarray(Q._get(Q._as_dicts(model.params), p)), np.asarray(leaf))
+    rc, text, err = _cli(capsys, "generate", "--model", str(out), "", "--max-new-tokens", "12")
+    assert rc == 0, err
+    assert text.startswith("Once upon a time")
+    # Bad input: one line, exit 2.
+    for argv in (["quantize", str(out), str(tmp_path / "again"), "--bits", "8"],  # already quantized
+                 ["quantize", str(STORIES_GGUF), str(tmp_path / "x"), "--bits", "4", "--group", "48"],
+                 ["quantize", str(STORIES_GGUF), str(out), "--bits", "8"],  # OUT holds a checkpoint
+                 ["quantize", str(tmp_path / "missing"), str(tmp_path / "y"), "--bits", "8"],
+                 ["generate", "--keep-quantized", "--model", str(tmp_path), "hi"]):  # not a GGUF
+        rc, _, err = _cli(capsys, *argv)
+        assert rc == 2 and err.count("\n") == 1 and "error:" in err, (argv, err)
+
+
+def test_cli_generate_keeps_smollm2_quantized(capsys):
+    rc, text, err = _cli(capsys, "generate", "--keep-quantized", "--model", str(smollm2_path()),
+                         "The capital of France is", "--max-new-tokens", "1")
+    assert rc == 0, err
+    assert text == " Paris\n"
