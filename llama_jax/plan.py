@@ -59,34 +59,31 @@ class Plan:
 
 
 def load_config(model: str):
-    """The config of a preset name or a checkpoint: a Hugging Face folder or config.json, a GGUF file,
-    a training run's folder (its saved metadata), or a folder with our LlamaConfig as config.json.
-    Only metadata is read, never weights."""
+    """The config of a preset name or a model on disk: a checkpoint made by `convert`, a training run's
+    folder, a GGUF file, a Hugging Face or Meta folder. Only metadata is read, never weights."""
     from pathlib import Path
 
-    from llama_jax.checkpoint import TrainCheckpointer, is_train_checkpoint
-    from llama_jax.config import PRESETS, LlamaConfig, from_gguf, from_hf_config
+    from llama_jax import checkpoint
+    from llama_jax.config import PRESETS, LlamaConfig, from_hf_config
 
     if model in PRESETS:
         return PRESETS[model]
     path = Path(model)
     if not path.exists():
         raise ValueError(f"--model {model!r}: neither a preset ({', '.join(PRESETS)}) nor an existing path")
-    if path.is_file() and path.suffix == ".gguf":
-        return from_gguf(path)
-    if is_train_checkpoint(path):
-        saved = TrainCheckpointer(path).read_meta().get("config")
+    if checkpoint.is_checkpoint(path):
+        return LlamaConfig.from_dict(checkpoint.read_checkpoint_info(path)["config"])
+    if checkpoint.is_train_checkpoint(path):
+        saved = checkpoint.TrainCheckpointer(path).read_meta().get("config")
         if saved is None:
             raise ValueError(f"--model {model!r}: training checkpoint without a saved config")
         return LlamaConfig.from_dict(saved)
-    cfg_file = path / "config.json" if path.is_dir() else path
-    if cfg_file.name.endswith(".json") and cfg_file.is_file():
-        d = json.loads(cfg_file.read_text())
-        if "vocab_size" in d and "dim" in d:  # our own LlamaConfig.to_dict()
-            return LlamaConfig.from_dict(d)
-        return from_hf_config(d)
-    raise ValueError(f"--model {model!r}: no config.json, GGUF file or training checkpoint there to read "
-                     f"the model's shape from")
+    if (path / "config.json").is_file() or path.suffix == ".json":  # a Hugging Face config suffices
+        return from_hf_config(path)
+    reader = checkpoint.reader_for(path)  # GGUF metadata, Meta params.json
+    if reader is None:
+        raise ValueError(f"--model {model!r}: not a checkpoint, GGUF file, or Hugging Face / Meta folder")
+    return from_hf_config(reader.config)
 
 
 def plan(cfg, mesh_sizes: dict[str, int], batch: int, seq: int, step: str = "grad", *, remat: str = "none",

@@ -131,17 +131,27 @@ def test_llama_65b_decode_on_64_devices():
     assert p["fits"] is True
 
 
-def test_model_from_a_training_checkpoint(tmp_path):
-    """--model may be a training run's folder: the config comes from its saved metadata."""
+def test_model_from_checkpoints(tmp_path):
+    """--model may be a checkpoint made by `convert` or a training run's folder: the config comes from
+    their metadata."""
     import jax
 
-    from llama_jax.checkpoint import TrainCheckpointer
+    from hf_reference import hf_model
+    from llama_jax.checkpoint import TrainCheckpointer, convert, open_reader
     from llama_jax.plan import load_config
     from llama_jax.train import init_train_state, make_optimizer
 
+    hf_model(seed=0, heads=4, kv_heads=2).save_pretrained(tmp_path / "hf")
+    convert(open_reader("hf", tmp_path / "hf"), tmp_path / "converted", progress=False)
+    cfg = load_config(str(tmp_path / "converted"))
+    assert (cfg.dim, cfg.n_heads, cfg.n_kv_heads) == (64, 4, 2)
+    assert load_config(str(tmp_path / "hf")) == cfg.replace(param_dtype="float32")
+
     cfg = lj.PRESETS["tiny-gqa"]
-    ckpt = TrainCheckpointer(tmp_path, async_save=False, meta={"config": cfg.to_dict()})
+    ckpt = TrainCheckpointer(tmp_path / "run", async_save=False, meta={"config": cfg.to_dict()})
     ckpt.save(1, init_train_state(cfg, make_optimizer(), jax.random.key(0)), force=True)
     ckpt.wait()
     ckpt.close()
-    assert load_config(str(tmp_path)) == cfg
+    assert load_config(str(tmp_path / "run")) == cfg
+    with pytest.raises(ValueError, match="not a checkpoint, GGUF file"):
+        load_config(str(tmp_path))
