@@ -626,6 +626,7 @@ class TrainCheckpointer:
         # Which steps to save is decided here (every save_every steps, or forced), not by Orbax's policy,
         # which would also save the first step of every run.
         self.save_every = save_every
+        self._last_saved: int | None = None
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=1, max_to_keep=keep, create=True, cleanup_tmp_directories=True,
             enable_async_checkpointing=async_save)
@@ -641,8 +642,10 @@ class TrainCheckpointer:
         """Start saving `state` at `step` if it is due (every save_every steps) or `force`d; returns at
         once after the arrays are copied off the device (the write goes on in the background)."""
         ocp = self._ocp
-        if not (force or step % self.save_every == 0) or step in self.manager.all_steps():
+        # (An async save still in flight is not in all_steps yet: remember the last step asked for too.)
+        if not (force or step % self.save_every == 0) or step in (self._last_saved, *self.manager.all_steps()):
             return False
+        self._last_saved = step
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(_state_tree(state)),
             data=ocp.args.JsonSave(data_state or {}),
