@@ -265,7 +265,8 @@ def add_plan(sub):
     p = sub.add_parser("plan", help="will a model fit a mesh? compile (never run) a step and report memory per device",
                        description="Compile a training or decode step for a (data, fsdp, tensor) mesh on fake CPU "
                                    "devices and print XLA's per-device memory: parameters, optimizer state, "
-                                   "temporaries, and whether it fits --hbm. Nothing is run or allocated.")
+                                   "temporaries, and whether it fits --hbm. Nothing is run or allocated. "
+                                   "The step: loss and gradient (default), --train or --decode.")
     p.add_argument("--model", required=True, help="preset name (e.g. llama2-70b) or checkpoint path")
     p.add_argument("--mesh", required=True, help="mesh axis sizes, e.g. fsdp=16,tensor=4 (unnamed axes are 1)")
     p.add_argument("--batch", type=int, default=1, help="global batch (sequences) (default 1)")
