@@ -208,10 +208,14 @@ class MetaReader:
                     raise ConvertError(f"{path}: {n} shards do not fit this model: key '{key}' has {full[dim]} "
                                        f"{'rows' if dim == 0 else 'columns'}, not divisible by {n}")
                 if found != tuple(want):
-                    how = "replicated in every shard" if dim is None or n == 1 else \
-                        f"1/{n} of {list(full)} on dim {dim}, as each of {n} shards holds it"
-                    raise ConvertError(f"{path}: key '{key}' has shape {list(found)}, expected {want} ({how}; "
-                                       "params.json and the shard count give the expected shape)")
+                    if n == 1:
+                        how = "the whole tensor in the only shard"
+                    elif dim is None:
+                        how = f"whole in each of the {n} shards"
+                    else:
+                        how = f"1/{n} of {list(full)} on dim {dim}, as each of {n} shards holds it"
+                    raise ConvertError(f"{path}: key '{key}' has shape {list(found)}, expected {want} "
+                                       f"(from params.json: {how}; a shard missing or extra also shows here)")
 
     def _embedding_split(self, full: tuple[int, int]) -> int:
         # LLaMA 1/2 split the embedding's columns, Llama 3 its rows: the first shard says which.

@@ -135,12 +135,12 @@ def load(path: str | Path | None = None, mesh: jax.sharding.Mesh | None = None, 
         raise ValueError(f"{path}: not a model (expected an Orbax checkpoint made by `llama-jax convert`, holding "
                          f"{CHECKPOINT_META}; a GGUF file; or a Hugging Face folder with config.json)")
     cfg = from_hf_config(reader.config, param_dtype=dtype or "float32")
-    validate(reader, cfg)
-    shardings = _shardings(cfg, mesh)
+    validate(reader)
+    checked, shardings = _CheckedReader(reader), _shardings(cfg, mesh)
     params: dict = {}
     for p in param_paths(cfg):  # one leaf in host memory at a time, straight onto its devices
-        _set(params, p, jax.device_put(leaf_from_reader(_CheckedReader(reader), p, cfg, np.dtype(cfg.param_jnp_dtype)),
-                                       _get(shardings, p)))
+        leaf = leaf_from_reader(checked, p, cfg, np.dtype(cfg.param_jnp_dtype))
+        _set(params, p, jax.device_put(leaf, _get(shardings, p)))
     return Loaded(cfg, params, _tokenizer(reader, path))
 
 
@@ -233,7 +233,7 @@ def _where(reader, name: str):
     return getattr(reader, "path", None) or getattr(reader, "folder", "input")
 
 
-def validate(reader, cfg: LlamaConfig) -> None:
+def validate(reader) -> None:
     """Keys (and shapes, where the reader knows them without reading data) against the config,
     before anything is read or written. Raises ConvertError."""
     from checkpoints_convert.names import check_keys_and_shapes
@@ -279,7 +279,7 @@ def convert(reader, out_dir: str | Path, dtype: str = "bfloat16", overwrite: boo
         raise ValueError(f"dtype {dtype!r}: expected bfloat16, float32 or float16")
     cfg = from_hf_config(reader.config, param_dtype=dtype)
     _check_out_dir(out, overwrite, is_checkpoint, "a checkpoint")
-    validate(reader, cfg)
+    validate(reader)
     _remove_stale_temp_dirs(out)
     tmp, created = _make_temp_dir(out)
     try:
@@ -292,7 +292,7 @@ def convert(reader, out_dir: str | Path, dtype: str = "bfloat16", overwrite: boo
         source = str(getattr(reader, "path", None) or getattr(reader, "folder", ""))
         info = {"format": FORMAT, "version": VERSION, "config": cfg.to_dict(), "source": source}
         (tmp / CHECKPOINT_META).write_text(json.dumps(info, indent=1))
-        _publish(tmp, out)
+        _publish(tmp, out, overwrite, "a checkpoint")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if created is not None:
@@ -438,11 +438,15 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _publish(tmp: Path, out: Path) -> None:
+def _publish(tmp: Path, out: Path, overwrite: bool, what: str) -> None:
     """Move the finished `tmp` to `out` (replacing what _check_out_dir allowed to be replaced)."""
+    from checkpoints_convert.hf import ConvertError
+
     if out.exists():
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()
+        elif not overwrite:  # another process finished first
+            raise ConvertError(f"{out}: already holds {what} (written while this conversion ran)")
         else:
             old = out.parent / f"{_temp_prefix(out)}replaced-{os.getpid()}"
             out.rename(old)
@@ -535,7 +539,7 @@ def default_model() -> Path:
     if not is_checkpoint(out):
         print(f"llama-jax: converting the default model {gguf.name} into {out} (once)", file=sys.stderr)
         try:
-            convert(open_reader("gguf", gguf), out, dtype="float32", progress=False)
+            convert(open_reader("gguf", gguf), out, dtype="float32")
         except ConvertError:
             if not is_checkpoint(out):  # not another process finishing the same conversion first
                 raise
@@ -568,13 +572,12 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, max_shard_bytes: int 
                                                         "path": str(checkpoint / "params" / ".".join(p))}},
                          open=True).result() for p in paths}
     stacked = [p for p in paths if p[0] == "layers"]
-    order = [("embed",)] + [(p, i) for i in range(cfg.n_layers) for p in stacked] + \
-        [p for p in paths if p[0] != "layers" and p != ("embed",)]
+    tail = [p for p in paths if p[0] != "layers" and p != ("embed",)]  # norm, lm_head
+    order = [(("embed",), None)] + [(p, i) for i in range(cfg.n_layers) for p in stacked] + [(p, None) for p in tail]
 
     def tensors():  # (HF name, HF-layout array), in the order Hugging Face files list them
-        for item in tqdm(order, desc="export", unit="tensor", file=sys.stderr, disable=not progress,
+        for p, i in tqdm(order, desc="export", unit="tensor", file=sys.stderr, disable=not progress,
                          leave=False):
-            p, i = item if isinstance(item[-1], int) else (item, None)
             leaf = PARAM_MAP[p]
             ours = (stores[p][i] if i is not None else stores[p]).read().result()
             yield leaf.hf_key.format(i=i), np.ascontiguousarray(leaf.to_hf(ours, cfg))
@@ -586,7 +589,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, max_shard_bytes: int 
         for name in TOKENIZER_FILES:
             if (checkpoint / name).is_file():
                 shutil.copy2(checkpoint / name, tmp / name)
-        _publish(tmp, out)
+        _publish(tmp, out, overwrite, "a Hugging Face model")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if created is not None:
