@@ -140,10 +140,15 @@ def run_chat(args):
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
         ids = chat_tokens(model.tokenizer, messages)
+        # Keep room for a reply: forget the oldest exchanges (never the system message) until it fits.
+        want = min(args.max_new_tokens, model.config.max_seq_len // 2)
+        while len(ids) + want > model.config.max_seq_len and len(messages) - len(start) > 1:
+            del messages[len(start):len(start) + 2]
+            ids = chat_tokens(model.tokenizer, messages)
         room = model.config.max_seq_len - len(ids)
         if room <= 0:
-            raise UsageError(f"the conversation ({len(ids)} tokens) no longer fits the model's context "
-                             f"of {model.config.max_seq_len} tokens; /reset to start over")
+            raise UsageError(f"the message ({len(ids)} tokens with the template) does not fit the model's "
+                             f"context of {model.config.max_seq_len} tokens")
         kwargs = _sampling_kwargs(args)
         kwargs["max_new_tokens"] = min(args.max_new_tokens, room)
         reply = ""
