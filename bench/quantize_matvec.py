@@ -7,9 +7,11 @@ directly. One JSON line per figure.
 Seen on one H100 80GB HBM3 (jax 0.11.2, 2026-11-26), ms for the 32 matrices, GB/s of stored bytes:
   bf16 (XLA dot)                      1.24 ms  2328 GB/s
   XLA dequantize + dot  int8 / int4   2.75 / 2.73 ms   524 / 298 GB/s   (not fused: XLA writes the
-                                      bf16 weight to HBM and reads it back, whatever the formulation:
-                                      scale after the dot, jnp.int4 codes, multiply+reduce, or
-                                      --xla_gpu_triton_gemm_any all measured 2.6-3.4 ms)
+                                      bf16 weight to HBM and reads it back; scaling after the dot,
+                                      jnp.int4 codes, per-group dots or --xla_gpu_triton_gemm_any
+                                      all measured 2.6-3.4 ms)
+  XLA multiply + reduce (bf16 products, f32 sum): int8 1.61 ms (898 GB/s), int4 2.90 ms at batch 1;
+                                      17 ms at batch 16 (no tensor cores)
   this Pallas kernel    int8 / int4   2.05 / 1.53 ms   706 / 501 GB/s   (bn 128-256, bk 256-512)
 The kernel reads the codes once, but its multiply-and-sum over K on CUDA cores is not memory-bound
 yet; a tensor-core version (rows padded to 16, tl.dot per group) is the next thing to try.
