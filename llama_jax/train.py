@@ -93,8 +93,9 @@ def init_train_state(cfg: LlamaConfig, optimizer: optax.GradientTransformation, 
     if params is None:
         params = init_params(cfg, jax.random.wrap_key_data(key), mesh, rules=rules)
     else:  # a copy in the param dtype, on the mesh: the step donates the state, never the caller's arrays
-        cast = functools.partial(jax.tree.map, lambda x: jnp.asarray(x, cfg.param_jnp_dtype))
-        params = jax.jit(cast, out_shardings=shard.params if shard else None)(params)
+        if shard is not None:
+            params = jax.device_put(params, shard.params)
+        params = jax.tree.map(lambda x: jnp.array(x, dtype=cfg.param_jnp_dtype, copy=True), params)
     opt_state = jax.jit(optimizer.init, out_shardings=shard.opt_state if shard else None)(params)
     def zero():  # a buffer each: donation rejects one buffer passed twice
         return jnp.zeros((), jnp.int32)

@@ -73,7 +73,7 @@ def _updates(cfg, batch, accum, mesh=None, steps=1):
     return jax.tree.map(lambda a, b: np.asarray(a) - b, jax.device_get(state.params), before), metrics
 
 
-@pytest.mark.parametrize("accum", [2, 4])
+@pytest.mark.parametrize("accum", [4])
 def test_accumulation_equals_one_big_batch(accum):
     batch = _packed_batch(np.random.default_rng(1), TINY, rows=8)
     # Unequal counted targets per row, so a per-micro-batch mean would differ from the batch mean.
@@ -133,22 +133,22 @@ def test_schedule_is_optax_warmup_cosine():
 
 def test_adamw_with_clipping_matches_optax_reference():
     """One step of our optimizer equals optax's clip + adamw written out here, decay skipping norms."""
-    opt = train.make_optimizer(lr=1e-2, warmup_steps=0, total_steps=5, weight_decay=0.1, clip_norm=0.5)
+    # eps 1e-3: Adam's first step is lr * g / (|g| + eps); with the usual 1e-8 it is ~lr * sign(g), and a
+    # gradient within rounding of 0 (computed here and in the step in different orders) could move by ~lr.
+    opt = train.make_optimizer(lr=1e-2, warmup_steps=0, total_steps=5, weight_decay=0.1, clip_norm=0.5, eps=1e-3)
     state = train.init_train_state(TINY, opt, jax.random.key(0))
     params0 = jax.device_get(state.params)
     batch = _packed_batch(np.random.default_rng(4), TINY, rows=2)
     grads = loss_and_grad(params0, batch, cfg=TINY)[1]
     mask = jax.tree_util.tree_map_with_path(lambda p, _: "norm" not in jax.tree_util.keystr(p), params0)
     ref_opt = optax.chain(optax.clip_by_global_norm(0.5),
-                          optax.adamw(1e-2, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, mask=mask))
+                          optax.adamw(1e-2, b1=0.9, b2=0.95, eps=1e-3, weight_decay=0.1, mask=mask))
     updates, _ = ref_opt.update(grads, ref_opt.init(params0), params0)
     want = optax.apply_updates(params0, updates)
     state, m = train.make_train_step(TINY, opt)(state, batch)
     assert float(m["grad_norm"]) > 0.5  # clipping was active
-    # Adam's first step is ~lr * sign(gradient): where a gradient is ~0, rounding-level differences move
-    # a weight by up to ~lr. 1e-4 still tells decayed norm gains apart (lr * decay * 1.0 = 1e-3).
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(want)):
-        np.testing.assert_allclose(a, b, atol=1e-4)
+        np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_nonfinite_step_is_skipped_and_counted():
@@ -340,3 +340,31 @@ def test_finetune_stories260k_lowers_response_loss(pack):
                        cfg=cfg, progress=False)
     after = float(loss(result.state.params, everything, cfg=cfg))
     assert after < 0.5 * before, (before, after)
+
+
+def test_finetune_cli_writes_metrics_checkpoints_and_resumes(tmp_path, capsys):
+    """`llama-jax finetune` on stories260K (8 fake devices, fsdp=8): metrics, TensorBoard events,
+    checkpoints; run again with more epochs, it resumes from the saved step."""
+    import json
+
+    from llama_jax import cli
+    from llama_jax.checkpoint import TrainCheckpointer
+
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps(INSTRUCTIONS))
+    out = tmp_path / "run"
+    argv = ["finetune", "--model", str(STORIES_GGUF), "--data", str(data), "--out", str(out), "--batch", "8",
+            "--micro-batch", "8", "--max-len", "256", "--lr", "3e-3", "--no-progress"]
+    assert cli.main(argv + ["--epochs", "2"]) == 0
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]  # 8 records, batch 8: one step an epoch
+    assert all(m["tokens"] > 0 and 0 < m["mfu"] < 1 and m["tokens_per_s"] > 0 for m in metrics)
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    assert TrainCheckpointer(out).latest_step() == 2
+    assert cli.main(argv + ["--epochs", "4"]) == 0
+    assert "resuming from step 2" in capsys.readouterr().err
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    # The run folder is itself a --model: continue training from its params (fresh optimizer).
+    assert cli.main(argv[:2] + [str(out)] + argv[3:6] + [str(tmp_path / "run2"), "--epochs", "1"] + argv[7:]) == 0
