@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import signal
 import sys
 import time
@@ -31,7 +30,6 @@ from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -97,6 +95,7 @@ def init_train_state(cfg: LlamaConfig, optimizer: optax.GradientTransformation, 
             params = jax.device_put(params, shard.params)
         params = jax.tree.map(lambda x: jnp.array(x, dtype=cfg.param_jnp_dtype, copy=True), params)
     opt_state = jax.jit(optimizer.init, out_shardings=shard.opt_state if shard else None)(params)
+
     def zero():  # a buffer each: donation rejects one buffer passed twice
         return jnp.zeros((), jnp.int32)
 

@@ -2,7 +2,6 @@
 sharded against one device, the optimizer against optax's schedule, the NaN guard, learning on real
 text, and Alpaca fine-tuning of the real stories260K model with the loss on responses only."""
 
-import dataclasses
 import functools
 
 import jax
