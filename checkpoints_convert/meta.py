@@ -231,6 +231,10 @@ class MetaReader:
     def location(self, name: str) -> Path:
         return self.paths[0] if len(self.paths) == 1 else self.folder
 
+    def source_key(self, name: str) -> str:
+        """The Meta name of a tensor (for messages)."""
+        return self._names[name][0] if name in self._names else name
+
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v) for k, v in expected_shapes(self.config).items() if k in self._names}
 

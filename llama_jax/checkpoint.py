@@ -216,12 +216,13 @@ class _CheckedReader:
 
         t = self.reader.tensor(name)
         want = self._shapes.get(name)
+        key = self.reader.source_key(name) if hasattr(self.reader, "source_key") else name  # the file's own name
         if want is not None and tuple(t.shape) != want:
-            raise ConvertError(f"{_where(self.reader, name)}: key '{name}' has shape {list(t.shape)}, "
+            raise ConvertError(f"{_where(self.reader, name)}: key '{key}' has shape {list(t.shape)}, "
                                f"expected {list(want)} (from the config)")
         bad = t.size - np.count_nonzero(np.isfinite(t))
         if bad:
-            raise ConvertError(f"{_where(self.reader, name)}: key '{name}' has {bad} NaN/Inf values (of {t.size}); "
+            raise ConvertError(f"{_where(self.reader, name)}: key '{key}' has {bad} NaN/Inf values (of {t.size}); "
                                "expected finite values")
         return t
 

@@ -219,7 +219,7 @@ def test_non_finite_values(bad, meta_src, tmp_path, capsys):
         sd["layers.1.feed_forward.w3.weight"][5, 7] = bad
     edit_shard(src / "consolidated.00.pth", poison)
     msg = convert_fails(src, tmp_path / "out", capsys)
-    assert "consolidated.00.pth: key 'model.layers.1.mlp.up_proj.weight' has 1 NaN/Inf values" in msg
+    assert "consolidated.00.pth: key 'layers.1.feed_forward.w3.weight' has 1 NaN/Inf values" in msg
     assert "expected finite values" in msg
 
 
