@@ -263,6 +263,11 @@ class GGUFReader:
         if pre in _LLAMA3:
             split = _LLAMA3_SPLIT
         else:  # "gpt2", "default" and the StarCoder family use GPT-2's split
+            if pre not in ("gpt2", "default") + _DIGITS_THEN_GPT2:
+                import warnings
+
+                warnings.warn(f"{self.path}: pre-tokenizer {pre!r} unknown here; splitting text as GPT-2 does "
+                              "(ids may differ from llama.cpp's)", stacklevel=2)
             split = _GPT2_SPLIT
         steps = [pre_tokenizers.Split(Regex(split), behavior="isolated"),
                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
