@@ -111,6 +111,16 @@ def test_meta_convert_load_matches_transformers(n_shards, dtype, attn, tmp_path)
     assert np.max(np.abs(ours - theirs)) <= 1e-4
 
 
+def test_meta_folder_loads_directly(tmp_path):
+    """lj.load reads a Meta folder in memory too (no Orbax checkpoint)."""
+    ref = reference_model(torch.bfloat16, seed=4, **ATTENTION["gqa"])
+    src = write_meta(ref, tmp_path / "meta", 2, torch.bfloat16)
+    tokens = tokens_for(128)
+    ours, model = our_logits(src, tokens)
+    assert model.params["embed"].dtype == jnp.float32
+    assert np.max(np.abs(ours - hf_logits(ref, tokens))) <= 1e-4
+
+
 def test_meta_vocab_from_tokenizer_and_bfloat16_storage(tmp_path):
     """params.json vocab_size -1 (as LLaMA 1/2 ship it): the vocabulary comes from tokenizer.model,
     which the checkpoint carries; the default bfloat16 storage holds exactly the bfloat16 weights."""
