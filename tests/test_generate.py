@@ -137,6 +137,28 @@ def test_stream_equals_loop_and_seeds(stories):
     assert "".join(stream(stories, "The cat", max_new_tokens=30, temperature=0.9, seed=3)) == text[0]
 
 
+@pytest.mark.parametrize("eos_from_step", [None, 4])
+def test_host_loop_equals_on_device_loop(eos_from_step):
+    """decode_host_loop (GPU's runner) gives decode_loop's tokens and lengths: sampled, running to
+    the end, and with a row stopping at an EOS it produces."""
+    from llama_jax.generate import decode_host_loop, decode_loop
+
+    cfg = lj.PRESETS["tiny-gqa"]
+    params = lj.init_params(cfg, jax.random.key(3))
+    tokens = jnp.asarray([[0, 0, 5, 6], [7, 8, 9, 10], [0, 0, 0, 11]], jnp.int32)
+    mask = tokens > 0
+    key, sampling = jax.random.key(5), Sampling(0.9, 20, 0.95)
+    free, _ = decode_loop(params, tokens, mask, key, jnp.int32(-1), cfg, 40, sampling)
+    eos = -1 if eos_from_step is None else int(free[0, eos_from_step])
+    want_out, want_len = decode_loop(params, tokens, mask, key, jnp.int32(eos), cfg, 40, sampling)
+    got_out, got_len = decode_host_loop(params, tokens, mask, key, jnp.int32(eos), cfg, 40, sampling,
+                                        check_every=4)
+    np.testing.assert_array_equal(np.asarray(got_out), np.asarray(want_out))
+    np.testing.assert_array_equal(np.asarray(got_len), np.asarray(want_len))
+    if eos_from_step is not None:
+        assert int(want_len[0]) <= eos_from_step
+
+
 # ---------------------------------------------------------------------------------------------
 # Samplers on hand-made distributions
 
