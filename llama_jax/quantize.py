@@ -568,7 +568,7 @@ def save_quantized(model, out_dir: str | Path, source: str | Path | None = None,
         info = {"format": ck.FORMAT, "version": ck.VERSION, "config": model.config.to_dict(),
                 "source": str(source or ""), "quantization": scheme(model.params)}
         (tmp / ck.CHECKPOINT_META).write_text(json.dumps(info, indent=1))
-        ck._publish(tmp, out)
+        ck._publish(tmp, out, overwrite, "a checkpoint")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if created is not None:
