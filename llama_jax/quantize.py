@@ -4,12 +4,14 @@ int4, optionally a zero point) per group of weights along the contraction axis.
     qparams = quantize_params(params, cfg, bits=4, group=64)   # every linear weight; embeddings optional
     logits = lj.forward(qparams, tokens, cfg)                   # the model code is unchanged
     params = dequantize_params(qparams)                         # back to float
-    qparams = load_gguf_quantized(path)                         # Q8_0 / Q4_0 / Q4_1 blocks kept as they are
+    model = load_gguf(path)                                     # Q8_0 / Q4_0 / Q4_1 blocks kept as shipped
 
 A quantized weight is a `QArray`, a pytree node standing where the float array stood. The model reads
 every weight as `w[...].astype(dtype)` right before its einsum; for a QArray `[...]` returns itself and
-`.astype` dequantizes, so under jit the integer codes are what lives in memory and XLA fuses the
-dequantization (convert, scale, add) into the matmul that consumes it.
+`.astype` dequantizes, so under jit the integer codes are what lives in memory and the dequantization
+sits right next to the matmul that consumes it. (XLA on an H100, jax 0.11.2, does not fuse the two: it
+writes the bf16 weight out and reads it back, so int8/int4 decode is memory-light but not yet fast
+there; bench/quantize_matvec.py measures it and a Pallas kernel that reads the codes directly.)
 
 Layout. A QArray stores its weight as a matrix [*layers, K, N], K the contraction (input) axis and N
 the output axis, merging the head axes: q/k/v [D, H, hd] -> [D, H*hd], o [H, hd, D] -> [H*hd, D] (so an
@@ -23,8 +25,8 @@ Schemes (value = what a code decodes to; s = scale, z = zero point, per group of
         with a zero point                   value = u * s + z     (llama.cpp Q4_1: z is the group's minimum)
 int4 codes are packed two per byte, in llama.cpp's order within each group: byte j holds code j in its
 low nibble and code j + group/2 in its high nibble. So GGUF Q4 blocks (group 32) become QArrays by moving
-bytes, never by decoding them. When `group` does not divide K, K is padded with zero codes up to a
-multiple of it (the padding is cut off when dequantizing).
+bytes, never by decoding them. When `group` does not divide K, K is padded up to a multiple of it
+(with copies of the last weight, so no group's range changes); dequantizing cuts the padding off.
 """
 
 from __future__ import annotations
@@ -46,7 +48,6 @@ GROUPS = (32, 64, 128)
 
 # ---------------------------------------------------------------------------------------------
 # The quantized array
-
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["values", "scales", "zeros"],
