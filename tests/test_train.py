@@ -326,10 +326,10 @@ def test_prompt_tokens_carry_no_loss():
     assert float(vg(params, dict(batch, targets=poked))[0]) != float(loss)
 
 
-@pytest.mark.parametrize("pack", [False, True])
-def test_finetune_stories260k_lowers_response_loss(pack):
+def test_finetune_stories260k_lowers_response_loss():
+    """Packed rows here; the finetune CLI test below trains on padded ones."""
     cfg, params, tok = _stories()
-    source = InstructionRows(encode_alpaca(INSTRUCTIONS, tok, 512), seed=0, pack=pack)
+    source = InstructionRows(encode_alpaca(INSTRUCTIONS, tok, 512), seed=0, pack=True)
     everything = source.epoch(0)
     before = float(loss(params, everything, cfg=cfg))
     steps = 25
