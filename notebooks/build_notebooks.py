@@ -501,7 +501,8 @@ def finetune():
         md('''
         ## Train
 
-        `make_optimizer` is AdamW (LLaMA's betas and weight decay) with linear warmup and cosine decay;
+        `make_optimizer` is AdamW (LLaMA's betas; weight decay off for this tiny set) with linear warmup and
+        cosine decay;
         `init_train_state` puts the parameters and the optimizer state together; `make_train_step` jits one
         step (loss, gradient, clipping, update; pass `mesh=` to shard it, `accum_steps=` to accumulate
         micro-batches, `remat=` to trade compute for memory). `fit` runs it and reports every step's metrics.
@@ -712,9 +713,11 @@ def pretraining():
         md('''
         ## Packed text
 
-        Pretraining documents are tokenized (with EOS), shuffled each epoch, concatenated and cut into rows of
-        `SEQ + 1` tokens. Inside a row each document is its own segment: attention stays inside it, rotary
-        positions restart at 0, and the target that would cross into the next document is masked out of the loss.
+        Pretraining documents are tokenized (with BOS and EOS), shuffled each epoch, concatenated and cut into
+        rows of `SEQ + 1` tokens. Inside a row each document is its own segment: attention stays inside it,
+        rotary positions restart at 0, and the target that would cross into the next document is masked out of
+        the loss. (Eight short paragraphs make a few rows, so the model soon memorises them; a real run reads
+        files with `data.read_documents` and sees each token once or a few times.)
         '''),
         code('''
         from llama_jax import data
@@ -726,7 +729,8 @@ def pretraining():
                       for c in np.flatnonzero(np.diff(seg)) if c >= 5)
         window = slice(cut - 6, cut + 6)
         print(f"around a document boundary in row {r}:")
-        print("  tokens:     ", [tok.decode([i]) if i != tok.eos_id else "</s>" for i in epoch["tokens"][r][window]])
+        special = {tok.bos_id: "<s>", tok.eos_id: "</s>"}
+        print("  tokens:     ", [special.get(int(i)) or tok.decode([i]) for i in epoch["tokens"][r][window]])
         print("  segment ids:", epoch["segment_ids"][r][window])
         print("  positions:  ", epoch["positions"][r][window])
         print("  loss mask:  ", epoch["loss_mask"][r][window])
