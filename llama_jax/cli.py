@@ -622,23 +622,13 @@ def _eval_perplexity(args):
     import json
     from pathlib import Path
 
+    from llama_jax.data import read_text_file
     from llama_jax.evaluate import perplexity
 
     for name in ("window", "stride"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1")
-    texts = []
-    for f in args.files:
-        path = Path(f)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such file")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise UsageError(f"{path}: not UTF-8 text (byte {e.start})") from None
-        if not text.strip():
-            raise UsageError(f"{path}: empty file")
-        texts.append(text)
+    texts = [read_text_file(Path(f)) for f in args.files]
     model = load_for_generation(args.model)
     results = perplexity(model, texts, args.window, args.stride, args.batch_size, names=args.files)
     if args.json:

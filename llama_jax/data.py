@@ -29,17 +29,18 @@ import numpy as np
 # Reading files
 
 
-def _read_text(path: Path) -> str:
+def read_text_file(path: Path) -> str:
+    """A UTF-8 text file's contents; one-line errors for a missing, non-text or empty file."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     if path.is_dir():
-        raise ValueError(f"{path}: is a folder, not a data file")
+        raise ValueError(f"{path}: is a folder, not a file")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not text.strip():
-        raise ValueError(f"{path}: the data file is empty")
+        raise ValueError(f"{path}: empty file")
     return text
 
 
@@ -50,7 +51,7 @@ def read_documents(paths: Sequence[str | Path], text_key: str = "text") -> list[
         raise ValueError("no data files given")
     docs: list[str] = []
     for path in map(Path, paths):
-        text = _read_text(path)
+        text = read_text_file(path)
         if path.suffix != ".jsonl":
             docs.append(text)
             continue
@@ -73,7 +74,7 @@ def read_alpaca(path: str | Path) -> list[dict]:
     """Alpaca records: a JSON list (or a .jsonl file) of {"instruction", "input" (optional), "output"}
     string fields. Errors name the file, the record (0-based index) and the field."""
     path = Path(path)
-    text = _read_text(path)
+    text = read_text_file(path)
     if path.suffix == ".jsonl":
         records = []
         for line_no, line in enumerate(text.splitlines(), 1):

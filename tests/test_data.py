@@ -174,7 +174,7 @@ def test_document_file_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.txt: no such file"):
         read_documents([tmp_path / "nope.txt"])
     (tmp_path / "empty.txt").write_text("  \n")
-    with pytest.raises(ValueError, match="empty.txt: the data file is empty"):
+    with pytest.raises(ValueError, match="empty.txt: empty file"):
         read_documents([tmp_path / "empty.txt"])
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
     with pytest.raises(ValueError, match="bad.jsonl: line 2: not valid JSON"):
@@ -231,7 +231,7 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
     assert "missing.txt: no such file" in err
     _write(tmp_path / "empty.txt", "")
     err = _cli_error(capsys, base + ["--data", str(tmp_path / "empty.txt"), "--seq-len", "32", "--batch", "8"])
-    assert "empty.txt: the data file is empty" in err
+    assert "empty.txt: empty file" in err
     err = _cli_error(capsys, base + ["--data", str(text), "--seq-len", "4096", "--batch", "8"])
     assert "--seq-len 4096 is above the model's context of 128 tokens" in err
     # 8 fake devices: the default mesh puts all of them on fsdp.
