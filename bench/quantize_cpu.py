@@ -6,7 +6,9 @@ the same thread count. One JSON line per figure, then the ratio.
 
 Greedy decoding after the prompt "The capital of France is"; a step's time is (time for 1 + new tokens -
 time for 1 token) / new, so prompt processing and compilation are left out. llama-cpp-python is not a
-dependency: pip install llama-cpp-python (it builds llama.cpp from source, several minutes).
+dependency: pip install llama-cpp-python (it builds llama.cpp from source, 7-25 minutes). On a machine
+whose CPU advertises AMX that the sandbox does not allow, the default native build dies with SIGILL;
+build it generically: CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON" pip install ...
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import time
 
 PROMPT = "The capital of France is"
@@ -75,6 +79,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new", type=int, default=64)
+    p.add_argument("--llama-cpp-only", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     # XLA's CPU backend uses every core the process may run on: run this on a machine (or under
     # `taskset -c`) with --threads cores, so both sides get the same.
@@ -85,11 +90,20 @@ def main():
     from llama_jax.checkpoint import default_gguf
 
     path = default_gguf()
+    if a.llama_cpp_only:
+        print(json.dumps(llama_cpp(path, a.threads, a.new)), flush=True)
+        return
     rows = [ours(path, a.threads, a.new, keep=True), ours(path, a.threads, a.new, keep=False)]
-    try:
-        rows.append(llama_cpp(path, a.threads, a.new))
-    except ImportError:
-        print(json.dumps(dict(impl="llama.cpp", error="llama-cpp-python is not installed")), flush=True)
+    # llama.cpp in a child: a build for the wrong CPU features dies with SIGILL, which must not take
+    # our figures with it.
+    child = subprocess.run([sys.executable, __file__, "--llama-cpp-only", "--threads", str(a.threads),
+                            "--new", str(a.new)], capture_output=True, text=True)
+    if child.returncode == 0:
+        rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
+    else:
+        why = (child.stderr.strip().splitlines() or [""])[-1][:300]
+        sig = " (SIGILL: rebuild for this CPU, see above)" if child.returncode == -4 else ""
+        print(json.dumps(dict(impl="llama.cpp", error=f"exit code {child.returncode}{sig}: {why}")), flush=True)
     for r in rows:
         print(json.dumps(r), flush=True)
     if len(rows) == 3:
