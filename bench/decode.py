@@ -37,7 +37,9 @@ def ours(a) -> None:
     if a.bits:
         from llama_jax import quantize
 
-        params = quantize.quantize_params(params, cfg, bits=a.bits, group=a.group)
+        # int8: one scale per output channel unless --group is given; int4: groups (default 64).
+        group = (a.group or 64) if a.bits == 4 else a.group
+        params = quantize.quantize_params(params, cfg, bits=a.bits, group=group)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     max_len = a.prompt + a.new
     device = jax.devices()[0].device_kind
@@ -145,7 +147,7 @@ def main():
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--bits", type=int, default=0, choices=[0, 4, 8], help="weight-only quantization (0: bf16)")
-    p.add_argument("--group", type=int, default=64)
+    p.add_argument("--group", type=int, default=None, help="quantization group (int4 default 64; int8 default per channel)")
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--only-ours", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()

@@ -129,6 +129,10 @@ def load(path: str | Path | None = None, mesh: jax.sharding.Mesh | None = None, 
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     if is_checkpoint(path):
+        from llama_jax.quantize import is_quantized_checkpoint, load_quantized_checkpoint
+
+        if is_quantized_checkpoint(path):  # written by `llama-jax quantize`: weights stay quantized
+            return load_quantized_checkpoint(path, mesh)
         return _load_checkpoint(path, mesh, dtype)
     reader = reader_for(path)
     if reader is None:

@@ -13,9 +13,9 @@ import torch
 import llama_jax as lj
 from llama_jax import evaluate as ev
 from llama_jax.cli import load_for_generation, main
-from conftest import STORIES_GGUF
+from conftest import STORIES_GGUF, smollm2_path
 from hf_reference import hf_model
-from test_gguf import hf_from_gguf, smollm2_path
+from hf_reference import hf_from_gguf
 
 DATA = Path(__file__).parent / "data"
 STORY = (DATA / "story.txt").read_text()

@@ -19,8 +19,8 @@ from llama_jax.generate import (
     Sampling, decode_step, filter_logits, generate, generate_tokens, prefill, sample, stream, stream_tokens)
 from llama_jax.model import KVCache
 from llama_jax.tokenizer import load_tokenizer
-from conftest import REPO, STORIES_GGUF
-from test_gguf import hf_from_gguf, smollm2_path
+from conftest import REPO, STORIES_GGUF, smollm2_path
+from hf_reference import hf_from_gguf
 
 
 @pytest.fixture(scope="module")

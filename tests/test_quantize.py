@@ -13,12 +13,11 @@ from checkpoints_convert.gguf import GGUFReader, _to_half_split
 from llama_jax import quantize as Q
 from llama_jax.checkpoint import params_from_reader
 from llama_jax.config import from_hf_config
-from llama_jax.generate import decode_step, generate_tokens, prefill
+from llama_jax.generate import decode_step, prefill
 from llama_jax.model import KVCache
 from llama_jax.sharding import make_mesh
 from llama_jax.tokenizer import load_tokenizer
-from conftest import STORIES_GGUF
-from test_gguf import smollm2_path
+from conftest import STORIES_GGUF, smollm2_path
 
 FRANCE = [504, 3575, 282, 4649, 314]
 PARIS = 7042
@@ -312,7 +311,8 @@ def test_cli_quantize_writes_a_checkpoint_generate_accepts(tmp_path, capsys, sto
     rc, _, err = _cli(capsys, "quantize", str(STORIES_GGUF), str(out), "--bits", "4", "--group", "32")
     assert rc == 0, err
     assert Q.is_quantized_checkpoint(out)
-    model = Q.load_quantized_checkpoint(out)
+    model = lj.load(out)  # the public loader keeps the weights quantized
+    assert isinstance(model.params["layers"]["mlp"]["down"], Q.QArray)
     assert model.tokenizer is not None and model.config.dim == cfg.dim
     # What was stored is exactly quantize_params of the float model.
     want = Q.quantize_params(params, cfg, bits=4, group=32)

@@ -6,8 +6,7 @@ import pytest
 from llama_jax.tokenizer import (
     ALPACA_NO_INPUT, BPETokenizer, SentencePieceTokenizer, alpaca_prompt, chat_tokens, llama2_chat_prompt,
     llama2_chat_tokens, load_tokenizer)
-from conftest import LLAMA2_TOKENIZER, STORIES_GGUF
-from test_gguf import smollm2_path
+from conftest import LLAMA2_TOKENIZER, STORIES_GGUF, smollm2_path
 
 TEXTS = [
     "",
