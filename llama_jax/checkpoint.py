@@ -283,11 +283,9 @@ def convert(reader, out_dir: str | Path, dtype: str = "bfloat16", overwrite: boo
     if dtype not in ("bfloat16", "float32", "float16"):
         raise ValueError(f"dtype {dtype!r}: expected bfloat16, float32 or float16")
     cfg = from_hf_config(reader.config, param_dtype=dtype)
-    _check_out_dir(out, overwrite, is_checkpoint, "a checkpoint")
+    _check_out_dir(out, overwrite, is_checkpoint, "a checkpoint")  # before reading any input
     validate(reader)
-    _remove_stale_temp_dirs(out)
-    tmp, created = _make_temp_dir(out)
-    try:
+    with staged_output(out, overwrite) as tmp:
         _write_params(_CheckedReader(reader), cfg, tmp / "params", progress)
         if hasattr(reader, "write_tokenizer"):
             try:
@@ -295,14 +293,7 @@ def convert(reader, out_dir: str | Path, dtype: str = "bfloat16", overwrite: boo
             except ConvertError as e:  # a model without a usable tokenizer still converts
                 print(f"llama-jax convert: warning: no tokenizer written ({e})", file=sys.stderr)
         source = str(getattr(reader, "path", None) or getattr(reader, "folder", ""))
-        info = {"format": FORMAT, "version": VERSION, "config": cfg.to_dict(), "source": source}
-        (tmp / CHECKPOINT_META).write_text(json.dumps(info, indent=1))
-        _publish(tmp, out, overwrite, "a checkpoint")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
-        raise
+        write_checkpoint_info(tmp, cfg, source)
     return out
 
 
@@ -405,6 +396,35 @@ def _check_out_dir(out: Path, overwrite: bool, is_done, what: str) -> None:
             raise ConvertError(f"{out}: already holds {what} (expected a new or empty folder; --overwrite replaces it)")
     elif any(out.iterdir()):
         raise ConvertError(f"{out}: exists and is not empty (expected a new or empty folder, or {what} to replace)")
+
+
+@contextlib.contextmanager
+def staged_output(out: Path, overwrite: bool, what: str = "a checkpoint", holds: Callable = None):
+    """Write into a hidden folder beside `out` that becomes `out` only when the block completes; on
+    any failure or interruption everything it made is removed, so a half-written output never looks
+    complete. `holds(out)` says whether `out` already holds `what` (refused without `overwrite`)."""
+    _check_out_dir(out, overwrite, holds or is_checkpoint, what)
+    _remove_stale_temp_dirs(out)
+    tmp, created = _make_temp_dir(out)
+    try:
+        yield tmp
+        _publish(tmp, out, overwrite, what)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def is_hf_model(path: Path) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+def write_checkpoint_info(folder: Path, cfg: LlamaConfig, source: str, **extra) -> None:
+    """The checkpoint's metadata (format, config, where it came from), written last: a folder
+    without it is never taken for a checkpoint."""
+    info = {"format": FORMAT, "version": VERSION, "config": cfg.to_dict(), "source": source, **extra}
+    (folder / CHECKPOINT_META).write_text(json.dumps(info, indent=1))
 
 
 def _temp_prefix(out: Path) -> str:
@@ -571,7 +591,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, max_shard_bytes: int 
         raise FileNotFoundError(f"{checkpoint}: no such folder")
     cfg = LlamaConfig.from_dict(read_checkpoint_info(checkpoint)["config"])
     out = Path(out_dir).absolute()
-    _check_out_dir(out, overwrite, lambda p: (p / "config.json").is_file(), "a Hugging Face model")
+    _check_out_dir(out, overwrite, is_hf_model, "a Hugging Face model")  # before reading any input
     paths = param_paths(cfg)
     stores = {p: ts.open({"driver": "zarr3", "kvstore": {"driver": "file",
                                                         "path": str(checkpoint / "params" / ".".join(p))}},
@@ -587,19 +607,11 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, max_shard_bytes: int 
             ours = (stores[p][i] if i is not None else stores[p]).read().result()
             yield leaf.hf_key.format(i=i), np.ascontiguousarray(leaf.to_hf(ours, cfg))
 
-    _remove_stale_temp_dirs(out)
-    tmp, created = _make_temp_dir(out)
-    try:
+    with staged_output(out, overwrite, "a Hugging Face model", is_hf_model) as tmp:
         write_hf_folder(tmp, to_hf_config(cfg), tensors(), max_shard_bytes)
         for name in TOKENIZER_FILES:
             if (checkpoint / name).is_file():
                 shutil.copy2(checkpoint / name, tmp / name)
-        _publish(tmp, out, overwrite, "a Hugging Face model")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
-        raise
     return out
 
 

@@ -541,18 +541,15 @@ def save_quantized(model, out_dir: str | Path, source: str | Path | None = None,
     """Write a Loaded whose params hold QArrays as an Orbax checkpoint at `out_dir` (written beside
     it and renamed when complete, like `convert`). Tokenizer files are copied from `source` (a
     checkpoint or Hugging Face folder) or written from it (a GGUF file)."""
-    import json
     import shutil
 
     import orbax.checkpoint as ocp
 
+    from checkpoints_convert.hf import TOKENIZER_FILES
     from llama_jax import checkpoint as ck
 
     out = Path(out_dir).absolute()
-    ck._check_out_dir(out, overwrite, ck.is_checkpoint, "a checkpoint")
-    ck._remove_stale_temp_dirs(out)
-    tmp, created = ck._make_temp_dir(out)
-    try:
+    with ck.staged_output(out, overwrite) as tmp:
         with ck._quiet_absl():
             ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).save(tmp / "params",
                                                                  args=ocp.args.PyTreeSave(_as_dicts(model.params)))
@@ -562,19 +559,10 @@ def save_quantized(model, out_dir: str | Path, source: str | Path | None = None,
             if reader is not None and hasattr(reader, "write_tokenizer"):
                 reader.write_tokenizer(tmp)
             else:
-                for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                             "generation_config.json"):
+                for name in TOKENIZER_FILES:
                     if (src / name).is_file():
                         shutil.copy(src / name, tmp / name)
-        info = {"format": ck.FORMAT, "version": ck.VERSION, "config": model.config.to_dict(),
-                "source": str(source or ""), "quantization": scheme(model.params)}
-        (tmp / ck.CHECKPOINT_META).write_text(json.dumps(info, indent=1))
-        ck._publish(tmp, out, overwrite, "a checkpoint")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
-        raise
+        ck.write_checkpoint_info(tmp, model.config, str(source or ""), quantization=scheme(model.params))
     return out
 
 
