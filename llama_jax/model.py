@@ -23,6 +23,7 @@ from flax import nnx
 
 from llama_jax.attention import attention
 from llama_jax.config import LlamaConfig
+from llama_jax.quantize import QArray, QLayer
 from llama_jax.sharding import constrain
 
 Params = dict  # nested dict of arrays, the layout of DESIGN.md
@@ -70,6 +71,14 @@ def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
+
+
+def _project(spec: str, x: jax.Array, w) -> jax.Array:
+    """x times a weight, in x's dtype. A quantized weight (quantize.py) multiplies itself, so that on a
+    GPU its codes go straight into a fused kernel instead of being dequantized to HBM first."""
+    if isinstance(w, (QArray, QLayer)):
+        return w.matmul(x)
+    return jnp.einsum(spec, x, w.astype(x.dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,9 +145,9 @@ class Attention(nnx.Module):
         slots under `mask` [batch, seq, max_len], and return the updated (k, v) beside the output.
         Writing only the new tokens keeps a decode step's cache traffic to one read of the layer."""
         dt = x.dtype
-        q = jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(dt))
-        k = jnp.einsum("btd,dkh->btkh", x, self.k[...].astype(dt))
-        v = jnp.einsum("btd,dkh->btkh", x, self.v[...].astype(dt))
+        q = _project("btd,dnh->btnh", x, self.q[...])
+        k = _project("btd,dkh->btkh", x, self.k[...])
+        v = _project("btd,dkh->btkh", x, self.v[...])
         q = constrain(apply_rope(q, rope), ("batch", "seq", "heads", "head_dim"))
         k = constrain(apply_rope(k, rope), ("batch", "seq", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
@@ -150,7 +159,7 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), (layer, 0, start, 0, 0))
             out = attention(q, k[layer].astype(dt), v[layer].astype(dt), causal=False, mask=mask)
         out = constrain(out, ("batch", "seq", "heads", "head_dim"))
-        return jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(dt)), (k, v)
+        return _project("btnh,nhd->btd", out, self.o[...]), (k, v)
 
 
 class MLP(nnx.Module):
@@ -161,11 +170,10 @@ class MLP(nnx.Module):
         self.down = _param(rngs, stack + (f, d), ("layers", "mlp", "embed"), dt)
 
     def __call__(self, x):
-        dt = x.dtype
-        gate = jnp.einsum("btd,df->btf", x, self.gate[...].astype(dt))
-        up = jnp.einsum("btd,df->btf", x, self.up[...].astype(dt))
+        gate = _project("btd,df->btf", x, self.gate[...])
+        up = _project("btd,df->btf", x, self.up[...])
         h = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
-        return jnp.einsum("btf,fd->btd", h, self.down[...].astype(dt))
+        return _project("btf,fd->btd", h, self.down[...])
 
 
 class Block(nnx.Module):
@@ -258,15 +266,23 @@ class Llama(nnx.Module):
         causal = slots[None, :] <= (start + jnp.arange(seq))[:, None]  # [seq, max_len]
         mask = causal[None] & valid[:, None, :]  # [batch, seq, max_len]
 
+        # Quantized weights stay whole, each layer reached through a QLayer (see QLayer for why);
+        # the scan slices the rest.
+        is_q = lambda a: isinstance(a, QArray)  # noqa: E731
+        quantized = jax.tree.map(lambda a: a if is_q(a) else None, stacked, is_leaf=is_q)
+        sliced = jax.tree.map(lambda a: None if is_q(a) else a, stacked, is_leaf=is_q)
+
         # The cache rides in the scan carry and is updated in place, one layer slice at a time.
         def body(carry, layer_and_index):
             x, ck, cv = carry
             layer, i = layer_and_index
+            layer = jax.tree.map(lambda a, q: a if q is None else QLayer(q, i), layer, quantized,
+                                 is_leaf=lambda a: a is None)
             x, (ck, cv) = nnx.merge(graphdef, layer)(x, rope, None, (ck, cv, i, start, mask))
             return (x, ck, cv), None
 
         layer_ids = jnp.arange(self.cfg.n_layers)
-        (x, k, v), _ = jax.lax.scan(body, (x, cache.k, cache.v), (stacked, layer_ids), unroll=unroll)
+        (x, k, v), _ = jax.lax.scan(body, (x, cache.k, cache.v), (sliced, layer_ids), unroll=unroll)
         return x, KVCache(k=k, v=v, valid=valid, index=start + seq)
 
 

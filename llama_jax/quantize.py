@@ -6,12 +6,13 @@ int4, optionally a zero point) per group of weights along the contraction axis.
     params = dequantize_params(qparams)                         # back to float
     model = load_gguf(path)                                     # Q8_0 / Q4_0 / Q4_1 blocks kept as shipped
 
-A quantized weight is a `QArray`, a pytree node standing where the float array stood. The model reads
-every weight as `w[...].astype(dtype)` right before its einsum; for a QArray `[...]` returns itself and
-`.astype` dequantizes, so under jit the integer codes are what lives in memory and the dequantization
-sits right next to the matmul that consumes it. (XLA on an H100, jax 0.11.2, does not fuse the two: it
-writes the bf16 weight out and reads it back, so int8/int4 decode is memory-light but not yet fast
-there; bench/quantize_matvec.py measures it and a Pallas kernel that reads the codes directly.)
+A quantized weight is a `QArray`, a pytree node standing where the float array stood, so under jit the
+integer codes are what lives in memory. The model multiplies by a weight through `QArray.matmul`: on
+one GPU, few-row bf16 products (decoding) run the fused dequantize-and-multiply kernel of qmatmul.py,
+which reads the codes straight from HBM; everywhere else the weight is dequantized next to an XLA dot
+(XLA on an H100 does not fuse the two: it writes the bf16 weight out and reads it back). `.astype`
+dequantizes, for code that wants the float weight. The decode scan hands the model `QLayer`s (a layer
+of the stack, not yet sliced), because XLA would copy a slice passed to the kernel.
 
 Layout. A QArray stores its weight as a matrix [*layers, K, N], K the contraction (input) axis and N
 the output axis, merging the head axes: q/k/v [D, H, hd] -> [D, H*hd], o [H, hd, D] -> [H*hd, D] (so an
@@ -107,6 +108,22 @@ class QArray:
     def matrix_shape(self) -> tuple[int, int]:
         return math.prod(self.tail[:self.split]), math.prod(self.tail[self.split:])
 
+    def matmul(self, x: jax.Array, layer: jax.Array | None = None) -> jax.Array:
+        """x [..., *tail[:split]] times this weight (layer `layer` of a stacked one) -> [..., *tail[split:]]
+        in x's dtype. Few-row bf16 products on one GPU run the fused kernel of qmatmul.py; the rest
+        dequantize next to an XLA dot."""
+        from llama_jax import qmatmul
+
+        k, n = self.matrix_shape()
+        lead = x.shape[:x.ndim - self.split]
+        x2 = x.reshape(-1, k)
+        if qmatmul.supported(self, x2):
+            out = qmatmul.qmatmul(x2, self, layer)
+        else:
+            q = self if layer is None else jax.tree.map(lambda a: a[layer], self)
+            out = jnp.dot(x2, q.dequantize(x.dtype).reshape(k, n), preferred_element_type=jnp.float32)
+        return out.astype(x.dtype).reshape(lead + tuple(self.tail[self.split:]))
+
     # -- decoding ---------------------------------------------------------------------------------
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
@@ -131,6 +148,27 @@ class QArray:
         if n != k:  # cut the padding
             w = jax.lax.slice_in_dim(w, 0, k, axis=a)
         return w.reshape(self.shape).astype(dtype)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["stack", "index"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class QLayer:
+    """Layer `index` of a stacked QArray, not sliced out: the decode scan hands these to the model,
+    so that the GPU kernel reads the layer from the stack (XLA would copy a slice passed to it)."""
+
+    stack: QArray
+    index: jax.Array  # int32 scalar
+
+    def __getitem__(self, key):
+        if key is Ellipsis:
+            return self
+        raise TypeError("a QLayer supports only [...]")
+
+    def astype(self, dtype) -> jax.Array:
+        return jax.tree.map(lambda a: a[self.index], self.stack).dequantize(dtype)
+
+    def matmul(self, x: jax.Array) -> jax.Array:
+        return self.stack.matmul(x, self.index)
 
 
 def _nbytes(x) -> int:

@@ -260,6 +260,38 @@ def test_int8_forward_equals_dequantized_forward():
                                np.asarray(lj.forward(Q.dequantize_params(qp), tokens, cfg)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("bits,group,zero_point", [(8, None, False), (8, 32, False), (4, 32, False), (4, 64, True)])
+def test_fused_gpu_kernel_equals_dequantized_matmul(rows, bits, group, zero_point):
+    """The Pallas kernel of qmatmul.py, run by Pallas' interpreter here: x times one layer of a stacked
+    QArray, for each K split and both row paths (one row on the CUDA cores, padded rows on the tensor
+    cores), equals x @ dequantize(layer) in float32."""
+    from llama_jax.qmatmul import qmatmul
+
+    k, n = 256, 128
+    w = jax.random.normal(jax.random.key(rows + bits), (3, k, n)) * 0.02
+    q = Q.quantize(w, bits, group, stacked=True, zero_point=zero_point)
+    x = jax.random.normal(jax.random.key(100 + rows), (rows, k)).astype(jnp.bfloat16)
+    for layer in (0, 2):
+        ref = np.asarray(x.astype(jnp.float32) @ jax.tree.map(lambda a: a[layer], q).dequantize())
+        for split in (None, 1, 2):
+            got = np.asarray(qmatmul(x, q, layer, split=split, interpret=True))
+            assert got.shape == (rows, n)
+            assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-5, (layer, split)
+
+
+def test_quantized_matmul_of_a_layer_of_the_stack():
+    """QArray.matmul and QLayer (the decode scan's unsliced layer) contract the weight's leading axes, like
+    the model's einsum on the dequantized weight, and `astype` of a QLayer dequantizes that layer."""
+    w = jax.random.normal(jax.random.key(0), (3, 4, 8, 32)) * 0.02  # [layers, heads, head_dim, dim], like `o`
+    q = Q.quantize(w, 4, 32, split=2, stacked=True)
+    x = jax.random.normal(jax.random.key(1), (2, 5, 4, 8))
+    view = Q.QLayer(q, jnp.int32(1))
+    expected = jnp.einsum("btnh,nhd->btd", x, q.dequantize()[1])
+    np.testing.assert_allclose(np.asarray(view.matmul(x)), np.asarray(expected), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(view[...].astype(jnp.float32)), np.asarray(q.dequantize()[1]))
+
+
 # ---------------------------------------------------------------------------------------------
 # Memory and sharding
 

@@ -1,0 +1,169 @@
+"""A fused dequantize-and-multiply GPU kernel (Pallas on Triton) for the few-row matmuls of decoding.
+
+    out = qmatmul(x, q, layer)   # x [M, K] bfloat16 @ layer `layer` of q (QArray [L, K, N]) -> [M, N] float32
+
+Left to XLA, `x @ q.dequantize()` writes the whole bf16 weight to HBM and reads it back, so a quantized
+decode step moves more bytes than a bf16 one. Here each program reads its [unit, bn] tile of integer
+codes, turns it into bf16 in registers and feeds the tensor cores (x padded to 16 rows), so the codes
+are the only weight bytes that cross HBM.
+
+The kernel takes the whole stacked weight and a layer index: handing a custom call a slice of the stack
+would make XLA copy the slice first (the model's decode scan passes `QLayer`s, see quantize.py).
+
+Grid: N / bn column blocks x `split` parts of K (so that a [4096, 4096] weight still spreads over every
+SM); each program loops over its K part one `unit` of rows at a time (a scale group, or for per-channel
+int8 a fixed tile) and writes float32 partial sums [split, M, N] that XLA adds up with the per-channel
+scale. Per group of g codes with scale s (and zero point z, else -8 s for symmetric int4; quantize.py):
+    x . w = s * (x . codes) + z * sum(x)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+MAX_ROWS = 64  # larger matmuls (prefill) are compute-bound: XLA's dequantize-then-dot serves them
+_SMS = 132  # H100 SXM; only steers how finely K is split
+
+
+def _dot(a, b):
+    return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
+def _kernel(layer_ref, x_ref, c_ref, s_ref, *rest, bits, unit, steps, grouped, has_zero, finish):
+    """Rows padded to >= 16: dequantize a [unit, bn] tile to bf16 and multiply on the tensor cores."""
+    z_ref, o_ref = (rest[0], rest[1]) if has_zero else (None, rest[0])
+    bn = o_ref.shape[-1]
+    l = layer_ref[0]
+    cols = pl.ds(pl.program_id(0) * bn, bn)
+    first = pl.program_id(1) * steps  # this program's first unit along K
+
+    def body(t, acc):
+        u = first + t
+        if bits == 8:
+            w = c_ref[l, pl.ds(u * unit, unit), cols].astype(jnp.bfloat16)  # [unit, bn], exact
+            part = _dot(x_ref[:, pl.ds(u * unit, unit)], w)  # [rows, bn] float32
+            if not grouped:  # per channel: the scale multiplies the final sum
+                return acc + part
+            return acc + part * s_ref[l, u, cols].astype(jnp.float32)[None, :]
+        # int4: byte j of a group holds code j (low nibble) and code j + unit/2 (high nibble)
+        h = unit // 2
+        b = c_ref[l, pl.ds(u * h, h), cols]  # uint8 [h, bn]
+        x0, x1 = x_ref[:, pl.ds(u * unit, h)], x_ref[:, pl.ds(u * unit + h, h)]
+        part = _dot(x0, (b & 0x0F).astype(jnp.bfloat16)) + _dot(x1, (b >> 4).astype(jnp.bfloat16))
+        xsum = (jnp.sum(x0.astype(jnp.float32), axis=1) + jnp.sum(x1.astype(jnp.float32), axis=1))[:, None]
+        s = s_ref[l, u, cols].astype(jnp.float32)[None, :]
+        z = z_ref[l, u, cols].astype(jnp.float32)[None, :] if has_zero else -8.0 * s
+        return acc + part * s + xsum * z
+
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((x_ref.shape[0], bn), jnp.float32))
+    if finish and not grouped:  # K is not split: this is the whole sum, scale it here
+        acc = acc * s_ref[l, 0, cols].astype(jnp.float32)[None, :]
+    o_ref[...] = acc
+
+
+def _row_kernel(layer_ref, x_ref, c_ref, s_ref, *rest, bits, unit, steps, grouped, has_zero, finish):
+    """One row (batch-1 decoding): dequantize a tile to float32 and multiply-add it into a tile-shaped
+    accumulator on the CUDA cores; the one reduction over rows comes at the end."""
+    z_ref, o_ref = (rest[0], rest[1]) if has_zero else (None, rest[0])
+    bn = o_ref.shape[-1]
+    l = layer_ref[0]
+    cols = pl.ds(pl.program_id(0) * bn, bn)
+    first = pl.program_id(1) * steps
+    h = unit if bits == 8 else unit // 2  # rows of stored bytes per step
+
+    def body(t, acc):
+        u = first + t
+        c = c_ref[l, pl.ds(u * h, h), cols]  # [h, bn]
+        if bits == 8:
+            w = c.astype(jnp.float32)
+            if grouped:
+                w = w * s_ref[l, u, cols].astype(jnp.float32)[None, :]
+            return acc + x_ref[0, pl.ds(u * unit, unit)].astype(jnp.float32)[:, None] * w
+        s = s_ref[l, u, cols].astype(jnp.float32)[None, :]
+        z = z_ref[l, u, cols].astype(jnp.float32)[None, :] if has_zero else -8.0 * s
+        x0 = x_ref[0, pl.ds(u * unit, h)].astype(jnp.float32)[:, None]
+        x1 = x_ref[0, pl.ds(u * unit + h, h)].astype(jnp.float32)[:, None]
+        return acc + x0 * ((c & 0x0F).astype(jnp.float32) * s + z) + x1 * ((c >> 4).astype(jnp.float32) * s + z)
+
+    acc = jnp.sum(jax.lax.fori_loop(0, steps, body, jnp.zeros((h, bn), jnp.float32)), axis=0)
+    if finish and not grouped:
+        acc = acc * s_ref[l, 0, cols].astype(jnp.float32)
+    o_ref[...] = acc[None, :]
+
+
+def _pick(k_units: int, n: int, min_programs: int) -> tuple[int, int]:
+    """Column block and K split: at least `min_programs` programs, so that every SM stays busy."""
+    bn = next(b for b in (128, 64, 32, 16) if n % b == 0)
+    blocks = n // bn
+    split = next((d for d in range(1, k_units + 1) if k_units % d == 0 and blocks * d >= min_programs), k_units)
+    return bn, split
+
+
+def supported(q, x) -> bool:
+    """Whether the kernel serves x @ q: a GPU, bf16 activations, few rows, K grouped along rows."""
+    if jax.default_backend() != "gpu" or jax.device_count() != 1 or x.dtype != jnp.bfloat16:
+        return False
+    k, n = q.matrix_shape()
+    m = x.size // k
+    return (m <= MAX_ROWS and q.axis == -2 and n % 16 == 0 and q.values.shape[-2] * 8 // q.bits == k
+            and _unit(q, k) is not None)
+
+
+def _unit(q, k: int, rows: int = 128) -> int | None:
+    """Rows of K per loop step: a scale group, or for per-channel int8 the largest of `rows`, 64, 32, 16
+    that divides K."""
+    if q.bits == 4 or q.group < k:
+        return q.group if q.group >= 16 else None
+    return next((u for u in (rows, 64, 32, 16) if u <= rows and k % u == 0), None)
+
+
+@functools.partial(jax.jit, static_argnames=("bn", "split", "rows", "num_warps", "num_stages", "interpret"))
+def qmatmul(x, q, layer=None, *, bn=None, split=None, rows=None, num_warps=None, num_stages=3, interpret=False):
+    """x [M, K] @ q (a 2-D QArray [K, N], or stacked [L, K, N] with `layer`) -> float32 [M, N].
+    bn, split, rows (K rows per step, per-channel int8), num_warps, num_stages: block settings; the
+    defaults are the best of a sweep on an H100 (bench/quantize_matvec.py --sweep, BENCHMARKS.md)."""
+    m, k = x.shape
+    n = q.matrix_shape()[1]
+    values, scales, zeros = q.values, q.scales, q.zeros
+    if values.ndim == 2:  # one matrix: a stack of one (a reshape, no copy)
+        values, scales = values[None], scales[None]
+        zeros = None if zeros is None else zeros[None]
+        layer = 0
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    one_row = m == 1
+    unit = _unit(q, k, rows or (64 if one_row else 128))
+    grouped = q.bits == 4 or q.group < k
+    auto_bn, auto_split = _pick(k // unit, n, (2 if one_row and q.bits == 8 else 4) * _SMS)
+    num_warps = num_warps or (8 if one_row else 4)
+    bn, split = bn or auto_bn, split or auto_split
+    mp = 1 if one_row else max(16, pl.next_power_of_2(m))  # the tensor cores want >= 16 rows
+    xp = x.astype(jnp.bfloat16)
+    if mp != m:
+        xp = jnp.pad(xp, ((0, mp - m), (0, 0)))
+    args = [layer, xp, values, scales] + ([] if zeros is None else [zeros])
+    finish = split == 1
+    kernel = functools.partial(_row_kernel if one_row else _kernel, bits=q.bits, unit=unit,
+                               steps=k // unit // split, grouped=grouped, has_zero=zeros is not None,
+                               finish=finish)
+    kw = {}
+    if not interpret:
+        from jax.experimental.pallas import triton as plgpu
+
+        kw["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    parts = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((split, mp, n), jnp.float32),
+        grid=(n // bn, split),
+        in_specs=[pl.no_block_spec] * len(args),
+        out_specs=pl.BlockSpec((None, mp, bn), lambda j, s: (s, 0, j)),
+        interpret=interpret,
+        **kw,
+    )(*args)
+    out = parts[0] if finish else parts.sum(0)
+    if not grouped and not finish:
+        out = out * scales[layer[0], 0].astype(jnp.float32)
+    return out[:m]
