@@ -4,8 +4,9 @@
 
 Left to XLA, `x @ q.dequantize()` writes the whole bf16 weight to HBM and reads it back, so a quantized
 decode step moves more bytes than a bf16 one. Here each program reads its [unit, bn] tile of integer
-codes, turns it into bf16 in registers and feeds the tensor cores (x padded to 16 rows), so the codes
-are the only weight bytes that cross HBM.
+codes and dequantizes it in registers, so the codes are the only weight bytes that cross HBM. One row
+(batch-1 decoding) multiplies and adds on the CUDA cores into a tile-shaped accumulator; more rows are
+padded to 16 or more and go through the tensor cores as bf16.
 
 The kernel takes the whole stacked weight and a layer index: handing a custom call a slice of the stack
 would make XLA copy the slice first (the model's decode scan passes `QLayer`s, see quantize.py).
