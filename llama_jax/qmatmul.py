@@ -13,8 +13,8 @@ would make XLA copy the slice first (the model's decode scan passes `QLayer`s, s
 
 Grid: N / bn column blocks x `split` parts of K (so that a [4096, 4096] weight still spreads over every
 SM); each program loops over its K part one `unit` of rows at a time (a scale group, or for per-channel
-int8 a fixed tile) and writes float32 partial sums [split, M, N] that XLA adds up with the per-channel
-scale. Per group of g codes with scale s (and zero point z, else -8 s for symmetric int4; quantize.py):
+int8 a fixed tile). With split 1 a program's sum is final (per-channel scale applied in the kernel);
+otherwise each part is written as float32 [split, M, N] and XLA adds the parts up and scales them. Per group of g codes with scale s (and zero point z, else -8 s for symmetric int4; quantize.py):
     x . w = s * (x . codes) + z * sum(x)
 """
 

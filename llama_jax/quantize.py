@@ -108,6 +108,10 @@ class QArray:
     def matrix_shape(self) -> tuple[int, int]:
         return math.prod(self.tail[:self.split]), math.prod(self.tail[self.split:])
 
+    def take(self, layer) -> "QArray":
+        """Layer `layer` of a stacked QArray, as a QArray of its own."""
+        return jax.tree.map(lambda a: a[layer], self)
+
     def matmul(self, x: jax.Array, layer: jax.Array | None = None) -> jax.Array:
         """x [..., *tail[:split]] times this weight (layer `layer` of a stacked one) -> [..., *tail[split:]]
         in x's dtype. Few-row bf16 products on one GPU run the fused kernel of qmatmul.py; the rest
@@ -120,7 +124,7 @@ class QArray:
         if qmatmul.supported(self, x2):
             out = qmatmul.qmatmul(x2, self, layer)
         else:
-            q = self if layer is None else jax.tree.map(lambda a: a[layer], self)
+            q = self if layer is None else self.take(layer)
             out = jnp.dot(x2, q.dequantize(x.dtype).reshape(k, n), preferred_element_type=jnp.float32)
         return out.astype(x.dtype).reshape(lead + tuple(self.tail[self.split:]))
 
@@ -165,7 +169,7 @@ class QLayer:
         raise TypeError("a QLayer supports only [...]")
 
     def astype(self, dtype) -> jax.Array:
-        return jax.tree.map(lambda a: a[self.index], self.stack).dequantize(dtype)
+        return self.stack.take(self.index).dequantize(dtype)
 
     def matmul(self, x: jax.Array) -> jax.Array:
         return self.stack.matmul(x, self.index)
