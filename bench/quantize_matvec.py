@@ -34,6 +34,7 @@ def main():
     p.add_argument("--rows", type=int, default=1)
     p.add_argument("--shape", type=int, nargs=2, default=[4096, 11008])
     p.add_argument("--sweep", action="store_true", help="time many block settings (GPU)")
+    p.add_argument("--stages", type=int, nargs="*", default=[], help="also time these software-pipeline depths")
     a = p.parse_args()
     L, (K, N) = (2, (512, 256)) if INTERPRET else (32, a.shape)
     w = jax.random.normal(jax.random.key(0), (L, K, N), jnp.float32) * 0.02
@@ -62,7 +63,7 @@ def main():
     t = timed(lambda: xla_dense(x, dense))
     print(json.dumps(dict(impl="xla", variant="bf16", m=a.rows, K=K, N=N, ms=round(t * 1e3, 3),
                           gbps=round(dense.nbytes / t / 1e9, 1), device=device)), flush=True)
-    configs = [{}, dict(split=1), dict(split=2)]
+    configs = [{}, dict(split=1), dict(split=2)] + [dict(num_stages=st) for st in a.stages]
     if a.sweep and not INTERPRET:
         configs = [{}] + [dict(bn=bn, split=sp, num_warps=nw, rows=r) for bn in (128, 256, 512)
                           for sp in (1, 2, 4, 8) for nw in (4, 8) for r in (32, 64)]

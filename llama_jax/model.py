@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llama_jax import qmatmul
 from llama_jax.attention import attention
 from llama_jax.config import LlamaConfig
 from llama_jax.quantize import QArray, QLayer
@@ -79,6 +80,19 @@ def _project(spec: str, x: jax.Array, w) -> jax.Array:
     if isinstance(w, (QArray, QLayer)):
         return w.matmul(x)
     return jnp.einsum(spec, x, w.astype(x.dtype))
+
+
+def _project_many(spec: str, x: jax.Array, ws) -> list[jax.Array]:
+    """x times several weights that contract its last axis (q/k/v, gate/up). Quantized weights that the
+    GPU kernel serves go through it in one launch; anything else is one `_project` each."""
+    if all(isinstance(w, QLayer) for w in ws) or all(isinstance(w, QArray) for w in ws):
+        stacks = tuple(w.stack if isinstance(w, QLayer) else w for w in ws)
+        x2 = x.reshape(-1, x.shape[-1])
+        if qmatmul.supported(stacks, x2):
+            layer = ws[0].index if isinstance(ws[0], QLayer) else None
+            outs = qmatmul.qmatmul(x2, stacks, layer)
+            return [o.astype(x.dtype).reshape(x.shape[:-1] + w.tail[w.split:]) for o, w in zip(outs, stacks)]
+    return [_project(spec, x, w) for w in ws]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,9 +159,7 @@ class Attention(nnx.Module):
         slots under `mask` [batch, seq, max_len], and return the updated (k, v) beside the output.
         Writing only the new tokens keeps a decode step's cache traffic to one read of the layer."""
         dt = x.dtype
-        q = _project("btd,dnh->btnh", x, self.q[...])
-        k = _project("btd,dkh->btkh", x, self.k[...])
-        v = _project("btd,dkh->btkh", x, self.v[...])
+        q, k, v = _project_many("btd,dnh->btnh", x, (self.q[...], self.k[...], self.v[...]))
         q = constrain(apply_rope(q, rope), ("batch", "seq", "heads", "head_dim"))
         k = constrain(apply_rope(k, rope), ("batch", "seq", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
@@ -170,8 +182,7 @@ class MLP(nnx.Module):
         self.down = _param(rngs, stack + (f, d), ("layers", "mlp", "embed"), dt)
 
     def __call__(self, x):
-        gate = _project("btd,df->btf", x, self.gate[...])
-        up = _project("btd,df->btf", x, self.up[...])
+        gate, up = _project_many("btd,df->btf", x, (self.gate[...], self.up[...]))
         h = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
         return _project("btf,fd->btd", h, self.down[...])
 

@@ -1,6 +1,7 @@
 """A fused dequantize-and-multiply GPU kernel (Pallas on Triton) for the few-row matmuls of decoding.
 
     out = qmatmul(x, q, layer)   # x [M, K] bfloat16 @ layer `layer` of q (QArray [L, K, N]) -> [M, N] float32
+    q, k, v = qmatmul(x, (wq, wk, wv), layer)   # weights sharing x and a scheme: one launch
 
 Left to XLA, `x @ q.dequantize()` writes the whole bf16 weight to HBM and reads it back, so a quantized
 decode step moves more bytes than a bf16 one. Here each program reads its [unit, bn] tile of integer
@@ -11,10 +12,15 @@ padded to 16 or more and go through the tensor cores as bf16.
 The kernel takes the whole stacked weight and a layer index: handing a custom call a slice of the stack
 would make XLA copy the slice first (the model's decode scan passes `QLayer`s, see quantize.py).
 
-Grid: N / bn column blocks x `split` parts of K (so that a [4096, 4096] weight still spreads over every
-SM); each program loops over its K part one `unit` of rows at a time (a scale group, or for per-channel
+Several weights that multiply the same x (q/k/v, gate/up) can run as one launch, their column blocks
+side by side. `supported` allows it for int4, where a [4096, 4096] weight alone must split K 32 ways to
+fill 132 SMs; for int8 one launch per weight measured faster (BENCHMARKS.md).
+
+Grid: (sum of N) / bn column blocks x `split` parts of K (so that a [4096, 4096] weight still spreads over
+every SM); each program loops over its K part one `unit` of rows at a time (a scale group, or for per-channel
 int8 a fixed tile). With split 1 a program's sum is final (per-channel scale applied in the kernel);
-otherwise each part is written as float32 [split, M, N] and XLA adds the parts up and scales them. Per group of g codes with scale s (and zero point z, else -8 s for symmetric int4; quantize.py):
+otherwise each part is written as float32 [split, M, N] and XLA adds the parts up and scales them.
+Per group of g codes with scale s (and zero point z, else -8 s for symmetric int4; quantize.py):
     x . w = s * (x . codes) + z * sum(x)
 """
 
@@ -24,6 +30,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 MAX_ROWS = 64  # larger matmuls (prefill) are compute-bound: XLA's dequantize-then-dot serves them
@@ -34,13 +41,9 @@ def _dot(a, b):
     return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
 
-def _kernel(layer_ref, x_ref, c_ref, s_ref, *rest, bits, unit, steps, grouped, has_zero, finish):
-    """Rows padded to >= 16: dequantize a [unit, bn] tile to bf16 and multiply on the tensor cores."""
-    z_ref, o_ref = (rest[0], rest[1]) if has_zero else (None, rest[0])
-    bn = o_ref.shape[-1]
-    l = layer_ref[0]
-    cols = pl.ds(pl.program_id(0) * bn, bn)
-    first = pl.program_id(1) * steps  # this program's first unit along K
+def _tc_sum(l, x_ref, c_ref, s_ref, z_ref, cols, first, *, bits, unit, steps, grouped, finish):
+    """Rows padded to >= 16: dequantize [unit, bn] tiles to bf16 and multiply on the tensor cores."""
+    bn = cols.size
 
     def body(t, acc):
         u = first + t
@@ -57,23 +60,19 @@ def _kernel(layer_ref, x_ref, c_ref, s_ref, *rest, bits, unit, steps, grouped, h
         part = _dot(x0, (b & 0x0F).astype(jnp.bfloat16)) + _dot(x1, (b >> 4).astype(jnp.bfloat16))
         xsum = (jnp.sum(x0.astype(jnp.float32), axis=1) + jnp.sum(x1.astype(jnp.float32), axis=1))[:, None]
         s = s_ref[l, u, cols].astype(jnp.float32)[None, :]
-        z = z_ref[l, u, cols].astype(jnp.float32)[None, :] if has_zero else -8.0 * s
+        z = z_ref[l, u, cols].astype(jnp.float32)[None, :] if z_ref is not None else -8.0 * s
         return acc + part * s + xsum * z
 
     acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((x_ref.shape[0], bn), jnp.float32))
     if finish and not grouped:  # K is not split: this is the whole sum, scale it here
         acc = acc * s_ref[l, 0, cols].astype(jnp.float32)[None, :]
-    o_ref[...] = acc
+    return acc
 
 
-def _row_kernel(layer_ref, x_ref, c_ref, s_ref, *rest, bits, unit, steps, grouped, has_zero, finish):
+def _row_sum(l, x_ref, c_ref, s_ref, z_ref, cols, first, *, bits, unit, steps, grouped, finish):
     """One row (batch-1 decoding): dequantize a tile to float32 and multiply-add it into a tile-shaped
     accumulator on the CUDA cores; the one reduction over rows comes at the end."""
-    z_ref, o_ref = (rest[0], rest[1]) if has_zero else (None, rest[0])
-    bn = o_ref.shape[-1]
-    l = layer_ref[0]
-    cols = pl.ds(pl.program_id(0) * bn, bn)
-    first = pl.program_id(1) * steps
+    bn = cols.size
     h = unit if bits == 8 else unit // 2  # rows of stored bytes per step
 
     def body(t, acc):
@@ -85,7 +84,7 @@ def _row_kernel(layer_ref, x_ref, c_ref, s_ref, *rest, bits, unit, steps, groupe
                 w = w * s_ref[l, u, cols].astype(jnp.float32)[None, :]
             return acc + x_ref[0, pl.ds(u * unit, unit)].astype(jnp.float32)[:, None] * w
         s = s_ref[l, u, cols].astype(jnp.float32)[None, :]
-        z = z_ref[l, u, cols].astype(jnp.float32)[None, :] if has_zero else -8.0 * s
+        z = z_ref[l, u, cols].astype(jnp.float32)[None, :] if z_ref is not None else -8.0 * s
         x0 = x_ref[0, pl.ds(u * unit, h)].astype(jnp.float32)[:, None]
         x1 = x_ref[0, pl.ds(u * unit + h, h)].astype(jnp.float32)[:, None]
         return acc + x0 * ((c & 0x0F).astype(jnp.float32) * s + z) + x1 * ((c >> 4).astype(jnp.float32) * s + z)
@@ -93,25 +92,57 @@ def _row_kernel(layer_ref, x_ref, c_ref, s_ref, *rest, bits, unit, steps, groupe
     acc = jnp.sum(jax.lax.fori_loop(0, steps, body, jnp.zeros((h, bn), jnp.float32)), axis=0)
     if finish and not grouped:
         acc = acc * s_ref[l, 0, cols].astype(jnp.float32)
-    o_ref[...] = acc[None, :]
+    return acc[None, :]
 
 
-def _pick(k_units: int, n: int, min_programs: int) -> tuple[int, int]:
-    """Column block and K split: at least `min_programs` programs, so that every SM stays busy."""
-    bn = next(b for b in (128, 64, 32, 16) if n % b == 0)
-    blocks = n // bn
+def _kernel(layer_ref, x_ref, *refs, blocks, has_zero, **kw):
+    """Column block j of the weights laid side by side: weight i owns blocks[i] <= j < blocks[i + 1]."""
+    o_ref = refs[-1]
+    per = 3 if has_zero else 2  # refs per weight: codes, scales(, zero points)
+    bn = o_ref.shape[-1]
+    j = pl.program_id(0)
+    first = pl.program_id(1) * kw["steps"]  # this program's first unit along K
+    total = _row_sum if o_ref.shape[-2] == 1 else _tc_sum
+    for i in range(len(blocks) - 1):
+        w = refs[per * i:per * (i + 1)]
+
+        def run(w=w, lo=blocks[i]):
+            cols = pl.ds((j - lo) * bn, bn)
+            o_ref[...] = total(layer_ref[0], x_ref, w[0], w[1], w[2] if has_zero else None, cols, first, **kw)
+
+        if len(blocks) == 2:
+            run()
+        else:
+            pl.when((j >= blocks[i]) & (j < blocks[i + 1]))(run)
+
+
+def _pick(k_units: int, ns, min_programs: int) -> tuple[int, int]:
+    """Column block (dividing every N) and K split: at least `min_programs` programs, so that every SM
+    stays busy."""
+    bn = next(b for b in (128, 64, 32, 16) if all(n % b == 0 for n in ns))
+    blocks = sum(ns) // bn
     split = next((d for d in range(1, k_units + 1) if k_units % d == 0 and blocks * d >= min_programs), k_units)
     return bn, split
 
 
 def supported(q, x) -> bool:
-    """Whether the kernel serves x @ q: a GPU, bf16 activations, few rows, K grouped along rows."""
+    """Whether the kernel serves x @ q (q a QArray, or a tuple of QArrays to run in one launch): a GPU,
+    bf16 activations, few rows, K grouped along rows, and for a tuple one scheme and K throughout."""
     if jax.default_backend() != "gpu" or jax.device_count() != 1 or x.dtype != jnp.bfloat16:
         return False
-    k, n = q.matrix_shape()
+    qs = tuple(q) if isinstance(q, (tuple, list)) else (q,)
+    k = qs[0].matrix_shape()[0]
     m = x.size // k
-    return (m <= MAX_ROWS and q.axis == -2 and n % 16 == 0 and q.values.shape[-2] * 8 // q.bits == k
-            and _unit(q, k) is not None)
+
+    def ok(w):
+        return (w.axis == -2 and w.matrix_shape()[0] == k and w.matrix_shape()[1] % 16 == 0
+                and w.values.shape[-2] * 8 // w.bits == k and _unit(w, k) is not None)
+
+    same = {(w.bits, w.group, w.zeros is None, w.values.ndim) for w in qs}
+    # Several int8 weights in one launch measured slower than one launch each (a 7B decode step on an
+    # H100: 4.37 against 4.22 ms), int4 faster (3.95 against 4.63 ms): BENCHMARKS.md.
+    one_launch_pays = len(qs) == 1 or qs[0].bits == 4
+    return m <= MAX_ROWS and len(same) == 1 and one_launch_pays and all(ok(w) for w in qs)
 
 
 def _unit(q, k: int, rows: int = 128) -> int | None:
@@ -124,32 +155,41 @@ def _unit(q, k: int, rows: int = 128) -> int | None:
 
 @functools.partial(jax.jit, static_argnames=("bn", "split", "rows", "num_warps", "num_stages", "interpret"))
 def qmatmul(x, q, layer=None, *, bn=None, split=None, rows=None, num_warps=None, num_stages=3, interpret=False):
-    """x [M, K] @ q (a 2-D QArray [K, N], or stacked [L, K, N] with `layer`) -> float32 [M, N].
-    bn, split, rows (K rows per step, per-channel int8), num_warps, num_stages: block settings; the
-    defaults are the best of a sweep on an H100 (bench/quantize_matvec.py --sweep, BENCHMARKS.md)."""
+    """x [M, K] @ q -> float32 [M, N]. q: a 2-D QArray [K, N], or a stacked one [L, K, N] with `layer`;
+    or a tuple of such QArrays with one K and scheme (q/k/v, gate/up), multiplied in one launch and
+    returned as a tuple. bn, split, rows (K rows per step, per-channel int8), num_warps, num_stages:
+    block settings; the defaults are the best of a sweep on an H100 (bench/quantize_matvec.py --sweep,
+    BENCHMARKS.md)."""
+    many = isinstance(q, (tuple, list))
+    qs = tuple(q) if many else (q,)
+    q0 = qs[0]
     m, k = x.shape
-    n = q.matrix_shape()[1]
-    values, scales, zeros = q.values, q.scales, q.zeros
-    if values.ndim == 2:  # one matrix: a stack of one (a reshape, no copy)
-        values, scales = values[None], scales[None]
-        zeros = None if zeros is None else zeros[None]
-        layer = 0
-    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    ns = [w.matrix_shape()[1] for w in qs]
+    args = []
+    for w in qs:
+        values, scales, zeros = w.values, w.scales, w.zeros
+        if values.ndim == 2:  # one matrix: a stack of one (a reshape, no copy)
+            values, scales, zeros = values[None], scales[None], None if zeros is None else zeros[None]
+        args += [values, scales] + ([] if zeros is None else [zeros])
+    layer = jnp.asarray(0 if q0.values.ndim == 2 else layer, jnp.int32).reshape(1)
     one_row = m == 1
-    unit = _unit(q, k, rows or (64 if one_row else 128))
-    grouped = q.bits == 4 or q.group < k
-    auto_bn, auto_split = _pick(k // unit, n, (2 if one_row and q.bits == 8 else 4) * _SMS)
+    unit = _unit(q0, k, rows or (64 if one_row else 128))
+    grouped = q0.bits == 4 or q0.group < k
+    import os
+    auto_bn, auto_split = _pick(k // unit, ns, (2 if one_row and q0.bits == 8 else 4) * _SMS)
     num_warps = num_warps or (8 if one_row else 4)
     bn, split = bn or auto_bn, split or auto_split
+    if any(n % bn for n in ns) or (k // unit) % split:
+        raise ValueError(f"qmatmul: bn={bn} must divide every N {ns} and split={split} the {k // unit} "
+                         f"units of K")
     mp = 1 if one_row else max(16, pl.next_power_of_2(m))  # the tensor cores want >= 16 rows
     xp = x.astype(jnp.bfloat16)
     if mp != m:
         xp = jnp.pad(xp, ((0, mp - m), (0, 0)))
-    args = [layer, xp, values, scales] + ([] if zeros is None else [zeros])
+    blocks = tuple(int(b) for b in np.cumsum([0] + [n // bn for n in ns]))
     finish = split == 1
-    kernel = functools.partial(_row_kernel if one_row else _kernel, bits=q.bits, unit=unit,
-                               steps=k // unit // split, grouped=grouped, has_zero=zeros is not None,
-                               finish=finish)
+    kernel = functools.partial(_kernel, blocks=blocks, has_zero=q0.zeros is not None, bits=q0.bits, unit=unit,
+                               steps=k // unit // split, grouped=grouped, finish=finish)
     kw = {}
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
@@ -157,14 +197,18 @@ def qmatmul(x, q, layer=None, *, bn=None, split=None, rows=None, num_warps=None,
         kw["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     parts = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((split, mp, n), jnp.float32),
-        grid=(n // bn, split),
-        in_specs=[pl.no_block_spec] * len(args),
+        out_shape=jax.ShapeDtypeStruct((split, mp, sum(ns)), jnp.float32),
+        grid=(blocks[-1], split),
+        in_specs=[pl.no_block_spec] * (2 + len(args)),
         out_specs=pl.BlockSpec((None, mp, bn), lambda j, s: (s, 0, j)),
         interpret=interpret,
         **kw,
-    )(*args)
+    )(layer, xp, *args)
     out = parts[0] if finish else parts.sum(0)
-    if not grouped and not finish:
-        out = out * scales[layer[0], 0].astype(jnp.float32)
-    return out[:m]
+    outs = []
+    for w, lo, n in zip(qs, np.cumsum([0] + ns), ns):
+        o = out[:m, lo:lo + n]
+        if not grouped and not finish:
+            o = o * w.scales[layer[0] if w.values.ndim == 3 else 0, 0].astype(jnp.float32)
+        outs.append(o)
+    return tuple(outs) if many else outs[0]

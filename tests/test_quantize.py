@@ -2,6 +2,8 @@
 against gguf's own dequantize, perplexity and the France prompt on real models, quantized decoding
 against float decoding of the same (dequantized) weights, sharding, and the 7B memory footprint."""
 
+import dataclasses
+
 import gguf
 import jax
 import jax.numpy as jnp
@@ -13,7 +15,7 @@ from checkpoints_convert.gguf import GGUFReader, _to_half_split
 from llama_jax import quantize as Q
 from llama_jax.checkpoint import params_from_reader
 from llama_jax.config import from_hf_config
-from llama_jax.generate import decode_step, prefill
+from llama_jax.generate import _step, decode_step, prefill
 from llama_jax.model import KVCache
 from llama_jax.sharding import make_mesh
 from llama_jax.tokenizer import load_tokenizer
@@ -278,6 +280,52 @@ def test_fused_gpu_kernel_equals_dequantized_matmul(rows, bits, group, zero_poin
             got = np.asarray(qmatmul(x, q, layer, split=split, interpret=True))
             assert got.shape == (rows, n)
             assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-5, (layer, split)
+
+
+@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("bits,group,zero_point", [(8, None, False), (4, 32, True)])
+def test_fused_gpu_kernel_runs_several_weights_in_one_launch(rows, bits, group, zero_point):
+    """q/k/v-like weights of different widths, given as a tuple: each output equals x @ dequantize(its
+    layer), whether K is split or not."""
+    from llama_jax.qmatmul import qmatmul
+
+    k = 128
+    ws = [Q.quantize(jax.random.normal(jax.random.key(i), (2, k, n)) * 0.02, bits, group, stacked=True,
+                     zero_point=zero_point) for i, n in enumerate((64, 32, 48))]
+    x = jax.random.normal(jax.random.key(9), (rows, k)).astype(jnp.bfloat16)
+    for split in (None, 1):
+        outs = qmatmul(x, tuple(ws), 1, split=split, interpret=True)
+        assert len(outs) == 3
+        for got, q in zip(outs, ws):
+            ref = np.asarray(x.astype(jnp.float32) @ q.take(1).dequantize())
+            assert got.shape == ref.shape
+            assert np.linalg.norm(np.asarray(got) - ref) / np.linalg.norm(ref) < 1e-5, split
+    with pytest.raises(ValueError, match="bn=64 must divide every N"):
+        qmatmul(x, tuple(ws), 1, bn=64, interpret=True)
+
+
+def test_decode_step_through_the_gpu_kernel_equals_dequantized_decode(monkeypatch):
+    """The model's decode step with the GPU kernel's dispatch taken (interpreted here): q/k/v and
+    gate/up in one launch each, o and down alone, every layer read from the stack. Its logits equal
+    the step on the dequantized float weights, up to the kernel's bf16 activations."""
+    from llama_jax import qmatmul
+
+    calls = []
+    real = qmatmul.qmatmul
+    monkeypatch.setattr(qmatmul, "supported", lambda q, x: True)
+    monkeypatch.setattr(qmatmul, "qmatmul", lambda x, q, layer=None: calls.append(q) or real(x, q, layer, interpret=True))
+    cfg = lj.PRESETS["tiny-gqa"].replace(ffn_dim=176)  # N a multiple of 16, as the kernel needs
+    params = lj.init_params(cfg, jax.random.key(3))
+    qp = Q.quantize_params(params, cfg, bits=8)
+    token, pos = jnp.asarray([5, 9], jnp.int32), jnp.asarray([3, 3], jnp.int32)
+    cache = KVCache.zeros(cfg, 2, 8, jnp.float32)
+    cache = dataclasses.replace(cache, index=jnp.int32(3), valid=cache.valid.at[:, :3].set(True))
+    got, _ = _step(qp, token, pos, cache, cfg)  # not jitted: traced here, with the dispatch patched
+    ref, _ = _step(Q.dequantize_params(qp), token, pos, cache, cfg)
+    # one trace of the scan body: (q, k, v) and (gate, up) as tuples, o and down alone
+    assert [len(q) if isinstance(q, tuple) else 1 for q in calls] == [3, 1, 2, 1]
+    scale = np.abs(np.asarray(ref)).max()
+    assert np.abs(np.asarray(got) - np.asarray(ref)).max() < 1e-2 * scale
 
 
 def test_quantized_matmul_of_a_layer_of_the_stack():
