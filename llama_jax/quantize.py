@@ -9,8 +9,9 @@ int4, optionally a zero point) per group of weights along the contraction axis.
 A quantized weight is a `QArray`, a pytree node standing where the float array stood, so under jit the
 integer codes are what lives in memory. The model multiplies by a weight through `QArray.matmul`: on
 one GPU, few-row bf16 products (decoding) run the fused dequantize-and-multiply kernel of qmatmul.py,
-which reads the codes straight from HBM; everywhere else the weight is dequantized next to an XLA dot
-(XLA on an H100 does not fuse the two: it writes the bf16 weight out and reads it back). `.astype`
+which reads the codes straight from HBM, and on the CPU few-row float32 ones run the native kernel of
+cpu_qmatmul.py; everywhere else the weight is dequantized next to an XLA dot (XLA on an H100 does not
+fuse the two: it writes the bf16 weight out and reads it back). `.astype`
 dequantizes, for code that wants the float weight. The decode scan hands the model `QLayer`s (a layer
 of the stack, not yet sliced), because XLA would copy a slice passed to the kernel.
 
@@ -114,15 +115,18 @@ class QArray:
 
     def matmul(self, x: jax.Array, layer: jax.Array | None = None) -> jax.Array:
         """x [..., *tail[:split]] times this weight (layer `layer` of a stacked one) -> [..., *tail[split:]]
-        in x's dtype. Few-row bf16 products on one GPU run the fused kernel of qmatmul.py; the rest
-        dequantize next to an XLA dot."""
-        from llama_jax import qmatmul
+        in x's dtype. Few-row bf16 products on one GPU run the fused kernel of qmatmul.py, few-row
+        float32 ones on the CPU the native kernel of cpu_qmatmul.py; the rest dequantize next to an
+        XLA dot."""
+        from llama_jax import cpu_qmatmul, qmatmul
 
         k, n = self.matrix_shape()
         lead = x.shape[:x.ndim - self.split]
         x2 = x.reshape(-1, k)
         if qmatmul.supported(self, x2):
             out = qmatmul.qmatmul(x2, self, layer)
+        elif cpu_qmatmul.supported(self, x2):
+            out = cpu_qmatmul.qmatmul_cpu(x2, self, layer)
         else:
             q = self if layer is None else self.take(layer)
             out = jnp.dot(x2, q.dequantize(x.dtype).reshape(k, n), preferred_element_type=jnp.float32)

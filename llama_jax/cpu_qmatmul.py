@@ -1,0 +1,148 @@
+"""A native quantized matmul for XLA's CPU backend (csrc/qmatmul_cpu.cc, called through the XLA FFI).
+
+    out = qmatmul_cpu(x, q, layer)   # x [M, K] float32 @ layer `layer` of q (QArray [L, K, N]) -> [M, N] float32
+
+Left to XLA, `x @ q.dequantize()` writes every weight out as float32 and then runs a float matvec; the
+kernel decodes the codes in registers instead (per int4 group: s * x . (codes - 8) + (z + 8 s) * sum(x)),
+on XLA's intra-op thread pool. Like qmatmul.py (the GPU kernel) it takes the whole stacked weight and a layer
+index, so the decode scan's QLayers reach it without a copy.
+
+The library is compiled on first use with the system C++ compiler (c++ or g++) against jaxlib's FFI
+headers, for the CPU's vector ISA (x86-64-v4 with AVX-512, v3 with AVX2 + FMA, else the compiler's
+default; never -march=native, which may pick extensions a sandbox forbids), into the cache folder of
+llama_jax.checkpoint (LLAMA_JAX_CACHE, ~/.cache/llama-jax) under a name that hashes the source, the
+flags and the jaxlib version. Without a compiler, when the build fails, or with LLAMA_JAX_NATIVE=0,
+`supported` says False (after one warning) and QArray.matmul falls back to dequantize-then-dot.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TARGET = "llama_jax_qmatmul_cpu"
+SOURCE = Path(__file__).parent / "csrc" / "qmatmul_cpu.cc"
+# Where the kernel beats XLA's dequantize-then-dot (measured on 2 cores): up to ~32 rows (more: prompts,
+# where XLA's float dot catches up) and from ~16K weights (stories260K's 64 x 172 is as fast in XLA,
+# which fuses the dequantization into its dot, as a custom call is).
+MAX_ROWS = 32
+MIN_WEIGHTS = 1 << 14
+
+
+def _isa_flags() -> list[str]:
+    try:
+        flags = set()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        return []
+    if {"avx512f", "avx512bw", "avx512vl"} <= flags:
+        return ["-march=x86-64-v4"]
+    if {"avx2", "fma"} <= flags:
+        return ["-march=x86-64-v3"]
+    return []
+
+
+def _build() -> Path:
+    """The compiled library (built now unless the cache holds it); raises on failure."""
+    import jaxlib
+
+    from llama_jax.checkpoint import cache_dir
+
+    cxx = next((c for c in (os.environ.get("CXX"), "c++", "g++") if c and shutil.which(c)), None)
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (c++ or g++) on PATH")
+    flags = ["-O3", "-shared", "-fPIC", "-std=c++17", *_isa_flags()]
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join([cxx] + flags).encode() + jaxlib.__version__.encode()).hexdigest()[:16]
+    out = cache_dir() / "native" / f"qmatmul_cpu-{key}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Compiled to a temporary name and renamed: an interrupted build never leaves a half-written library,
+    # and two processes building at once each rename a whole one.
+    fd, tmp = tempfile.mkstemp(suffix=".so", prefix=".qmatmul_cpu-", dir=out.parent)
+    os.close(fd)
+    try:
+        cmd = [cxx, *flags, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            errors = [line for line in r.stderr.splitlines() if "error" in line] or r.stderr.splitlines()
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n" + "\n".join(errors[:20]))
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def available() -> bool:
+    """Whether the kernel can run: not switched off by LLAMA_JAX_NATIVE=0, built and registered with
+    XLA (once per process). When it cannot, says why once."""
+    if os.environ.get("LLAMA_JAX_NATIVE", "1") == "0":
+        _warn("LLAMA_JAX_NATIVE=0: quantized matmuls on the CPU dequantize next to an XLA dot (slower) "
+              "instead of running the native kernel")
+        return False
+    return _load()
+
+
+@functools.cache
+def _load() -> bool:
+    try:
+        import ctypes
+
+        lib = ctypes.cdll.LoadLibrary(str(_build()))
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.LlamaJaxQMatmulCpu), platform="cpu")
+    except Exception as e:  # noqa: BLE001 - any failure means: fall back, and say why
+        _warn(f"the native CPU quantized matmul is unavailable, so quantized matmuls on the CPU dequantize "
+              f"next to an XLA dot (slower); LLAMA_JAX_NATIVE=0 silences this. Reason: {e}")
+        return False
+    return True
+
+
+@functools.cache  # once per message
+def _warn(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def supported(q, x) -> bool:
+    """Whether the kernel serves x @ q: the CPU backend, float32 activations, few rows, a weight that is
+    not tiny, grouped along K (the rows of the stored matrix) with no padding."""
+    if jax.default_backend() != "cpu" or x.dtype != jnp.float32:
+        return False
+    k, n = q.matrix_shape()
+    ok = (q.axis == -2 and x.size // max(k, 1) <= MAX_ROWS and k * n >= MIN_WEIGHTS
+          and q.values.shape[-2] * 8 // q.bits == k
+          and k % q.group == 0 and (q.bits == 8 or q.group % 2 == 0)
+          and jnp.dtype(q.scales.dtype) in (jnp.float32, jnp.float16, jnp.bfloat16))
+    return ok and available()
+
+
+def qmatmul_cpu(x, q, layer=None):
+    """x [M, K] float32 @ q (a 2-D QArray [K, N], or stacked [L, K, N] with `layer`) -> float32 [M, N]."""
+    if not available():
+        raise RuntimeError("the native CPU quantized matmul is unavailable (see the warning above)")
+    m, k = x.shape
+    n = q.matrix_shape()[1]
+    values, scales, zeros = q.values, q.scales, q.zeros
+    if values.ndim == 2:  # one matrix: a stack of one (a reshape, no copy)
+        values, scales = values[None], scales[None]
+        zeros = None if zeros is None else zeros[None]
+        layer = 0
+    if zeros is None:  # the kernel reads an empty operand as "no zero point"
+        zeros = jnp.zeros((0,), scales.dtype)
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")
+    return call(x, values, scales, zeros, layer, bits=np.int64(q.bits), group=np.int64(q.group))

@@ -1,0 +1,94 @@
+"""The native CPU quantized matmul (llama_jax/cpu_qmatmul.py, csrc/qmatmul_cpu.cc) against
+x @ q.dequantize() in float32, and QArray.matmul's use of it (and fallback). The model-level checks
+(SmolLM2 kept quantized still says " Paris"; quantized decode equals dequantized decode) are in
+test_quantize.py, which runs through this kernel on the CPU."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llama_jax import cpu_qmatmul
+from llama_jax import quantize as Q
+
+SCHEMES = [  # bits, group, zero point
+    (8, None, False),  # per output channel
+    (8, 32, False),
+    (4, 32, False),  # Q4_0-like
+    (4, 64, False),
+    (4, 32, True),  # Q4_1-like
+]
+
+
+def _close(out, ref, rtol=1e-5):
+    out, ref = np.asarray(out), np.asarray(ref)
+    assert out.shape == ref.shape and out.dtype == np.float32
+    # Relative to the output's scale: the kernel sums in another order than XLA's dot.
+    np.testing.assert_allclose(out, ref, rtol=0, atol=rtol * float(np.abs(ref).max()))
+
+
+def _weights(shape, seed=0):
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("bits,group,zero_point", SCHEMES)
+def test_kernel_equals_dequantized_matmul(rows, bits, group, zero_point):
+    # N = 200: 64-column tiles, a 16-column tile and an 8-column scalar tail.
+    q = Q.quantize(_weights((192, 200)), bits, group, zero_point=zero_point)
+    x = _weights((rows, 192), seed=1)
+    assert cpu_qmatmul.supported(q, x)
+    _close(jax.jit(cpu_qmatmul.qmatmul_cpu)(x, q), x @ q.dequantize())
+
+
+@pytest.mark.parametrize("scale_dtype", ["bfloat16", "float32"])
+def test_scales_stored_in_other_dtypes(scale_dtype):
+    q = Q.quantize(_weights((128, 96)), 4, 32, zero_point=True, scale_dtype=scale_dtype)  # N = 96: 64 + 32
+    x = _weights((5, 128), seed=1)
+    _close(cpu_qmatmul.qmatmul_cpu(x, q), x @ q.dequantize())
+
+
+def test_layer_of_a_stack_and_quantized_matmul_uses_the_kernel():
+    w = _weights((2, 128, 4, 32))  # a stacked q-like weight [layers, D, H, hd]
+    q = Q.quantize(w, 4, 32, split=1, stacked=True, zero_point=True)
+    x = _weights((1, 2, 128), seed=1)  # [batch, seq, D]
+    f = jax.jit(lambda x, q, i: q.matmul(x, i))
+    for i in (0, 1):
+        out = f(x, q, jnp.int32(i))
+        assert out.shape == (1, 2, 4, 32)
+        _close(out, jnp.einsum("btd,dhk->bthk", x, q.take(i).dequantize()))
+    assert cpu_qmatmul.TARGET in f.lower(x, q, jnp.int32(0)).as_text()
+    # QLayer (the decode scan's view of a layer) reaches the kernel with the whole stack.
+    _close(Q.QLayer(q, jnp.int32(1)).matmul(x), jnp.einsum("btd,dhk->bthk", x, q.take(1).dequantize()))
+
+
+def test_switched_off_falls_back_to_the_dequantized_dot(monkeypatch):
+    q = Q.quantize(_weights((128, 128)), 8, None)
+    x = _weights((1, 128), seed=1)
+    assert cpu_qmatmul.supported(q, x)
+    monkeypatch.setenv("LLAMA_JAX_NATIVE", "0")
+    cpu_qmatmul._warn.cache_clear()  # it warns once a process
+    with pytest.warns(RuntimeWarning, match="LLAMA_JAX_NATIVE=0"):
+        assert not cpu_qmatmul.supported(q, x)
+    f = jax.jit(lambda x, q: q.matmul(x))
+    assert cpu_qmatmul.TARGET not in f.lower(x, q).as_text()
+    _close(f(x, q), x @ q.dequantize())
+
+
+def test_unsupported_cases_are_refused():
+    q, x = Q.quantize(_weights((128, 128)), 8, None), _weights((1, 128))
+    assert cpu_qmatmul.supported(q, x)
+    assert not cpu_qmatmul.supported(q, x.astype(jnp.bfloat16))
+    assert not cpu_qmatmul.supported(q, _weights((100, 128)))  # many rows: XLA's dot is as fast
+    assert not cpu_qmatmul.supported(Q.quantize(_weights((64, 64)), 8, None), x[:, :64])  # tiny: likewise
+    assert not cpu_qmatmul.supported(Q.quantize(_weights((176, 128)), 4, 32), _weights((1, 176)))  # K padded
+    assert not cpu_qmatmul.supported(Q.quantize(_weights((128, 128)), 4, 32, axis=-1), x)  # grouped along N
+
+
+def test_a_failed_build_leaves_no_library(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLAMA_JAX_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    with pytest.raises(RuntimeError, match="failed"):
+        cpu_qmatmul._build()
+    assert not list((tmp_path / "native").iterdir())
+
