@@ -1,11 +1,14 @@
 """A native quantized matmul for XLA's CPU backend (csrc/qmatmul_cpu.cc, called through the XLA FFI).
 
     out = qmatmul_cpu(x, q, layer)   # x [M, K] float32 @ layer `layer` of q (QArray [L, K, N]) -> [M, N] float32
+    out = qmatmul_rows_cpu(x, q)     # x [M, D] float32 @ q.T, q a QArray [V, D] grouped along D -> [M, V]
 
 Left to XLA, `x @ q.dequantize()` writes every weight out as float32 and then runs a float matvec; the
 kernel decodes the codes in registers instead (per int4 group: s * x . (codes - 8) + (z + 8 s) * sum(x)),
 on XLA's intra-op thread pool. Like qmatmul.py (the GPU kernel) it takes the whole stacked weight and a layer
-index, so the decode scan's QLayers reach it without a copy.
+index, so the decode scan's QLayers reach it without a copy. The second form is the tied lm_head: the
+embedding [V, D] is grouped along D (quantize.py), so each logit is x times one contiguous row of codes;
+a transpose would have XLA copy every code on every call.
 
 The library is compiled on first use with the system C++ compiler (c++ or g++) against jaxlib's FFI
 headers, for the CPU's vector ISA (x86-64-v4 with AVX-512, v3 with AVX2 + FMA, else the compiler's
@@ -31,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 TARGET = "llama_jax_qmatmul_cpu"
+ROWS_TARGET = "llama_jax_qmatmul_rows_cpu"
 SOURCE = Path(__file__).parent / "csrc" / "qmatmul_cpu.cc"
 # Where the kernel beats XLA's dequantize-then-dot (measured on 2 cores): up to ~32 rows (more: prompts,
 # where XLA's float dot catches up) and from ~16K weights (stories260K's 64 x 172 is as fast in XLA,
@@ -105,6 +109,7 @@ def _load() -> bool:
 
         lib = ctypes.cdll.LoadLibrary(str(_build()))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.LlamaJaxQMatmulCpu), platform="cpu")
+        jax.ffi.register_ffi_target(ROWS_TARGET, jax.ffi.pycapsule(lib.LlamaJaxQMatmulRowsCpu), platform="cpu")
     except Exception as e:  # noqa: BLE001 - any failure means: fall back, and say why
         _warn(f"the native CPU quantized matmul is unavailable, so quantized matmuls on the CPU dequantize "
               f"next to an XLA dot (slower); LLAMA_JAX_NATIVE=0 silences this. Reason: {e}")
@@ -128,6 +133,33 @@ def supported(q, x) -> bool:
           and k % q.group == 0 and (q.bits == 8 or q.group % 2 == 0)
           and jnp.dtype(q.scales.dtype) in (jnp.float32, jnp.float16, jnp.bfloat16))
     return ok and available()
+
+
+def supported_rows(q, x) -> bool:
+    """Whether the kernel serves x @ q.T: as `supported`, for a 2-D weight [V, D] grouped along D (its
+    columns) in groups of whole vectors (16 codes; 32 for int4, whose bytes hold two of a group's codes)."""
+    if jax.default_backend() != "cpu" or x.dtype != jnp.float32 or q.values.ndim != 2:
+        return False
+    v, d = q.matrix_shape()
+    ok = (q.axis == -1 and x.size // max(d, 1) <= MAX_ROWS and v * d >= MIN_WEIGHTS
+          and q.values.shape[-1] * 8 // q.bits == d and d % q.group == 0 and q.group % (16 if q.bits == 8 else 32) == 0
+          and jnp.dtype(q.scales.dtype) in (jnp.float32, jnp.float16, jnp.bfloat16))
+    return ok and available()
+
+
+def _operands(q):
+    """q's codes and scales, and its zero points or an empty array (the kernel's "none")."""
+    zeros = jnp.zeros((0,), q.scales.dtype) if q.zeros is None else q.zeros
+    return q.values, q.scales, zeros
+
+
+def qmatmul_rows_cpu(x, q):
+    """x [M, D] float32 @ q.T (q a 2-D QArray [V, D] grouped along D) -> float32 [M, V]."""
+    if not available():
+        raise RuntimeError("the native CPU quantized matmul is unavailable (see the warning above)")
+    call = jax.ffi.ffi_call(ROWS_TARGET, jax.ShapeDtypeStruct((x.shape[0], q.matrix_shape()[0]), jnp.float32),
+                            vmap_method="sequential")
+    return call(x, *_operands(q), bits=np.int64(q.bits), group=np.int64(q.group))
 
 
 def qmatmul_cpu(x, q, layer=None):

@@ -262,8 +262,13 @@ class Llama(nnx.Module):
         x = self.norm(x)
         if return_hidden:
             return x, cache
-        head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        logits = jnp.einsum("btd,dv->btv", x, head.astype(cdt), preferred_element_type=jnp.float32)
+        head = self.embed[...] if cfg.tie_embeddings else self.lm_head[...]
+        if isinstance(head, QArray):  # quantized: its codes go to the kernels as they lie (float32 logits)
+            logits = (head.matmul_transposed(x, jnp.float32) if cfg.tie_embeddings
+                      else head.matmul(x, out_dtype=jnp.float32))
+        else:
+            head = head.T if cfg.tie_embeddings else head
+            logits = jnp.einsum("btd,dv->btv", x, head.astype(cdt), preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "seq", "vocab")), cache
 
     def _run_with_cache(self, x, rope, cache, token_mask, graphdef, stacked, unroll):

@@ -19,7 +19,9 @@ Layout. A QArray stores its weight as a matrix [*layers, K, N], K the contractio
 the output axis, merging the head axes: q/k/v [D, H, hd] -> [D, H*hd], o [H, hd, D] -> [H*hd, D] (so an
 int4 group may span heads when head_dim is smaller than the group). The embedding [V, D] is grouped
 along D, its last axis (axis=-1), so that its transpose is the tied lm_head grouped along its
-contraction axis. `shape` is the logical shape; `.astype` reshapes to it.
+contraction axis; `matmul_transposed` multiplies by that transpose without forming it (on the CPU, the
+native kernel's row form reads each logit's row of codes in place). `shape` is the logical shape;
+`.astype` reshapes to it.
 
 Schemes (value = what a code decodes to; s = scale, z = zero point, per group of `group` codes):
   int8  codes q in [-127, 127]              value = q * s        per output channel (group = K) or groups
@@ -113,11 +115,11 @@ class QArray:
         """Layer `layer` of a stacked QArray, as a QArray of its own."""
         return jax.tree.map(lambda a: a[layer], self)
 
-    def matmul(self, x: jax.Array, layer: jax.Array | None = None) -> jax.Array:
+    def matmul(self, x: jax.Array, layer: jax.Array | None = None, out_dtype=None) -> jax.Array:
         """x [..., *tail[:split]] times this weight (layer `layer` of a stacked one) -> [..., *tail[split:]]
-        in x's dtype. Few-row bf16 products on one GPU run the fused kernel of qmatmul.py, few-row
-        float32 ones on the CPU the native kernel of cpu_qmatmul.py; the rest dequantize next to an
-        XLA dot."""
+        in out_dtype (default x's dtype; every path sums in float32, so float32 logits lose nothing).
+        Few-row bf16 products on one GPU run the fused kernel of qmatmul.py, few-row float32 ones on the
+        CPU the native kernel of cpu_qmatmul.py; the rest dequantize next to an XLA dot."""
         from llama_jax import cpu_qmatmul, qmatmul
 
         k, n = self.matrix_shape()
@@ -130,7 +132,24 @@ class QArray:
         else:
             q = self if layer is None else self.take(layer)
             out = jnp.dot(x2, q.dequantize(x.dtype).reshape(k, n), preferred_element_type=jnp.float32)
-        return out.astype(x.dtype).reshape(lead + tuple(self.tail[self.split:]))
+        return out.astype(out_dtype or x.dtype).reshape(lead + tuple(self.tail[self.split:]))
+
+    def matmul_transposed(self, x: jax.Array, out_dtype=None) -> jax.Array:
+        """x [..., D] times the transpose of this 2-D weight [V, D] -> [..., V] in out_dtype (default x's
+        dtype): the tied lm_head from the embedding. Few-row float32 products on the CPU run the native
+        kernel's row form, which reads the codes where they lie (`self.T.matmul` would have XLA copy them
+        transposed on every call); the rest dequantize next to an XLA dot."""
+        from llama_jax import cpu_qmatmul
+
+        if self.values.ndim != 2 or len(self.tail) != 2:
+            raise ValueError("matmul_transposed is for 2-D weights only")
+        v, d = self.tail
+        x2 = x.reshape(-1, d)
+        if cpu_qmatmul.supported_rows(self, x2):
+            out = cpu_qmatmul.qmatmul_rows_cpu(x2, self)
+        else:
+            out = jnp.dot(x2, self.dequantize(x.dtype).T, preferred_element_type=jnp.float32)
+        return out.astype(out_dtype or x.dtype).reshape(x.shape[:-1] + (v,))
 
     # -- decoding ---------------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """The native CPU quantized matmul (llama_jax/cpu_qmatmul.py, csrc/qmatmul_cpu.cc) against
-x @ q.dequantize() in float32, and QArray.matmul's use of it (and fallback). The model-level checks
+x @ q.dequantize() in float32 (and its row form against x @ q.dequantize().T), QArray.matmul's and
+QArray.matmul_transposed's use of them (and fallback), and the model's quantized lm_head. The model-level checks
 (SmolLM2 kept quantized still says " Paris"; quantized decode equals dequantized decode) are in
 test_quantize.py, which runs through this kernel on the CPU."""
 
@@ -8,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import llama_jax as lj
 from llama_jax import cpu_qmatmul
 from llama_jax import quantize as Q
 
@@ -83,6 +85,85 @@ def test_unsupported_cases_are_refused():
     assert not cpu_qmatmul.supported(Q.quantize(_weights((64, 64)), 8, None), x[:, :64])  # tiny: likewise
     assert not cpu_qmatmul.supported(Q.quantize(_weights((176, 128)), 4, 32), _weights((1, 176)))  # K padded
     assert not cpu_qmatmul.supported(Q.quantize(_weights((128, 128)), 4, 32, axis=-1), x)  # grouped along N
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("bits,group,zero_point", SCHEMES)
+def test_row_kernel_equals_dequantized_matmul_transposed(rows, bits, group, zero_point):
+    # An embedding-like weight [V, D] grouped along D. V = 203: tiles of four rows and three single rows.
+    q = Q.quantize(_weights((203, 192)), bits, group, axis=-1, zero_point=zero_point)
+    x = _weights((rows, 192), seed=1)
+    assert cpu_qmatmul.supported_rows(q, x)
+    _close(jax.jit(cpu_qmatmul.qmatmul_rows_cpu)(x, q), x @ q.dequantize().T)
+
+
+def test_row_kernel_with_other_scale_dtypes_and_through_matmul_transposed():
+    q = Q.quantize(_weights((256, 128)), 4, 32, axis=-1, zero_point=True, scale_dtype="bfloat16")
+    x = _weights((2, 5, 128), seed=1)  # [batch, seq, D]
+    f = jax.jit(lambda x, q: q.matmul_transposed(x))
+    assert cpu_qmatmul.ROWS_TARGET in f.lower(x, q).as_text()
+    out = f(x, q)
+    assert out.shape == (2, 5, 256)
+    _close(out, x @ q.dequantize().T)
+    q32 = Q.quantize(_weights((256, 128)), 8, 32, axis=-1, scale_dtype="float32")
+    _close(cpu_qmatmul.qmatmul_rows_cpu(x[0], q32), x[0] @ q32.dequantize().T)
+
+
+def test_row_kernel_refuses_what_it_does_not_serve():
+    q, x = Q.quantize(_weights((256, 128)), 8, 32, axis=-1), _weights((1, 128))
+    assert cpu_qmatmul.supported_rows(q, x)
+    assert not cpu_qmatmul.supported_rows(q, x.astype(jnp.bfloat16))
+    assert not cpu_qmatmul.supported_rows(q, _weights((40, 128)))  # many rows
+    assert not cpu_qmatmul.supported_rows(Q.quantize(_weights((256, 128)), 8, 32), x)  # grouped along V
+    assert not cpu_qmatmul.supported_rows(Q.quantize(_weights((256, 200)), 8, 32, axis=-1), _weights((1, 200)))  # D padded
+    assert not cpu_qmatmul.supported_rows(Q.quantize(_weights((256, 200)), 8, None, axis=-1), _weights((1, 200)))  # not whole vectors
+    # Where the kernel does not serve it, matmul_transposed is the dequantized product all the same.
+    xb = _weights((1, 128), seed=2).astype(jnp.bfloat16)
+    out = q.matmul_transposed(xb, jnp.float32)
+    assert out.dtype == jnp.float32
+    _close(out, xb.astype(jnp.float32) @ q.dequantize(jnp.bfloat16).astype(jnp.float32).T)
+
+
+# A tied model whose embedding (512 x 64) is big enough for the kernel; the layers too.
+TIED = lj.PRESETS["tiny"].replace(vocab_size=512, tie_embeddings=True)
+
+
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 32)])
+def test_tied_quantized_head_runs_the_row_kernel_and_equals_the_dequantized_model(bits, group):
+    params = lj.init_params(TIED, jax.random.key(0))
+    qp = Q.quantize_params(params, TIED, bits=bits, group=group, include_embeddings=True)
+    embed = qp["embed"]
+    assert isinstance(embed, Q.QArray) and "lm_head" not in qp
+    tokens = jnp.asarray([[1, 7, 300, 511]], jnp.int32)
+    assert cpu_qmatmul.supported_rows(embed, _weights((tokens.size, TIED.dim)))
+    f = jax.jit(lambda p, t: lj.forward(p, t, TIED))
+    text = f.lower(qp, tokens).as_text()
+    assert cpu_qmatmul.ROWS_TARGET in text
+    # The tied head does not transpose the codes: no [D, V] copy of them in the program.
+    assert f"tensor<{TIED.dim}x{TIED.vocab_size}xi" not in text
+    logits = f(qp, tokens)
+    assert logits.dtype == jnp.float32 and logits.shape == (1, 4, TIED.vocab_size)
+    ref = lj.forward(Q.dequantize_params(qp), tokens, TIED)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_untied_quantized_head_runs_the_kernel_with_float32_logits():
+    cfg = lj.PRESETS["tiny"]  # untied: lm_head [64, 256], grouped along D like any linear weight
+    params = lj.init_params(cfg, jax.random.key(0))
+    qp = Q.quantize_params(params, cfg, bits=8, include_embeddings=True)
+    tokens = jnp.asarray([[1, 7, 200]], jnp.int32)
+    f = jax.jit(lambda p, t: lj.forward(p, t, cfg))
+    assert cpu_qmatmul.supported(qp["lm_head"], _weights((3, cfg.dim)))
+    assert cpu_qmatmul.TARGET in f.lower(qp, tokens).as_text()
+    np.testing.assert_allclose(np.asarray(f(qp, tokens)), np.asarray(lj.forward(Q.dequantize_params(qp), tokens, cfg)),
+                               rtol=1e-5, atol=1e-5)
+    # bfloat16 compute (no kernel on the CPU): the logits stay float32, as for float weights, untied and tied.
+    for c in (cfg.replace(compute_dtype="bfloat16"), TIED.replace(compute_dtype="bfloat16")):
+        p = Q.quantize_params(lj.init_params(c, jax.random.key(1)), c, bits=8, include_embeddings=True)
+        logits = lj.forward(p, tokens, c)
+        assert logits.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(lj.forward(Q.dequantize_params(p), tokens, c)),
+                                   rtol=1e-6, atol=1e-6)
 
 
 def test_a_failed_build_leaves_no_library(monkeypatch, tmp_path):

@@ -26,6 +26,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -246,19 +247,47 @@ void Chunk(const Problem& p, int64_t c0, int64_t c1) {
   if (vec_end < c1) Scalar(p, std::max(c0, vec_end), c1);
 }
 
-// Chunks claimed from an atomic counter by the caller and the pool's tasks (see the top comment).
+// Chunks [i * chunk, min(n, (i + 1) * chunk)) of `work` claimed from an atomic counter by the caller and
+// the pool's tasks (see the top comment).
 struct Shared {
-  Problem p;
-  int64_t chunk, chunks;
+  std::function<void(int64_t, int64_t)> work;
+  int64_t n, chunk, chunks;
   std::atomic<int64_t> next{0};
   std::mutex mu;
   std::condition_variable cv;
   int active = 0;  // tasks that have started and not yet finished (guarded by mu)
 
   void Work() {
-    for (int64_t i; (i = next.fetch_add(1)) < chunks;) Chunk(p, i * chunk, std::min(p.n, (i + 1) * chunk));
+    for (int64_t i; (i = next.fetch_add(1)) < chunks;) work(i * chunk, std::min(n, (i + 1) * chunk));
   }
 };
+
+// Runs `work` over [0, n) in chunks of `chunk`, on the caller and up to `tasks` pool tasks; returns when
+// every chunk is done. A task that starts later finds no chunk left and never calls `work`, so `work` may
+// refer to the caller's locals.
+void Parallel(ffi::ThreadPool& pool, int64_t n, int64_t chunk, int64_t tasks,
+              std::function<void(int64_t, int64_t)> work) {
+  auto sh = std::make_shared<Shared>();
+  sh->work = std::move(work);
+  sh->n = n;
+  sh->chunk = chunk;
+  sh->chunks = (n + chunk - 1) / chunk;
+  for (int64_t t = 0; t < std::min(tasks, sh->chunks - 1); ++t) {
+    pool.Schedule([sh] {  // holds `sh`: a task that starts after the call returned finds no work left
+      {
+        std::lock_guard<std::mutex> lock(sh->mu);
+        ++sh->active;
+      }
+      sh->Work();
+      std::lock_guard<std::mutex> lock(sh->mu);
+      if (--sh->active == 0) sh->cv.notify_all();
+    });
+  }
+  sh->Work();
+  // Every chunk is claimed; wait for the tasks still working on theirs (they registered before claiming).
+  std::unique_lock<std::mutex> lock(sh->mu);
+  sh->cv.wait(lock, [&] { return sh->active == 0; });
+}
 
 ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes,
                        ffi::AnyBuffer scales, ffi::AnyBuffer zeros, ffi::Buffer<ffi::S32> layer,
@@ -288,14 +317,13 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
       xsum[r * groups + gi] = acc;
     }
 
-  auto sh = std::make_shared<Shared>();
-  sh->p = Problem{x.typed_data(), static_cast<const uint8_t*>(codes.untyped_data()) + li * cd[1] * n,
-                  &scales, has_zero ? &zeros : nullptr, li * groups * n, xsum.data(), out->typed_data(),
-                  m, k, n, group, bits, group};
+  Problem p{x.typed_data(), static_cast<const uint8_t*>(codes.untyped_data()) + li * cd[1] * n,
+            &scales, has_zero ? &zeros : nullptr, li * groups * n, xsum.data(), out->typed_data(),
+            m, k, n, group, bits, group};
   // A long int8 group (per channel: all of K) is walked in parts, each scaled on its own.
   for (int64_t u : {64, 32, 16})
     if (group > 128 && group % u == 0) {
-      sh->p.unit = u;
+      p.unit = u;
       break;
     }
   // About four chunks a thread (whole 64-column tiles when N allows), so uneven progress evens out.
@@ -306,23 +334,151 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
   int64_t chunk = (n + 4 * (tasks + 1) - 1) / (4 * (tasks + 1));
   chunk = (chunk + 4 * kLanes - 1) / (4 * kLanes) * (4 * kLanes);
   if (tasks && chunk * (tasks + 1) > n) chunk = std::max<int64_t>(kLanes, (n / (tasks + 1)) / kLanes * kLanes);
-  sh->chunk = chunk;
-  sh->chunks = (n + chunk - 1) / chunk;
-  for (int64_t t = 0; t < std::min(tasks, sh->chunks - 1); ++t) {
-    pool.Schedule([sh] {  // holds `sh`: a task that starts after the call returned finds no work left
-      {
-        std::lock_guard<std::mutex> lock(sh->mu);
-        ++sh->active;
+  Parallel(pool, n, chunk, tasks, [&p](int64_t c0, int64_t c1) { Chunk(p, c0, c1); });
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The row layout: out[M, V] = x[M, D] @ W^T for W [V, D] grouped along D (the embedding, as the tied
+// lm_head). Each output is the dot product of x with one contiguous row of codes, so the rows are
+// walked in order (one sequential stream per row of a tile, which the prefetcher follows) and the
+// vectors run along D. Per group, as above: s * x . c for int8 codes c, and for int4
+// s * x . (u - 8) + (z + 8 s) * sum(x over the group), the second term summed over groups after the loop.
+
+struct RowProblem {
+  const float* x;        // [M, D]
+  const uint8_t* codes;  // [V, Dstored]
+  const ffi::AnyBuffer* scales;  // [V, D / group]
+  const ffi::AnyBuffer* zeros;   // nullptr: none
+  const float* xsum;     // [M, D / group] (int4 with zero points only)
+  float* out;            // [M, V]
+  int64_t m, d, v, group, bits;
+};
+
+inline float HSum(VF a) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps((__m512)a);
+#else
+  float s = 0;
+  for (int i = 0; i < kLanes; ++i) s += a[i];
+  return s;
+#endif
+}
+
+// Rows [r0, r0 + R) of x times weight rows [w0, w0 + T): R * T vector sums in registers, each code
+// decoded once for all R rows of x. Per group, x times the codes (int8 c, int4 u - 8: small exact
+// integers) is summed first and scaled once at the group's end, which saves a multiply per vector
+// of codes over decoding each weight (the loop is bound by vector arithmetic, not memory, on 2 cores).
+// sf / z8: the T rows' scales and (z + 8 s), [T, D / group].
+template <int Bits, int R, int T>
+void RowTile(const RowProblem& p, int64_t r0, int64_t w0, const float* sf, const float* z8) {
+  const int64_t d = p.d, groups = d / p.group, stored = d * Bits / 8;
+  VF acc[R][T] = {};
+  const uint8_t* c = p.codes + w0 * stored;
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    VF t[R][T] = {};
+    if (Bits == 8) {
+      for (int64_t j = gi * p.group; j < (gi + 1) * p.group; j += kLanes) {
+        VF w[T];
+        for (int i = 0; i < T; ++i) w[i] = __builtin_convertvector(Widen<true>(c + i * stored + j), VF);
+        for (int r = 0; r < R; ++r) {
+          VF xv = LoadF(p.x + (r0 + r) * d + j);
+          for (int i = 0; i < T; ++i) t[r][i] += xv * w[i];
+        }
       }
-      sh->Work();
-      std::lock_guard<std::mutex> lock(sh->mu);
-      if (--sh->active == 0) sh->cv.notify_all();
-    });
+    } else {  // byte b of the group: code b (low nibble) and code b + group / 2 (high nibble)
+      const int64_t half = p.group / 2;
+      for (int64_t b = 0; b < half; b += kLanes) {
+        VF lo[T], hi[T];
+        for (int i = 0; i < T; ++i) {
+          VI u = Widen<false>(c + i * stored + gi * half + b);
+          lo[i] = Centered(u);
+          hi[i] = Centered(u >> 4);
+        }
+        for (int r = 0; r < R; ++r) {
+          const float* xr = p.x + (r0 + r) * d + gi * p.group + b;
+          VF xl = LoadF(xr), xh = LoadF(xr + half);
+          for (int i = 0; i < T; ++i) t[r][i] += xl * lo[i] + xh * hi[i];
+        }
+      }
+    }
+    for (int i = 0; i < T; ++i) {
+      const float s = sf[i * groups + gi];
+      for (int r = 0; r < R; ++r) acc[r][i] += t[r][i] * s;
+    }
   }
-  sh->Work();
-  // Every chunk is claimed; wait for the tasks still working on theirs (they registered before claiming).
-  std::unique_lock<std::mutex> lock(sh->mu);
-  sh->cv.wait(lock, [&] { return sh->active == 0; });
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < T; ++i) {
+      float o = HSum(acc[r][i]);
+      if (z8)  // the zero points' part: sum over groups of (z + 8 s) * sum(x over the group)
+        for (int64_t gi = 0; gi < groups; ++gi) o += z8[i * groups + gi] * p.xsum[(r0 + r) * groups + gi];
+      p.out[(r0 + r) * p.v + w0 + i] = o;
+    }
+}
+
+// Weight rows [w0, w1): four at a time (the rest one at a time), each tile of four against every row of x
+// (two or one at a time: R * T sums and R * T group sums fit the 32 vector registers) while its codes
+// are in L1.
+template <int Bits>
+void Rows(const RowProblem& p, int64_t w0, int64_t w1) {
+  const int64_t groups = p.d / p.group;
+  std::vector<float> sf(4 * groups), z8(p.zeros ? 4 * groups : 0);
+  for (int64_t w = w0; w < w1;) {
+    const int t = w1 - w >= 4 ? 4 : 1;
+    ToFloat(*p.scales, w * groups, t * groups, sf.data());
+    if (p.zeros) {
+      ToFloat(*p.zeros, w * groups, t * groups, z8.data());
+      for (int64_t i = 0; i < t * groups; ++i) z8[i] += 8.0f * sf[i];
+    }
+    const float* zp = p.zeros ? z8.data() : nullptr;
+    for (int64_t r = 0; r < p.m;) {
+      const int64_t rows = p.m - r >= 2 ? 2 : 1;
+      if (t == 4)
+        (rows == 2 ? RowTile<Bits, 2, 4> : RowTile<Bits, 1, 4>)(p, r, w, sf.data(), zp);
+      else
+        (rows == 2 ? RowTile<Bits, 2, 1> : RowTile<Bits, 1, 1>)(p, r, w, sf.data(), zp);
+      r += rows;
+    }
+    w += t;
+  }
+}
+
+ffi::Error QMatmulRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes,
+                           ffi::AnyBuffer scales, ffi::AnyBuffer zeros, ffi::ResultBuffer<ffi::F32> out,
+                           int64_t bits, int64_t group) {
+  auto xd = x.dimensions(), cd = codes.dimensions(), sd = scales.dimensions();
+  if (xd.size() != 2 || cd.size() != 2 || sd.size() != 2)
+    return ffi::Error::InvalidArgument("qmatmul_rows_cpu: x [M, D], codes [V, Dstored], scales [V, G]");
+  const int64_t m = xd[0], d = xd[1], v = cd[0];
+  const bool has_zero = zeros.element_count() > 0;
+  auto st = scales.element_type();
+  // Vectors run within a group: int8 groups of whole vectors, int4 groups of two (a byte's two nibbles).
+  if ((bits != 4 && bits != 8) || group <= 0 || d % group || group % (bits == 4 ? 2 * kLanes : kLanes) ||
+      cd[1] != d * bits / 8 || sd[0] != v || sd[1] != d / group ||
+      codes.element_type() != (bits == 4 ? ffi::DataType::U8 : ffi::DataType::S8) ||
+      (st != ffi::DataType::F32 && st != ffi::DataType::F16 && st != ffi::DataType::BF16) ||
+      (has_zero && (bits != 4 || zeros.element_type() != st || zeros.element_count() != scales.element_count())))
+    return ffi::Error::InvalidArgument("qmatmul_rows_cpu: shapes or dtypes do not match the row layout");
+  if (m == 0 || v == 0) return ffi::Error::Success();
+
+  const int64_t groups = d / group;
+  std::vector<float> xsum(has_zero ? m * groups : 0);
+  for (int64_t r = 0; r < m && has_zero; ++r)
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      float acc = 0;
+      for (int64_t j = 0; j < group; ++j) acc += x.typed_data()[r * d + gi * group + j];
+      xsum[r * groups + gi] = acc;
+    }
+  RowProblem p{x.typed_data(), static_cast<const uint8_t*>(codes.untyped_data()), &scales,
+               has_zero ? &zeros : nullptr, xsum.data(), out->typed_data(), m, d, v, group, bits};
+  // About four chunks a thread, whole tiles of four rows; small products stay on the calling thread.
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t tasks = m * d * v < (1 << 18) ? 0 : threads - 1;
+  int64_t chunk = (v + 4 * (tasks + 1) - 1) / (4 * (tasks + 1));
+  chunk = (chunk + 3) / 4 * 4;
+  Parallel(pool, v, chunk, tasks, [&p, bits](int64_t w0, int64_t w1) {
+    (bits == 4 ? Rows<4> : Rows<8>)(p, w0, w1);
+  });
   return ffi::Error::Success();
 }
 
@@ -337,5 +493,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LlamaJaxQMatmulCpu, QMatmulImpl,
                                   .Arg<ffi::AnyBuffer>()         // zero points like scales, or empty
                                   .Arg<ffi::Buffer<ffi::S32>>()  // layer [1]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out [M, N]
+                                  .Attr<int64_t>("bits")
+                                  .Attr<int64_t>("group"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LlamaJaxQMatmulRowsCpu, QMatmulRowsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [M, D]
+                                  .Arg<ffi::AnyBuffer>()         // codes [V, Dstored]
+                                  .Arg<ffi::AnyBuffer>()         // scales [V, D/group]
+                                  .Arg<ffi::AnyBuffer>()         // zero points like scales, or empty
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out [M, V]
                                   .Attr<int64_t>("bits")
                                   .Attr<int64_t>("group"));
