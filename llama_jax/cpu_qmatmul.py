@@ -168,13 +168,11 @@ def qmatmul_cpu(x, q, layer=None):
         raise RuntimeError("the native CPU quantized matmul is unavailable (see the warning above)")
     m, k = x.shape
     n = q.matrix_shape()[1]
-    values, scales, zeros = q.values, q.scales, q.zeros
+    values, scales, zeros = _operands(q)
     if values.ndim == 2:  # one matrix: a stack of one (a reshape, no copy)
         values, scales = values[None], scales[None]
-        zeros = None if zeros is None else zeros[None]
+        zeros = zeros if q.zeros is None else zeros[None]
         layer = 0
-    if zeros is None:  # the kernel reads an empty operand as "no zero point"
-        zeros = jnp.zeros((0,), scales.dtype)
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")
     return call(x, values, scales, zeros, layer, bits=np.int64(q.bits), group=np.int64(q.group))
