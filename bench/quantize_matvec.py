@@ -59,7 +59,7 @@ def main():
             return acc + (x @ wl)[:, :1].astype(jnp.float32), None
         return jax.lax.scan(body, jnp.zeros((x.shape[0], 1)), w, unroll=True)[0]
 
-    xla_deq = over_layers(lambda x, q, i: x @ jax.tree.map(lambda v: v[i], q).dequantize(jnp.bfloat16))
+    xla_deq = over_layers(lambda x, q, i: x @ q.take(i).dequantize(jnp.bfloat16))
     t = timed(lambda: xla_dense(x, dense))
     print(json.dumps(dict(impl="xla", variant="bf16", m=a.rows, K=K, N=N, ms=round(t * 1e3, 3),
                           gbps=round(dense.nbytes / t / 1e9, 1), device=device)), flush=True)
@@ -79,7 +79,7 @@ def main():
                 continue
             try:
                 xr = jax.random.normal(jax.random.key(7), (a.rows, K), jnp.bfloat16)
-                ref = xr.astype(jnp.float32) @ jax.tree.map(lambda v: v[1], q).dequantize(jnp.float32)
+                ref = xr.astype(jnp.float32) @ q.take(1).dequantize(jnp.float32)
                 got = qmatmul(xr, q, 1, interpret=INTERPRET, **cfg)
                 err = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
                 run = over_layers(lambda x, q, i: qmatmul(x, q, i, interpret=INTERPRET, **cfg))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -122,29 +123,28 @@ def _warn(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
+def _serves(q, x, k: int) -> bool:
+    """What both forms need: the CPU backend, float32 activations, few rows of length k (the contraction),
+    a weight that is not tiny, scales of a dtype the kernel reads, and K not padded (quantize.py)."""
+    return (jax.default_backend() == "cpu" and x.dtype == jnp.float32 and x.size // max(k, 1) <= MAX_ROWS
+            and math.prod(q.matrix_shape()) >= MIN_WEIGHTS and k % q.group == 0
+            and q.values.shape[q.axis] * 8 // q.bits == k
+            and jnp.dtype(q.scales.dtype) in (jnp.float32, jnp.float16, jnp.bfloat16))
+
+
 def supported(q, x) -> bool:
-    """Whether the kernel serves x @ q: the CPU backend, float32 activations, few rows, a weight that is
-    not tiny, grouped along K (the rows of the stored matrix) with no padding."""
-    if jax.default_backend() != "cpu" or x.dtype != jnp.float32:
-        return False
-    k, n = q.matrix_shape()
-    ok = (q.axis == -2 and x.size // max(k, 1) <= MAX_ROWS and k * n >= MIN_WEIGHTS
-          and q.values.shape[-2] * 8 // q.bits == k
-          and k % q.group == 0 and (q.bits == 8 or q.group % 2 == 0)
-          and jnp.dtype(q.scales.dtype) in (jnp.float32, jnp.float16, jnp.bfloat16))
-    return ok and available()
+    """Whether the kernel serves x @ q: as `_serves`, for a weight grouped along K (the rows of the stored
+    matrix)."""
+    k = q.matrix_shape()[0]
+    return q.axis == -2 and (q.bits == 8 or q.group % 2 == 0) and _serves(q, x, k) and available()
 
 
 def supported_rows(q, x) -> bool:
-    """Whether the kernel serves x @ q.T: as `supported`, for a 2-D weight [V, D] grouped along D (its
+    """Whether the kernel serves x @ q.T: as `_serves`, for a 2-D weight [V, D] grouped along D (its
     columns) in groups of whole vectors (16 codes; 32 for int4, whose bytes hold two of a group's codes)."""
-    if jax.default_backend() != "cpu" or x.dtype != jnp.float32 or q.values.ndim != 2:
-        return False
-    v, d = q.matrix_shape()
-    ok = (q.axis == -1 and x.size // max(d, 1) <= MAX_ROWS and v * d >= MIN_WEIGHTS
-          and q.values.shape[-1] * 8 // q.bits == d and d % q.group == 0 and q.group % (16 if q.bits == 8 else 32) == 0
-          and jnp.dtype(q.scales.dtype) in (jnp.float32, jnp.float16, jnp.bfloat16))
-    return ok and available()
+    d = q.matrix_shape()[1]
+    return (q.values.ndim == 2 and q.axis == -1 and q.group % (16 if q.bits == 8 else 32) == 0
+            and _serves(q, x, d) and available())
 
 
 def _operands(q):
@@ -166,13 +166,7 @@ def qmatmul_cpu(x, q, layer=None):
     """x [M, K] float32 @ q (a 2-D QArray [K, N], or stacked [L, K, N] with `layer`) -> float32 [M, N]."""
     if not available():
         raise RuntimeError("the native CPU quantized matmul is unavailable (see the warning above)")
-    m, k = x.shape
-    n = q.matrix_shape()[1]
-    values, scales, zeros = _operands(q)
-    if values.ndim == 2:  # one matrix: a stack of one (a reshape, no copy)
-        values, scales = values[None], scales[None]
-        zeros = zeros if q.zeros is None else zeros[None]
-        layer = 0
-    layer = jnp.asarray(layer, jnp.int32).reshape(1)
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")
-    return call(x, values, scales, zeros, layer, bits=np.int64(q.bits), group=np.int64(q.group))
+    layer = jnp.asarray(0 if q.values.ndim == 2 else layer, jnp.int32).reshape(1)
+    out = jax.ShapeDtypeStruct((x.shape[0], q.matrix_shape()[1]), jnp.float32)
+    call = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")
+    return call(x, *_operands(q.as_stack()), layer, bits=np.int64(q.bits), group=np.int64(q.group))

@@ -165,17 +165,12 @@ def qmatmul(x, q, layer=None, *, bn=None, split=None, rows=None, num_warps=None,
     q0 = qs[0]
     m, k = x.shape
     ns = [w.matrix_shape()[1] for w in qs]
-    args = []
-    for w in qs:
-        values, scales, zeros = w.values, w.scales, w.zeros
-        if values.ndim == 2:  # one matrix: a stack of one (a reshape, no copy)
-            values, scales, zeros = values[None], scales[None], None if zeros is None else zeros[None]
-        args += [values, scales] + ([] if zeros is None else [zeros])
     layer = jnp.asarray(0 if q0.values.ndim == 2 else layer, jnp.int32).reshape(1)
+    qs = tuple(w.as_stack() for w in qs)
+    args = [a for w in qs for a in (w.values, w.scales, w.zeros) if a is not None]
     one_row = m == 1
     unit = _unit(q0, k, rows or (64 if one_row else 128))
     grouped = q0.bits == 4 or q0.group < k
-    import os
     auto_bn, auto_split = _pick(k // unit, ns, (2 if one_row and q0.bits == 8 else 4) * _SMS)
     num_warps = num_warps or (8 if one_row else 4)
     bn, split = bn or auto_bn, split or auto_split
@@ -209,6 +204,6 @@ def qmatmul(x, q, layer=None, *, bn=None, split=None, rows=None, num_warps=None,
     for w, lo, n in zip(qs, np.cumsum([0] + ns), ns):
         o = out[:m, lo:lo + n]
         if not grouped and not finish:
-            o = o * w.scales[layer[0] if w.values.ndim == 3 else 0, 0].astype(jnp.float32)
+            o = o * w.scales[layer[0], 0].astype(jnp.float32)
         outs.append(o)
     return tuple(outs) if many else outs[0]

@@ -115,6 +115,11 @@ class QArray:
         """Layer `layer` of a stacked QArray, as a QArray of its own."""
         return jax.tree.map(lambda a: a[layer], self)
 
+    def as_stack(self) -> "QArray":
+        """A stacked QArray as it is; a single weight as a stack of one (a reshape, no copy). The kernels
+        take a stack and a layer index."""
+        return self if self.values.ndim == 3 else jax.tree.map(lambda a: a[None], self)
+
     def matmul(self, x: jax.Array, layer: jax.Array | None = None, out_dtype=None) -> jax.Array:
         """x [..., *tail[:split]] times this weight (layer `layer` of a stacked one) -> [..., *tail[split:]]
         in out_dtype (default x's dtype; every path sums in float32, so float32 logits lose nothing).
