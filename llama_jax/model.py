@@ -19,10 +19,11 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from llama_jax import qmatmul
-from llama_jax.attention import attention
+from llama_jax.attention import attention, decode_attention, decode_kernel_serves
 from llama_jax.config import LlamaConfig
 from llama_jax.quantize import QArray, QLayer
 from llama_jax.sharding import constrain
@@ -74,17 +75,50 @@ def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
     return out.astype(x.dtype)
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["stack", "index"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class StackedLayer:
+    """Layer `index` of a stacked bf16 weight, not sliced out: the decode scan hands these to the model
+    for the weights in DENSE_KERNEL_WEIGHTS, which qmatmul.matmul reads where they lie. (XLA copies a
+    layer's slice of `o` before its cuBLAS matmul: 0.6 ms of a 6.35 ms 7B step on an H100.)"""
+
+    stack: jax.Array  # [layers, *weight]
+    index: jax.Array  # int32 scalar
+
+    def __getitem__(self, key):
+        if key is Ellipsis:
+            return self
+        raise TypeError("a StackedLayer supports only [...]")
+
+    def astype(self, dtype) -> jax.Array:
+        return self.stack[self.index].astype(dtype)
+
+    def matrix(self, n_in: int) -> jax.Array:
+        """The stack as [layers, K, N], its first n_in weight axes merged into K (a reshape, no copy)."""
+        shape = self.stack.shape
+        return self.stack.reshape(shape[0], math.prod(shape[1:1 + n_in]), math.prod(shape[1 + n_in:]))
+
+
+def _n_in(spec: str) -> int:
+    """How many leading axes of the weight an einsum spec like "btd,dnh->btnh" contracts."""
+    x_axes, w_axes = spec.split("->")[0].split(",")
+    return sum(a in x_axes for a in w_axes)
+
+
 def _project(spec: str, x: jax.Array, w) -> jax.Array:
     """x times a weight, in x's dtype. A quantized weight (quantize.py) multiplies itself, so that on a
     GPU its codes go straight into a fused kernel instead of being dequantized to HBM first."""
     if isinstance(w, (QArray, QLayer)):
         return w.matmul(x)
+    if isinstance(w, StackedLayer):
+        return _project_many(spec, x, (w,))[0]
     return jnp.einsum(spec, x, w.astype(x.dtype))
 
 
 def _project_many(spec: str, x: jax.Array, ws) -> list[jax.Array]:
-    """x times several weights that contract its last axis (q/k/v, gate/up). Quantized weights that the
-    GPU kernel serves go through it in one launch; anything else is one `_project` each."""
+    """x times several weights that contract its last axis (q/k/v, gate/up). Weights that a GPU kernel
+    serves (quantized, or bf16 layers of a stack) go through it in one launch; anything else is one
+    `_project` each."""
     if all(isinstance(w, QLayer) for w in ws) or all(isinstance(w, QArray) for w in ws):
         stacks = tuple(w.stack if isinstance(w, QLayer) else w for w in ws)
         x2 = x.reshape(-1, x.shape[-1])
@@ -92,6 +126,16 @@ def _project_many(spec: str, x: jax.Array, ws) -> list[jax.Array]:
             layer = ws[0].index if isinstance(ws[0], QLayer) else None
             outs = qmatmul.qmatmul(x2, stacks, layer)
             return [o.astype(x.dtype).reshape(x.shape[:-1] + w.tail[w.split:]) for o, w in zip(outs, stacks)]
+    if all(isinstance(w, StackedLayer) for w in ws):
+        n_in = _n_in(spec)
+        x2 = x.reshape(-1, math.prod(x.shape[x.ndim - n_in:]))
+        mats = tuple(w.matrix(n_in) for w in ws)
+        if qmatmul.supported_dense(mats, x2):
+            outs = qmatmul.matmul(x2, mats, ws[0].index)
+        else:
+            outs = [x2 @ m[w.index] for m, w in zip(mats, ws)]
+        lead = x.shape[:x.ndim - n_in]
+        return [o.astype(x.dtype).reshape(lead + w.stack.shape[1 + n_in:]) for o, w in zip(outs, ws)]
     return [_project(spec, x, w) for w in ws]
 
 
@@ -158,8 +202,11 @@ class Attention(nnx.Module):
         this call's keys and values in place at (layer, slot `start`), attend over that layer's
         slots under `mask` [batch, seq, max_len], and return the updated (k, v) beside the output.
         Writing only the new tokens keeps a decode step's cache traffic to one read of the layer."""
-        dt = x.dtype
         q, k, v = _project_many("btd,dnh->btnh", x, (self.q[...], self.k[...], self.v[...]))
+        if layer_cache is not None and decode_kernel_serves(q, layer_cache[0]):
+            cache_k, cache_v, layer, start, mask = layer_cache
+            out, k, v = decode_attention(q, k, v, rope, cache_k, cache_v, layer, start, mask)
+            return _project("btnh,nhd->btd", out, self.o[...]), (k, v)
         q = constrain(apply_rope(q, rope), ("batch", "seq", "heads", "head_dim"))
         k = constrain(apply_rope(k, rope), ("batch", "seq", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
@@ -169,7 +216,7 @@ class Attention(nnx.Module):
             cache_k, cache_v, layer, start, mask = layer_cache
             k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), (layer, 0, start, 0, 0))
             v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), (layer, 0, start, 0, 0))
-            out = attention(q, k[layer].astype(dt), v[layer].astype(dt), causal=False, mask=mask)
+            out = attention(q, k[layer].astype(q.dtype), v[layer].astype(q.dtype), causal=False, mask=mask)
         out = constrain(out, ("batch", "seq", "heads", "head_dim"))
         return _project("btnh,nhd->btd", out, self.o[...]), (k, v)
 
@@ -203,6 +250,10 @@ class Block(nnx.Module):
         x = constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "seq", "act_embed"))
         return x, kv
 
+
+# Decode-step weights (bf16, few rows, one GPU) that qmatmul.matmul reads from the stack instead of XLA's
+# matmul on a slice. Only `o`: XLA's Triton matmuls read the other slices in place, at 2.6-2.7 TB/s.
+DENSE_KERNEL_WEIGHTS = ("o",)
 
 REMAT_POLICIES = {
     "none": None,
@@ -282,22 +333,35 @@ class Llama(nnx.Module):
         causal = slots[None, :] <= (start + jnp.arange(seq))[:, None]  # [seq, max_len]
         mask = causal[None] & valid[:, None, :]  # [batch, seq, max_len]
 
-        # Quantized weights stay whole, each layer reached through a QLayer (see QLayer for why);
+        # Quantized weights stay whole, each layer reached through a QLayer (see QLayer for why), and
+        # so do the bf16 ones of DENSE_KERNEL_WEIGHTS where the GPU kernel serves them (StackedLayer);
         # the scan slices the rest.
+        dense = qmatmul.serves_dense(batch * seq, x.dtype)
+
+        def whole(path, a):
+            name = path[-2].key if len(path) >= 2 and hasattr(path[-2], "key") else None
+            return isinstance(a, QArray) or (dense and name in DENSE_KERNEL_WEIGHTS)
+
         is_q = lambda a: isinstance(a, QArray)  # noqa: E731
-        quantized = jax.tree.map(lambda a: a if is_q(a) else None, stacked, is_leaf=is_q)
-        sliced = jax.tree.map(lambda a: None if is_q(a) else a, stacked, is_leaf=is_q)
+        keep = jax.tree_util.tree_map_with_path(whole, stacked, is_leaf=is_q)
+        kept = jax.tree.map(lambda a, k: a if k else None, stacked, keep, is_leaf=is_q)
+        sliced = jax.tree.map(lambda a, k: None if k else a, stacked, keep, is_leaf=is_q)
+
+        def view(sliced_leaf, whole_leaf, i):  # the layer's weight as the block sees it
+            if whole_leaf is None:
+                return sliced_leaf
+            return QLayer(whole_leaf, i) if is_q(whole_leaf) else StackedLayer(whole_leaf, i)
 
         # The cache rides in the scan carry and is updated in place, one layer slice at a time.
         def body(carry, layer_and_index):
             x, ck, cv = carry
             layer, i = layer_and_index
-            layer = jax.tree.map(lambda a, q: a if q is None else QLayer(q, i), layer, quantized,
-                                 is_leaf=lambda a: a is None)
+            layer = jax.tree.map(lambda a, w: view(a, w, i), layer, kept, is_leaf=lambda a: a is None or is_q(a))
             x, (ck, cv) = nnx.merge(graphdef, layer)(x, rope, None, (ck, cv, i, start, mask))
             return (x, ck, cv), None
 
-        layer_ids = jnp.arange(self.cfg.n_layers)
+        # A constant (not an iota): each unrolled layer's index folds to a literal instead of a kernel.
+        layer_ids = np.arange(self.cfg.n_layers, dtype=np.int32)
         (x, k, v), _ = jax.lax.scan(body, (x, cache.k, cache.v), (sliced, layer_ids), unroll=unroll)
         return x, KVCache(k=k, v=v, valid=valid, index=start + seq)
 

@@ -2,6 +2,7 @@
 
     out = qmatmul(x, q, layer)   # x [M, K] bfloat16 @ layer `layer` of q (QArray [L, K, N]) -> [M, N] float32
     q, k, v = qmatmul(x, (wq, wk, wv), layer)   # weights sharing x and a scheme: one launch
+    out = matmul(x, w, layer)    # the same kernel for a bf16 weight: a layer read where it lies in the stack
 
 Left to XLA, `x @ q.dequantize()` writes the whole bf16 weight to HBM and reads it back, so a quantized
 decode step moves more bytes than a bf16 one. Here each program reads its [unit, bn] tile of integer
@@ -10,7 +11,9 @@ codes and dequantizes it in registers, so the codes are the only weight bytes th
 padded to 16 or more and go through the tensor cores as bf16.
 
 The kernel takes the whole stacked weight and a layer index: handing a custom call a slice of the stack
-would make XLA copy the slice first (the model's decode scan passes `QLayer`s, see quantize.py).
+would make XLA copy the slice first (the model's decode scan passes `QLayer`s, see quantize.py). `matmul`
+runs the int8 path without scales on bf16 weights: the decode step uses it for the attention output
+projection `o` (model.DENSE_KERNEL_WEIGHTS), whose slice XLA copies before its cuBLAS call.
 
 Several weights that multiply the same x (q/k/v, gate/up) can run as one launch, their column blocks
 side by side. `supported` allows it for int4, where a [4096, 4096] weight alone must split K 32 ways to
@@ -47,7 +50,7 @@ def _tc_sum(l, x_ref, c_ref, s_ref, z_ref, cols, first, *, bits, unit, steps, gr
 
     def body(t, acc):
         u = first + t
-        if bits == 8:
+        if bits != 4:
             w = c_ref[l, pl.ds(u * unit, unit), cols].astype(jnp.bfloat16)  # [unit, bn], exact
             part = _dot(x_ref[:, pl.ds(u * unit, unit)], w)  # [rows, bn] float32
             if not grouped:  # per channel: the scale multiplies the final sum
@@ -64,7 +67,7 @@ def _tc_sum(l, x_ref, c_ref, s_ref, z_ref, cols, first, *, bits, unit, steps, gr
         return acc + part * s + xsum * z
 
     acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((x_ref.shape[0], bn), jnp.float32))
-    if finish and not grouped:  # K is not split: this is the whole sum, scale it here
+    if finish and not grouped and s_ref is not None:  # K is not split: this is the whole sum, scale it
         acc = acc * s_ref[l, 0, cols].astype(jnp.float32)[None, :]
     return acc
 
@@ -73,12 +76,12 @@ def _row_sum(l, x_ref, c_ref, s_ref, z_ref, cols, first, *, bits, unit, steps, g
     """One row (batch-1 decoding): dequantize a tile to float32 and multiply-add it into a tile-shaped
     accumulator on the CUDA cores; the one reduction over rows comes at the end."""
     bn = cols.size
-    h = unit if bits == 8 else unit // 2  # rows of stored bytes per step
+    h = unit // 2 if bits == 4 else unit  # rows of stored values per step
 
     def body(t, acc):
         u = first + t
         c = c_ref[l, pl.ds(u * h, h), cols]  # [h, bn]
-        if bits == 8:
+        if bits != 4:
             w = c.astype(jnp.float32)
             if grouped:
                 w = w * s_ref[l, u, cols].astype(jnp.float32)[None, :]
@@ -90,15 +93,15 @@ def _row_sum(l, x_ref, c_ref, s_ref, z_ref, cols, first, *, bits, unit, steps, g
         return acc + x0 * ((c & 0x0F).astype(jnp.float32) * s + z) + x1 * ((c >> 4).astype(jnp.float32) * s + z)
 
     acc = jnp.sum(jax.lax.fori_loop(0, steps, body, jnp.zeros((h, bn), jnp.float32)), axis=0)
-    if finish and not grouped:
+    if finish and not grouped and s_ref is not None:
         acc = acc * s_ref[l, 0, cols].astype(jnp.float32)
     return acc[None, :]
 
 
-def _kernel(layer_ref, x_ref, *refs, blocks, has_zero, **kw):
-    """Column block j of the weights laid side by side: weight i owns blocks[i] <= j < blocks[i + 1]."""
+def _kernel(layer_ref, x_ref, *refs, blocks, per, **kw):
+    """Column block j of the weights laid side by side: weight i owns blocks[i] <= j < blocks[i + 1].
+    `per` refs per weight: codes, scales(, zero points); or the bf16 weight alone."""
     o_ref = refs[-1]
-    per = 3 if has_zero else 2  # refs per weight: codes, scales(, zero points)
     bn = o_ref.shape[-1]
     j = pl.program_id(0)
     first = pl.program_id(1) * kw["steps"]  # this program's first unit along K
@@ -108,7 +111,8 @@ def _kernel(layer_ref, x_ref, *refs, blocks, has_zero, **kw):
 
         def run(w=w, lo=blocks[i]):
             cols = pl.ds((j - lo) * bn, bn)
-            o_ref[...] = total(layer_ref[0], x_ref, w[0], w[1], w[2] if has_zero else None, cols, first, **kw)
+            scales, zeros = (w[1] if per > 1 else None), (w[2] if per > 2 else None)
+            o_ref[...] = total(layer_ref[0], x_ref, w[0], scales, zeros, cols, first, **kw)
 
         if len(blocks) == 2:
             run()
@@ -145,6 +149,19 @@ def supported(q, x) -> bool:
     return m <= MAX_ROWS and len(same) == 1 and one_launch_pays and all(ok(w) for w in qs)
 
 
+def serves_dense(rows: int, dtype) -> bool:
+    """Whether `matmul` runs bf16 products of `rows` rows here (one GPU, few rows)."""
+    return jax.default_backend() == "gpu" and jax.device_count() == 1 and dtype == jnp.bfloat16 and rows <= MAX_ROWS
+
+
+def supported_dense(w, x) -> bool:
+    """Whether `matmul` serves x [M, K] @ w (a bf16 weight [(L,) K, N], or a tuple of them sharing K)."""
+    ws = tuple(w) if isinstance(w, (tuple, list)) else (w,)
+    k = x.shape[-1]
+    return (serves_dense(x.size // k, x.dtype) and k % 16 == 0
+            and all(a.dtype == jnp.bfloat16 and a.shape[-2] == k and a.shape[-1] % 16 == 0 for a in ws))
+
+
 def _unit(q, k: int, rows: int = 128) -> int | None:
     """Rows of K per loop step: a scale group, or for per-channel int8 the largest of `rows`, 64, 32, 16
     that divides K."""
@@ -161,17 +178,42 @@ def qmatmul(x, q, layer=None, *, bn=None, split=None, rows=None, num_warps=None,
     block settings; the defaults are the best of a sweep on an H100 (bench/quantize_matvec.py --sweep,
     BENCHMARKS.md)."""
     many = isinstance(q, (tuple, list))
-    qs = tuple(q) if many else (q,)
+    qs = tuple(w.as_stack() for w in (q if many else (q,)))
     q0 = qs[0]
-    m, k = x.shape
-    ns = [w.matrix_shape()[1] for w in qs]
-    layer = jnp.asarray(0 if q0.values.ndim == 2 else layer, jnp.int32).reshape(1)
-    qs = tuple(w.as_stack() for w in qs)
-    args = [a for w in qs for a in (w.values, w.scales, w.zeros) if a is not None]
-    one_row = m == 1
-    unit = _unit(q0, k, rows or (64 if one_row else 128))
+    k = x.shape[1]
+    unit = _unit(q0, k, rows or (64 if x.shape[0] == 1 else 128))
     grouped = q0.bits == 4 or q0.group < k
-    auto_bn, auto_split = _pick(k // unit, ns, (2 if one_row and q0.bits == 8 else 4) * _SMS)
+    args = [tuple(a for a in (w.values, w.scales, w.zeros) if a is not None) for w in qs]
+    outs, finished = _launch(x, args, [w.matrix_shape()[1] for w in qs], layer, bits=q0.bits, unit=unit,
+                             grouped=grouped, bn=bn, split=split, num_warps=num_warps,
+                             num_stages=num_stages, interpret=interpret)
+    if not grouped and not finished:  # per channel with K split: the scale multiplies the summed parts
+        outs = [o * w.scales[0 if layer is None else layer, 0].astype(jnp.float32) for o, w in zip(outs, qs)]
+    return tuple(outs) if many else outs[0]
+
+
+@functools.partial(jax.jit, static_argnames=("bn", "split", "rows", "num_warps", "num_stages", "interpret"))
+def matmul(x, w, layer=None, *, bn=None, split=None, rows=None, num_warps=None, num_stages=3, interpret=False):
+    """x [M, K] @ w -> float32 [M, N] for a bf16 weight: [K, N], or layer `layer` of a stack [L, K, N]
+    read where it lies (XLA slices a stacked weight into a copy before handing it to cuBLAS); a tuple
+    of weights with one K runs in one launch. Settings as in `qmatmul`."""
+    many = isinstance(w, (tuple, list))
+    ws = tuple(a if a.ndim == 3 else a[None] for a in (w if many else (w,)))
+    k = x.shape[1]
+    unit = next(u for u in (rows or (64 if x.shape[0] == 1 else 128), 64, 32, 16) if k % u == 0)
+    outs, _ = _launch(x, [(a,) for a in ws], [a.shape[-1] for a in ws], layer, bits=16, unit=unit,
+                      grouped=False, bn=bn, split=split, num_warps=num_warps, num_stages=num_stages,
+                      interpret=interpret)
+    return tuple(outs) if many else outs[0]
+
+
+def _launch(x, args, ns, layer, *, bits, unit, grouped, bn, split, num_warps, num_stages, interpret):
+    """One pallas_call over weights given as their operand tuples `args`, of N columns `ns` ->
+    ([M, n] float32 per weight, whether each program summed all of K)."""
+    m, k = x.shape
+    layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
+    one_row = m == 1
+    auto_bn, auto_split = _pick(k // unit, ns, (2 if one_row and bits == 8 else 4) * _SMS)
     num_warps = num_warps or (8 if one_row else 4)
     bn, split = bn or auto_bn, split or auto_split
     if any(n % bn for n in ns) or (k // unit) % split:
@@ -183,27 +225,22 @@ def qmatmul(x, q, layer=None, *, bn=None, split=None, rows=None, num_warps=None,
         xp = jnp.pad(xp, ((0, mp - m), (0, 0)))
     blocks = tuple(int(b) for b in np.cumsum([0] + [n // bn for n in ns]))
     finish = split == 1
-    kernel = functools.partial(_kernel, blocks=blocks, has_zero=q0.zeros is not None, bits=q0.bits, unit=unit,
+    kernel = functools.partial(_kernel, blocks=blocks, per=len(args[0]), bits=bits, unit=unit,
                                steps=k // unit // split, grouped=grouped, finish=finish)
     kw = {}
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
 
         kw["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    flat = [a for w in args for a in w]
     parts = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((split, mp, sum(ns)), jnp.float32),
         grid=(blocks[-1], split),
-        in_specs=[pl.no_block_spec] * (2 + len(args)),
+        in_specs=[pl.no_block_spec] * (2 + len(flat)),
         out_specs=pl.BlockSpec((None, mp, bn), lambda j, s: (s, 0, j)),
         interpret=interpret,
         **kw,
-    )(layer, xp, *args)
+    )(layer, xp, *flat)
     out = parts[0] if finish else parts.sum(0)
-    outs = []
-    for w, lo, n in zip(qs, np.cumsum([0] + ns), ns):
-        o = out[:m, lo:lo + n]
-        if not grouped and not finish:
-            o = o * w.scales[layer[0], 0].astype(jnp.float32)
-        outs.append(o)
-    return tuple(outs) if many else outs[0]
+    return [out[:m, lo:lo + n] for lo, n in zip(np.cumsum([0] + ns), ns)], finish

@@ -1,0 +1,300 @@
+"""The decode step's GPU Pallas kernels, run by Pallas' interpreter on the CPU: the fused rotary + cache
+write + attention kernel (attention.decode_attention) and the bf16 matmul that reads one layer of a stacked
+weight where it lies (qmatmul.matmul), each against the XLA computation it replaces, and the model's decode
+step with both dispatches taken against the plain XLA step."""
+
+import dataclasses
+import functools
+import zlib
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import llama_jax as lj
+from llama_jax import attention as A
+from llama_jax import model, qmatmul
+from llama_jax.generate import _step
+from llama_jax.model import KVCache
+
+
+def _rel(got, ref) -> float:
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+
+
+# ---------------------------------------------------------------------------------------------
+# decode_attention
+
+
+def _grid(fn, *args) -> tuple[int, ...]:
+    """The grid of the one pallas_call that fn(*args) traces to (looked for inside nested jits too)."""
+    def grids(jaxpr):
+        for e in jaxpr.eqns:
+            if e.primitive.name == "pallas_call":
+                yield tuple(e.params["grid_mapping"].grid)
+                continue
+            for p in e.params.values():
+                if isinstance(p, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr)):
+                    yield from grids(getattr(p, "jaxpr", p))
+
+    found = list(grids(jax.make_jaxpr(fn)(*args).jaxpr))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def _decode_mask(kind: str, batch: int, max_len: int, start: int, rng) -> np.ndarray:
+    """[batch, 1, max_len] bool: slots <= start, less left padding (row b pads b * pad slots) or random
+    holes; slot `start` always valid, slots after it never."""
+    slots = np.arange(max_len)
+    mask = np.broadcast_to(slots <= start, (batch, max_len)).copy()
+    if kind == "left_pad":
+        pad = max(1, start // 2)  # row 1's padding spans more than one chunk in the chunked cases
+        for b in range(batch):
+            mask[b, :min(b * pad, start)] = False
+    elif kind == "holes":
+        mask &= rng.random((batch, max_len)) < 0.6
+    mask[:, start] = True
+    return mask[:, None, :]
+
+
+# batch, heads, kv_heads, head_dim, max_len, layers, layer, start, mask kind, dtype, programs along the cache
+# (min(max_len // block, cdiv(_PROGRAMS, batch * heads)) chunks, block the largest of 64/32/16 dividing max_len)
+DECODE_CASES = {
+    "mha-1chunk-start0": (2, 4, 4, 32, 64, 2, 0, 0, "all", jnp.bfloat16, 1),
+    "mha-1chunk-mid-leftpad": (2, 4, 4, 32, 64, 3, 1, 37, "left_pad", jnp.bfloat16, 1),
+    "gqa4-1chunk-last-holes-f16": (2, 4, 1, 32, 64, 3, 2, 63, "holes", jnp.float16, 1),
+    "gqa4-16chunks-mid-leftpad": (2, 4, 1, 32, 1024, 2, 1, 700, "left_pad", jnp.bfloat16, 16),
+    "gqa4-16chunks-start0-f16": (2, 4, 1, 32, 1024, 2, 0, 0, "all", jnp.float16, 16),
+    "mha-3chunks-last-leftpad-f16": (2, 4, 4, 32, 48, 3, 1, 47, "left_pad", jnp.float16, 3),  # blocks of 16
+    "gqa3-3chunks-mid-holes": (2, 6, 2, 32, 48, 3, 1, 21, "holes", jnp.bfloat16, 3),
+    # 16 blocks of 64 over cdiv(264, 24) = 11 programs: 8 chunks of 2 blocks
+    "gqa3-8chunks-of-2-blocks-leftpad": (2, 12, 4, 32, 1024, 3, 1, 600, "left_pad", jnp.bfloat16, 8),
+}
+
+
+@pytest.mark.parametrize("case", list(DECODE_CASES))
+def test_decode_attention_kernel_equals_xla_rope_cache_write_and_attention(case):
+    """decode_attention, interpreted, against the model's XLA path: rotary on q and k (apply_rope), the new
+    k and v written at (layer, slot `start`) with dynamic_update_slice, attention over that layer's cache
+    under the mask in float32. The returned caches are bit-identical to the reference (the new slot rotated
+    and rounded alike, every other slot and layer untouched) and the output agrees to bf16/f16 rounding;
+    over MHA and GQA heads, one chunk and several (flash-decoding combine), slot 0, a middle slot and the
+    last, padded or holed masks, layer 0 and a middle layer."""
+    batch, heads, kv_heads, head_dim, max_len, layers, layer, start, kind, dtype, chunks = DECODE_CASES[case]
+    seed = zlib.crc32(case.encode())
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape).astype(dtype))  # noqa: E731
+    q = normal(batch, 1, heads, head_dim)
+    k, v = normal(batch, 1, kv_heads, head_dim), normal(batch, 1, kv_heads, head_dim)
+    cache_shape = (layers, batch, max_len, kv_heads, head_dim)
+    # stale values everywhere, slot `start` included: the kernel must overwrite it and read the new token
+    cache_k, cache_v = normal(*cache_shape), normal(*cache_shape)
+    positions = jnp.asarray(start + 5 + 3 * np.arange(batch), jnp.int32)[:, None]  # rows at different angles
+    inv_freq = jnp.asarray(1.0 / 10000.0 ** (np.arange(0, head_dim, 2) / head_dim), jnp.float32)
+    rope = model.rope_tables(positions, inv_freq)
+    mask = jnp.asarray(_decode_mask(kind, batch, max_len, start, rng))
+    layer, start = jnp.int32(layer), jnp.int32(start)
+
+    @jax.jit
+    def reference(q, k, v, rope, cache_k, cache_v, layer, start, mask):
+        qr, kr = model.apply_rope(q, rope), model.apply_rope(k, rope)
+        ref_k = jax.lax.dynamic_update_slice(cache_k, kr[None], (layer, 0, start, 0, 0))
+        ref_v = jax.lax.dynamic_update_slice(cache_v, v[None], (layer, 0, start, 0, 0))
+        f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+        return A.attention(f32(qr), f32(ref_k[layer]), f32(ref_v[layer]), causal=False, mask=mask), ref_k, ref_v
+
+    args = (q, k, v, rope, cache_k, cache_v, layer, start, mask)
+    ref, ref_k, ref_v = reference(*args)
+    ref = np.asarray(ref)
+    kernel = functools.partial(A.decode_attention, interpret=True)
+    assert _grid(kernel, *args) == (batch, heads, chunks)  # the case covers the split it is named for
+    out, got_k, got_v = jax.jit(kernel)(*args)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert got_k.dtype == dtype and got_v.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got_k), np.asarray(ref_k))
+    np.testing.assert_array_equal(np.asarray(got_v), np.asarray(ref_v))
+    out = np.asarray(out.astype(jnp.float32))
+    assert np.abs(out - ref).max() < 1e-2, np.abs(out - ref).max()
+    # no worse than rounding the exact result to the dtype (zero where the output is one slot's v)
+    rounding = _rel(ref.astype(dtype), ref)
+    assert _rel(out, ref) <= 1.5 * rounding + 1e-7, (_rel(out, ref), rounding)
+
+
+def test_decode_kernel_does_not_serve_on_the_cpu():
+    """On this CPU backend the model never dispatches to the decode kernel, even for inputs it would take
+    on one GPU (bf16, one query row, a cache of the query's dtype and a block-divisible length)."""
+    q = jnp.zeros((2, 1, 4, 64), jnp.bfloat16)
+    cache = jnp.zeros((2, 2, 64, 1, 64), jnp.bfloat16)
+    assert jax.default_backend() == "cpu"
+    assert A.decode_kernel_serves(q, cache) is False
+
+
+def test_decode_kernel_serves_only_what_it_supports(monkeypatch):
+    """With the backend taken for one GPU, decode_kernel_serves accepts a bf16/f16 single-row query with a
+    cache of its dtype, a length divisible by 16 and a head_dim divisible by 32, and refuses each of:
+    several query rows, float32, a cache of another dtype, a length no block divides, head_dim 16, and
+    several devices."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "device_count", lambda *a, **k: 1)
+    sds = jax.ShapeDtypeStruct
+    serves = lambda q, c: A.decode_kernel_serves(sds(q[0], q[1]), sds(c[0], c[1]))  # noqa: E731
+    bf, f16 = jnp.bfloat16, jnp.float16
+    assert serves(((2, 1, 4, 64), bf), ((2, 2, 64, 1, 64), bf))
+    assert serves(((2, 1, 4, 128), f16), ((2, 2, 48, 1, 128), f16))
+    assert not serves(((2, 3, 4, 64), bf), ((2, 2, 64, 1, 64), bf))  # prefill rows
+    assert not serves(((2, 1, 4, 64), jnp.float32), ((2, 2, 64, 1, 64), jnp.float32))
+    assert not serves(((2, 1, 4, 64), bf), ((2, 2, 64, 1, 64), f16))
+    assert not serves(((2, 1, 4, 64), bf), ((2, 2, 40, 1, 64), bf))
+    assert not serves(((2, 1, 4, 16), bf), ((2, 2, 64, 1, 16), bf))
+    monkeypatch.setattr(jax, "device_count", lambda *a, **k: 2)
+    assert not serves(((2, 1, 4, 64), bf), ((2, 2, 64, 1, 64), bf))
+
+
+# ---------------------------------------------------------------------------------------------
+# qmatmul.matmul: bf16 weights read from the stack
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_dense_gpu_kernel_equals_float32_matmul_of_the_layer(rows):
+    """qmatmul.matmul, interpreted: x [rows, K] bf16 times layer `layer` of a stacked bf16 weight (and a
+    2-D weight with no layer) equals x @ w[layer] in float32, as a float32 [rows, N], for every K split
+    (and both row paths: one row on the CUDA cores, rows padded to 16 on the tensor cores)."""
+    k, n = 256, 128
+    w = (jax.random.normal(jax.random.key(rows), (3, k, n)) * 0.02).astype(jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(100 + rows), (rows, k)).astype(jnp.bfloat16)
+    for layer in (0, 2):
+        ref = np.asarray(x.astype(jnp.float32) @ w[layer].astype(jnp.float32))
+        for split in (None, 1, 2):
+            if split:
+                assert _grid(functools.partial(qmatmul.matmul, split=split, interpret=True), x, w, layer)[1] == split
+            got = qmatmul.matmul(x, w, layer, split=split, interpret=True)
+            assert got.shape == (rows, n) and got.dtype == jnp.float32
+            assert _rel(got, ref) < 1e-5, (layer, split)
+    ref = np.asarray(x.astype(jnp.float32) @ w[1].astype(jnp.float32))
+    got = qmatmul.matmul(x, w[1], interpret=True)
+    assert got.shape == (rows, n)
+    assert _rel(got, ref) < 1e-5
+
+
+@pytest.mark.parametrize("rows", [1, 16])
+def test_dense_gpu_kernel_runs_several_weights_in_one_launch(rows):
+    """q/k/v-like bf16 stacks of different widths given as a tuple: one pallas_call over all their column
+    blocks, one output per weight, each equal to x @ its layer in float32, whether K is split or not; a
+    column block that does not divide every N is refused."""
+    k = 256  # 2 units of K for 16 rows (128 a step), 4 for one row: split 2 divides both
+    ws = tuple((jax.random.normal(jax.random.key(i), (2, k, n)) * 0.02).astype(jnp.bfloat16)
+               for i, n in enumerate((64, 32, 48)))
+    x = jax.random.normal(jax.random.key(9), (rows, k)).astype(jnp.bfloat16)
+    for split in (None, 1, 2):
+        # one launch: 144 columns in blocks of 16 (the largest dividing 64, 32 and 48)
+        assert _grid(functools.partial(qmatmul.matmul, split=split, interpret=True), x, ws, 1)[0] == 9
+        outs = qmatmul.matmul(x, ws, 1, split=split, interpret=True)
+        assert isinstance(outs, tuple) and len(outs) == 3
+        for got, w in zip(outs, ws):
+            ref = np.asarray(x.astype(jnp.float32) @ w[1].astype(jnp.float32))
+            assert got.shape == ref.shape
+            assert _rel(got, ref) < 1e-5, split
+    with pytest.raises(ValueError, match="must divide every N"):
+        qmatmul.matmul(x, ws, 1, bn=64, interpret=True)
+
+
+def test_dense_gpu_kernel_does_not_serve_on_the_cpu():
+    """On the CPU neither serves_dense nor supported_dense takes a bf16 decode matmul, so the model keeps
+    XLA's matmul."""
+    w = jnp.zeros((2, 64, 128), jnp.bfloat16)
+    x = jnp.zeros((2, 64), jnp.bfloat16)
+    assert qmatmul.serves_dense(2, jnp.bfloat16) is False
+    assert qmatmul.supported_dense(w, x) is False
+    assert qmatmul.supported_dense((w, w), x) is False
+
+
+def test_dense_gpu_kernel_serves_only_what_it_supports(monkeypatch):
+    """With the backend taken for one GPU, supported_dense accepts bf16 x [M <= 64, K] and bf16 weights
+    [(L,) K, N] (one or a tuple) with K and N multiples of 16, and refuses each of: more than 64 rows,
+    float32 activations or weights, an N or K that 16 does not divide, a weight of another K."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "device_count", lambda *a, **k: 1)
+    sds, bf = jax.ShapeDtypeStruct, jnp.bfloat16
+    w, w2 = sds((2, 64, 128), bf), sds((64, 48), bf)
+    x = sds((2, 64), bf)
+    assert qmatmul.supported_dense(w, x)
+    assert qmatmul.supported_dense((w, w2), x)
+    assert qmatmul.supported_dense(w, sds((64, 64), bf))
+    assert not qmatmul.supported_dense(w, sds((65, 64), bf))
+    assert not qmatmul.supported_dense(w, sds((2, 64), jnp.float32))
+    assert not qmatmul.supported_dense(sds((2, 64, 128), jnp.float32), x)
+    assert not qmatmul.supported_dense((w, sds((2, 64, 40), bf)), x)
+    assert not qmatmul.supported_dense(sds((2, 40, 128), bf), sds((2, 40), bf))
+    assert not qmatmul.supported_dense((w, sds((2, 32, 128), bf)), x)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model's decode step through both kernels
+
+
+ALL_DENSE = ("o", "q", "k", "v", "gate", "up", "down")
+
+
+def test_decode_step_through_both_gpu_kernels_equals_xla_decode(monkeypatch):
+    """The model's bf16 decode step with both GPU dispatches taken (interpreted here): the decode-attention
+    kernel in every layer, and qmatmul.matmul for the weights of DENSE_KERNEL_WEIGHTS read from the stack.
+    By default only `o` goes through matmul (one weight per call, one call per trace of the layer scan);
+    with every weight listed, q/k/v and gate/up go in one launch each, o and down alone. Either way the
+    logits equal the plain XLA step's, the cache's new slot matches it to bf16 rounding and every other
+    slot is untouched (layer 0's new slot, projected by XLA as in the reference, bit for bit), and the
+    index advances by one."""
+    cfg = lj.PRESETS["tiny-gqa"].replace(ffn_dim=176, param_dtype="bfloat16", compute_dtype="bfloat16")
+    params = lj.init_params(cfg, jax.random.key(3))
+    token, pos = jnp.asarray([5, 9], jnp.int32), jnp.asarray([3, 3], jnp.int32)
+    cache = KVCache.zeros(cfg, 2, 16)
+    ks = jax.random.split(jax.random.key(4), 2)
+    cache = dataclasses.replace(
+        cache, k=jax.random.normal(ks[0], cache.k.shape).astype(cache.k.dtype),
+        v=jax.random.normal(ks[1], cache.v.shape).astype(cache.v.dtype),  # stale slots must stay unread
+        index=jnp.int32(3), valid=cache.valid.at[:, :3].set(True))
+    assert model.DENSE_KERNEL_WEIGHTS == ("o",)
+    ref, ref_cache = _step(params, token, pos, cache, cfg)  # plain XLA, before anything is patched
+    ref = np.asarray(ref)
+
+    calls, attn_calls = [], []
+    real_matmul, real_attention = qmatmul.matmul, A.decode_attention
+    monkeypatch.setattr(qmatmul, "serves_dense", lambda rows, dtype: True)
+    monkeypatch.setattr(qmatmul, "supported_dense", lambda w, x: True)
+    monkeypatch.setattr(qmatmul, "matmul",
+                        lambda x, w, layer=None: calls.append(w) or real_matmul(x, w, layer, interpret=True))
+    monkeypatch.setattr(model, "decode_kernel_serves", lambda q, c: True)
+    monkeypatch.setattr(model, "decode_attention",
+                        lambda *a, **kw: attn_calls.append(1) or real_attention(*a, **kw, interpret=True))
+
+    def check(got, got_cache, same_projections):
+        got = np.asarray(got)
+        assert got.shape == ref.shape
+        assert np.abs(got - ref).max() < 2e-2 * np.abs(ref).max(), np.abs(got - ref).max()
+        assert int(got_cache.index) == int(cache.index) + 1 == int(ref_cache.index)
+        np.testing.assert_array_equal(np.asarray(got_cache.valid), np.asarray(ref_cache.valid))
+        for name in ("k", "v"):
+            new, old, want = (np.asarray(getattr(c, name).astype(jnp.float32)) for c in (got_cache, cache, ref_cache))
+            np.testing.assert_array_equal(np.delete(new, 3, axis=2), np.delete(old, 3, axis=2))
+            assert not np.array_equal(new[:, :, 3], old[:, :, 3])
+            diff = np.abs(new[:, :, 3] - want[:, :, 3])
+            if same_projections:  # layer 0 projects its input as XLA does: the kernel's rotary rounds alike
+                np.testing.assert_array_equal(new[0, :, 3], want[0, :, 3])
+            assert diff.max() <= 2e-3 + 2 ** -7 * np.abs(want[:, :, 3]).max(), (name, diff.max())
+
+    def weights(w):
+        return len(w) if isinstance(w, (tuple, list)) else 1
+
+    # not jitted: traced here, with the dispatches patched
+    check(*_step(params, token, pos, cache, cfg), same_projections=True)
+    assert [weights(w) for w in calls] == [1]  # `o`, once in the scan body
+    assert calls[0][0].shape == (cfg.n_layers, cfg.n_heads * cfg.head_dim, cfg.dim)  # the whole stack
+    assert len(attn_calls) == 1
+
+    calls.clear()
+    monkeypatch.setattr(model, "DENSE_KERNEL_WEIGHTS", ALL_DENSE)
+    check(*_step(params, token, pos, cache, cfg), same_projections=False)
+    assert [weights(w) for w in calls] == [3, 1, 2, 1]  # (q, k, v), o, (gate, up), down
+    assert len(attn_calls) == 2
