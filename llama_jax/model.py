@@ -133,7 +133,7 @@ def _project_many(spec: str, x: jax.Array, ws) -> list[jax.Array]:
         if qmatmul.supported_dense(mats, x2):
             outs = qmatmul.matmul(x2, mats, ws[0].index)
         else:
-            outs = [x2 @ m[w.index] for m, w in zip(mats, ws)]
+            outs = [x2 @ m[w.index].astype(x2.dtype) for m, w in zip(mats, ws)]
         lead = x.shape[:x.ndim - n_in]
         return [o.astype(x.dtype).reshape(lead + w.stack.shape[1 + n_in:]) for o, w in zip(outs, ws)]
     return [_project(spec, x, w) for w in ws]
@@ -340,7 +340,7 @@ class Llama(nnx.Module):
 
         def whole(path, a):
             name = path[-2].key if len(path) >= 2 and hasattr(path[-2], "key") else None
-            return isinstance(a, QArray) or (dense and name in DENSE_KERNEL_WEIGHTS)
+            return isinstance(a, QArray) or (dense and name in DENSE_KERNEL_WEIGHTS and a.dtype == x.dtype)
 
         is_q = lambda a: isinstance(a, QArray)  # noqa: E731
         keep = jax.tree_util.tree_map_with_path(whole, stacked, is_leaf=is_q)

@@ -298,3 +298,32 @@ def test_decode_step_through_both_gpu_kernels_equals_xla_decode(monkeypatch):
     check(*_step(params, token, pos, cache, cfg), same_projections=False)
     assert [weights(w) for w in calls] == [3, 1, 2, 1]  # (q, k, v), o, (gate, up), down
     assert len(attn_calls) == 2
+
+
+def test_float32_weights_under_bf16_compute_stay_with_xla(monkeypatch):
+    """Float32 master weights decoded in bf16 (a training checkpoint): the bf16 matmul kernel does not
+    take them, so `o` is sliced by the scan and multiplied by XLA in bf16 as before, and the step equals
+    the unpatched one exactly."""
+    cfg = lj.PRESETS["tiny-gqa"].replace(ffn_dim=176, param_dtype="float32", compute_dtype="bfloat16")
+    params = lj.init_params(cfg, jax.random.key(5))
+    token, pos = jnp.asarray([5, 9], jnp.int32), jnp.asarray([3, 3], jnp.int32)
+    cache = KVCache.zeros(cfg, 2, 16)
+    cache = dataclasses.replace(cache, index=jnp.int32(3), valid=cache.valid.at[:, :3].set(True))
+    ref, _ = _step(params, token, pos, cache, cfg)
+    calls = []
+    real_matmul = qmatmul.matmul
+    monkeypatch.setattr(qmatmul, "serves_dense", lambda rows, dtype: True)
+    monkeypatch.setattr(qmatmul, "matmul",
+                        lambda x, w, layer=None: calls.append(w) or real_matmul(x, w, layer, interpret=True))
+    views = []  # every StackedLayer (a weight kept whole) is multiplied through its matrix()
+    real_matrix = model.StackedLayer.matrix
+    monkeypatch.setattr(model.StackedLayer, "matrix", lambda self, n: views.append(n) or real_matrix(self, n))
+    got, _ = _step(params, token, pos, cache, cfg)
+    assert calls == [] and views == []
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    # the same patches do route bf16 weights to the kernel (so the check above can fail)
+    cfg16 = cfg.replace(param_dtype="bfloat16")
+    params16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    monkeypatch.setattr(qmatmul, "supported_dense", lambda w, x: True)
+    _step(params16, token, pos, KVCache.zeros(cfg16, 2, 16), cfg16)
+    assert len(calls) == 1 and len(views) == 1
