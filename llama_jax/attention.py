@@ -126,7 +126,7 @@ def _decode_block(max_len: int) -> int | None:
 
 def decode_kernel_serves(q: jax.Array, cache_k: jax.Array) -> bool:
     """Whether `decode_attention` runs here: one GPU, one 16-bit query per row, a cache of the same
-    dtype whose length a block divides."""
+    dtype whose length a block (16 slots or more) divides, head_dim a multiple of 32."""
     return (jax.default_backend() == "gpu" and jax.device_count() == 1 and q.shape[1] == 1
             and q.dtype in (jnp.bfloat16, jnp.float16) and cache_k.dtype == q.dtype
             and _decode_block(cache_k.shape[2]) is not None and q.shape[-1] % 32 == 0)
@@ -163,7 +163,7 @@ def decode_attention(
     else:
         out_shape = [jax.ShapeDtypeStruct((chunks, batch, heads, n), jnp.float32) for n in (head_dim, 1, 1)]
         out_specs = [pl.BlockSpec((None, None, None, n), lambda b, h, c: (c, b, h, 0)) for n in (head_dim, 1, 1)]
-    out_shape += [jax.ShapeDtypeStruct(cache_k.shape, cache_k.dtype), jax.ShapeDtypeStruct(cache_v.shape, cache_v.dtype)]
+    out_shape += [jax.ShapeDtypeStruct(c.shape, c.dtype) for c in (cache_k, cache_v)]  # aliased: updated in place
     out_specs += [pl.no_block_spec, pl.no_block_spec]
     n_out = len(out_shape)
     kw = {}
@@ -172,6 +172,7 @@ def decode_attention(
 
         kw["compiler_params"] = plgpu.CompilerParams(num_warps=4, num_stages=2)
     cos, sin = (t.reshape(batch, head_dim // 2) for t in rope)
+    scalars = (jnp.asarray(layer, jnp.int32).reshape(1), jnp.asarray(start, jnp.int32).reshape(1))
     *out, cache_k, cache_v = pl.pallas_call(
         kernel,
         out_shape=tuple(out_shape),
@@ -181,8 +182,7 @@ def decode_attention(
         input_output_aliases={8: n_out - 2, 9: n_out - 1},
         interpret=interpret,
         **kw,
-    )(jnp.asarray(layer, jnp.int32).reshape(1), jnp.asarray(start, jnp.int32).reshape(1), q[:, 0], k[:, 0], v[:, 0], cos, sin,
-      mask[:, 0].astype(jnp.int32), cache_k, cache_v)
+    )(*scalars, q[:, 0], k[:, 0], v[:, 0], cos, sin, mask[:, 0].astype(jnp.int32), cache_k, cache_v)
     if chunks == 1:
         out = out[0]
     else:
