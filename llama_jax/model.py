@@ -201,7 +201,9 @@ class Attention(nnx.Module):
         mask), k and v being every layer's cache [layers, batch, max_len, kv_heads, head_dim]: write
         this call's keys and values in place at (layer, slot `start`), attend over that layer's
         slots under `mask` [batch, seq, max_len], and return the updated (k, v) beside the output.
-        Writing only the new tokens keeps a decode step's cache traffic to one read of the layer."""
+        Writing only the new tokens keeps a decode step's cache traffic to one read of the layer.
+        A decode step on one GPU does the rotary, the write and the attention in one Pallas kernel
+        (attention.decode_attention); elsewhere XLA does them, with the same results."""
         q, k, v = _project_many("btd,dnh->btnh", x, (self.q[...], self.k[...], self.v[...]))
         if layer_cache is not None and decode_kernel_serves(q, layer_cache[0]):
             cache_k, cache_v, layer, start, mask = layer_cache
