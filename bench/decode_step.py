@@ -1,0 +1,103 @@
+"""One decode step of the Llama-2-7B shape, with the decode kernels switched on or off: what each kernel
+is worth inside the step. One JSON line per variant: ms per step (best of three runs of 100 host-loop
+steps, cache index reset to 128 before each) and the step's first call (compile + one step).
+
+    python bench/decode_step.py                            # bf16 batch 1: the kernel ablation below
+    python bench/decode_step.py --variants 8:1:kernels 4:1:kernels --trace /tmp/t   # int8, int4; a profile
+
+A variant is BITS:BATCH:ATTENTION[:DENSE] with BITS 0 (bf16), 8 or 4, ATTENTION `kernels` (the decode
+attention kernel where it serves) or `xla` (rotary, cache write and attention in XLA), and DENSE the
+bf16 weights given to qmatmul.matmul, joined by `+` (default `o`, as the model does; `none` for XLA's
+matmuls on scan slices). The switches patch `model.decode_kernel_serves` and
+`model.DENSE_KERNEL_WEIGHTS` in this process only. `--trace DIR` also writes a CSV of the GPU kernels
+of three steps per variant (name, start ns, duration ns), read from a jax.profiler trace.
+"""
+import argparse
+import csv
+import dataclasses
+import functools
+import glob
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+
+import llama_jax as lj
+from llama_jax import model, quantize
+from llama_jax.generate import _step
+
+ABLATION = ["0:1:xla:none", "0:1:kernels:none", "0:1:xla:o", "0:1:kernels:o", "0:1:kernels:o+q+k+v+gate+up+down"]
+
+
+def trace_kernels(run, path: str) -> None:
+    with jax.profiler.trace(path):
+        run()
+    data = jax.profiler.ProfileData.from_file(glob.glob(path + "/**/*.xplane.pb", recursive=True)[0])
+    with open(path + ".csv", "w") as out:
+        rows = csv.writer(out)
+        for plane in data.planes:
+            if "GPU" in plane.name:
+                for line in plane.lines:
+                    for ev in line.events:
+                        rows.writerow([ev.name, ev.start_ns, ev.duration_ns])
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="llama2-7b")
+    p.add_argument("--variants", nargs="+", default=ABLATION)
+    p.add_argument("--cache", type=int, default=256, help="cache slots; the step attends over the first 129")
+    p.add_argument("--trace", default="", help="directory prefix for a kernel trace of each variant")
+    a = p.parse_args()
+    cfg = lj.PRESETS[a.preset].replace(param_dtype="bfloat16", compute_dtype="bfloat16")
+    bf16 = lj.init_params(cfg, jax.random.key(0))
+    serves, dense_default = model.decode_kernel_serves, model.DENSE_KERNEL_WEIGHTS
+    params_of = {0: bf16}
+    for variant in a.variants:
+        bits, batch, attention, dense = (variant.split(":") + ["o"])[:4]
+        bits, batch = int(bits), int(batch)
+        if bits not in params_of:
+            params_of = {0: bf16, bits: quantize.quantize_params(bf16, cfg, bits=bits, group=64 if bits == 4 else None)}
+        model.decode_kernel_serves = serves if attention == "kernels" else (lambda q, c: False)
+        model.DENSE_KERNEL_WEIGHTS = tuple(w for w in dense.split("+") if w != "none")
+
+        @functools.partial(jax.jit, donate_argnums=(3,))
+        def step(params, token, position, cache):
+            logits, cache = _step(params, token, position, cache, cfg)
+            return jnp.argmax(logits, -1).astype(jnp.int32), position + 1, cache
+
+        params = params_of[bits]
+        cache = lj.KVCache.zeros(cfg, batch, a.cache)
+        cache = dataclasses.replace(cache, index=jnp.int32(128), valid=cache.valid.at[:, :128].set(True))
+        token, position = jnp.zeros((batch,), jnp.int32), jnp.full((batch,), 128, jnp.int32)
+        t0 = time.perf_counter()
+        token, position, cache = step(params, token, position, cache)
+        token.block_until_ready()
+        first_call_s = time.perf_counter() - t0
+        best = float("inf")
+        for _ in range(3):
+            cache, position = dataclasses.replace(cache, index=jnp.int32(128)), jnp.full((batch,), 128, jnp.int32)
+            token.block_until_ready()
+            t0 = time.perf_counter()
+            for _ in range(100):
+                token, position, cache = step(params, token, position, cache)
+            token.block_until_ready()
+            best = min(best, (time.perf_counter() - t0) / 100)
+        print(json.dumps(dict(variant=variant, preset=a.preset, bits=bits or 16, batch=batch,
+                              ms_per_step=round(best * 1e3, 3), tok_s=round(batch / best, 1),
+                              first_call_s=round(first_call_s, 1), device=jax.devices()[0].device_kind,
+                              jax=jax.__version__)), flush=True)
+        if a.trace:
+            def three_steps():
+                nonlocal token, position, cache
+                for _ in range(3):
+                    token, position, cache = step(params, token, position, cache)
+                token.block_until_ready()
+
+            trace_kernels(three_steps, f"{a.trace}-{variant.replace(':', '_').replace('+', '-')}")
+    model.decode_kernel_serves, model.DENSE_KERNEL_WEIGHTS = serves, dense_default
+
+
+if __name__ == "__main__":
+    main()
