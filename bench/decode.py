@@ -166,13 +166,13 @@ def _kernels_vs_xla(prompt, mask) -> float:
     token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     step = jax.jit(_step, static_argnames="cfg")
     with_kernels = np.asarray(step(params, token, position, cache, cfg=cfg)[0], np.float32)
-    serves = (model.decode_kernel_serves, qmatmul.serves_dense)
-    model.decode_kernel_serves, qmatmul.serves_dense = (lambda *_: False), (lambda *_: False)
-    try:
+    serves = (model.decode_kernel_serves, qmatmul.serves)
+    model.decode_kernel_serves, qmatmul.serves = (lambda *_: False), (lambda *_: False)
+    try:  # a fresh jit: `step` has cached its trace with the kernels in
         xla = np.asarray(jax.jit(_step, static_argnames="cfg")(params, token, position, cache, cfg=cfg)[0],
                          np.float32)
     finally:
-        model.decode_kernel_serves, qmatmul.serves_dense = serves
+        model.decode_kernel_serves, qmatmul.serves = serves
     return float(np.linalg.norm(with_kernels - xla) / np.linalg.norm(xla))
 
 

@@ -152,9 +152,9 @@ def decode_attention(
     batch, _, heads, head_dim = q.shape
     max_len, kv_heads = cache_k.shape[2], cache_k.shape[3]
     block = _decode_block(max_len)
-    chunks = min(max_len // block, pl.cdiv(_PROGRAMS, batch * heads))
-    chunk = pl.cdiv(max_len // block, chunks)  # blocks per program
-    chunks = pl.cdiv(max_len // block, chunk)
+    n_blocks = max_len // block
+    chunk = pl.cdiv(n_blocks, min(n_blocks, pl.cdiv(_PROGRAMS, batch * heads)))  # blocks per program
+    chunks = pl.cdiv(n_blocks, chunk)
     kernel = functools.partial(_decode_kernel, block=block, chunk=chunk, rep=heads // kv_heads,
                                scale=1.0 / math.sqrt(head_dim))
     if chunks == 1:

@@ -338,7 +338,7 @@ class Llama(nnx.Module):
         # Quantized weights stay whole, each layer reached through a QLayer (see QLayer for why), and
         # so do the bf16 ones of DENSE_KERNEL_WEIGHTS where the GPU kernel serves them (StackedLayer);
         # the scan slices the rest.
-        dense = qmatmul.serves_dense(batch * seq, x.dtype)
+        dense = qmatmul.serves(batch * seq, x.dtype)
 
         def whole(path, a):
             name = path[-2].key if len(path) >= 2 and hasattr(path[-2], "key") else None

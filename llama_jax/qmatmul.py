@@ -132,11 +132,10 @@ def _pick(k_units: int, ns, min_programs: int) -> tuple[int, int]:
 def supported(q, x) -> bool:
     """Whether the kernel serves x @ q (q a QArray, or a tuple of QArrays to run in one launch): a GPU,
     bf16 activations, few rows, K grouped along rows, and for a tuple one scheme and K throughout."""
-    if jax.default_backend() != "gpu" or jax.device_count() != 1 or x.dtype != jnp.bfloat16:
-        return False
     qs = tuple(q) if isinstance(q, (tuple, list)) else (q,)
     k = qs[0].matrix_shape()[0]
-    m = x.size // k
+    if not serves(x.size // k, x.dtype):
+        return False
 
     def ok(w):
         return (w.axis == -2 and w.matrix_shape()[0] == k and w.matrix_shape()[1] % 16 == 0
@@ -146,11 +145,12 @@ def supported(q, x) -> bool:
     # Several int8 weights in one launch measured slower than one launch each (a 7B decode step on an
     # H100: 4.37 against 4.22 ms), int4 faster (3.95 against 4.63 ms): BENCHMARKS.md.
     one_launch_pays = len(qs) == 1 or qs[0].bits == 4
-    return m <= MAX_ROWS and len(same) == 1 and one_launch_pays and all(ok(w) for w in qs)
+    return len(same) == 1 and one_launch_pays and all(ok(w) for w in qs)
 
 
-def serves_dense(rows: int, dtype) -> bool:
-    """Whether `matmul` runs bf16 products of `rows` rows here (one GPU, few rows)."""
+def serves(rows: int, dtype) -> bool:
+    """Whether the kernels run products of `rows` rows of `dtype` activations here: one GPU, bf16, at
+    most MAX_ROWS rows. `supported` and `supported_dense` add what each needs of the weights."""
     return jax.default_backend() == "gpu" and jax.device_count() == 1 and dtype == jnp.bfloat16 and rows <= MAX_ROWS
 
 
@@ -158,15 +158,20 @@ def supported_dense(w, x) -> bool:
     """Whether `matmul` serves x [M, K] @ w (a bf16 weight [(L,) K, N], or a tuple of them sharing K)."""
     ws = tuple(w) if isinstance(w, (tuple, list)) else (w,)
     k = x.shape[-1]
-    return (serves_dense(x.size // k, x.dtype) and k % 16 == 0
+    return (serves(x.size // k, x.dtype) and k % 16 == 0
             and all(a.dtype == jnp.bfloat16 and a.shape[-2] == k and a.shape[-1] % 16 == 0 for a in ws))
 
 
 def _unit(q, k: int, rows: int = 128) -> int | None:
-    """Rows of K per loop step: a scale group, or for per-channel int8 the largest of `rows`, 64, 32, 16
-    that divides K."""
+    """Rows of K per loop step: a scale group, or for per-channel int8 `_tile_rows`."""
     if q.bits == 4 or q.group < k:
         return q.group if q.group >= 16 else None
+    return _tile_rows(k, rows)
+
+
+def _tile_rows(k: int, rows: int) -> int | None:
+    """Rows of K per loop step for a weight without groups: the largest of `rows`, 64, 32, 16 (none
+    above `rows`) that divides K."""
     return next((u for u in (rows, 64, 32, 16) if u <= rows and k % u == 0), None)
 
 
@@ -200,7 +205,7 @@ def matmul(x, w, layer=None, *, bn=None, split=None, rows=None, num_warps=None, 
     many = isinstance(w, (tuple, list))
     ws = tuple(a if a.ndim == 3 else a[None] for a in (w if many else (w,)))
     k = x.shape[1]
-    unit = next(u for u in (rows or (64 if x.shape[0] == 1 else 128), 64, 32, 16) if k % u == 0)
+    unit = _tile_rows(k, rows or (64 if x.shape[0] == 1 else 128))
     outs, _ = _launch(x, [(a,) for a in ws], [a.shape[-1] for a in ws], layer, bits=16, unit=unit,
                       grouped=False, bn=bn, split=split, num_warps=num_warps, num_stages=num_stages,
                       interpret=interpret)

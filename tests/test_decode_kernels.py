@@ -202,11 +202,11 @@ def test_dense_gpu_kernel_runs_several_weights_in_one_launch(rows):
 
 
 def test_dense_gpu_kernel_does_not_serve_on_the_cpu():
-    """On the CPU neither serves_dense nor supported_dense takes a bf16 decode matmul, so the model keeps
+    """On the CPU neither serves nor supported_dense takes a bf16 decode matmul, so the model keeps
     XLA's matmul."""
     w = jnp.zeros((2, 64, 128), jnp.bfloat16)
     x = jnp.zeros((2, 64), jnp.bfloat16)
-    assert qmatmul.serves_dense(2, jnp.bfloat16) is False
+    assert qmatmul.serves(2, jnp.bfloat16) is False
     assert qmatmul.supported_dense(w, x) is False
     assert qmatmul.supported_dense((w, w), x) is False
 
@@ -261,7 +261,7 @@ def test_decode_step_through_both_gpu_kernels_equals_xla_decode(monkeypatch):
 
     calls, attn_calls = [], []
     real_matmul, real_attention = qmatmul.matmul, A.decode_attention
-    monkeypatch.setattr(qmatmul, "serves_dense", lambda rows, dtype: True)
+    monkeypatch.setattr(qmatmul, "serves", lambda rows, dtype: True)
     monkeypatch.setattr(qmatmul, "supported_dense", lambda w, x: True)
     monkeypatch.setattr(qmatmul, "matmul",
                         lambda x, w, layer=None: calls.append(w) or real_matmul(x, w, layer, interpret=True))
@@ -312,7 +312,7 @@ def test_float32_weights_under_bf16_compute_stay_with_xla(monkeypatch):
     ref, _ = _step(params, token, pos, cache, cfg)
     calls = []
     real_matmul = qmatmul.matmul
-    monkeypatch.setattr(qmatmul, "serves_dense", lambda rows, dtype: True)
+    monkeypatch.setattr(qmatmul, "serves", lambda rows, dtype: True)
     monkeypatch.setattr(qmatmul, "matmul",
                         lambda x, w, layer=None: calls.append(w) or real_matmul(x, w, layer, interpret=True))
     views = []  # every StackedLayer (a weight kept whole) is multiplied through its matrix()
