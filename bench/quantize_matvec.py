@@ -5,6 +5,8 @@ line per figure: ms for all 32 matrices and GB/s of stored bytes read.
     python bench/quantize_matvec.py [--rows 1] [--shape 4096 11008] [--sweep]   # GPU; on CPU it only checks
 
 Every kernel result is checked against x @ dequantize(q) in float32 on fresh random inputs first.
+The sweep varies the column block and warps with one row on the CUDA cores and padded to 16 rows for
+the tensor cores (`tensor_cores`), and the K split on the tensor-core path.
 """
 import argparse
 import json
@@ -63,10 +65,11 @@ def main():
     t = timed(lambda: xla_dense(x, dense))
     print(json.dumps(dict(impl="xla", variant="bf16", m=a.rows, K=K, N=N, ms=round(t * 1e3, 3),
                           gbps=round(dense.nbytes / t / 1e9, 1), device=device)), flush=True)
-    configs = [{}, dict(split=1), dict(split=2)] + [dict(num_stages=st) for st in a.stages]
-    if a.sweep and not INTERPRET:
-        configs = [{}] + [dict(bn=bn, split=sp, num_warps=nw, rows=r) for bn in (128, 256, 512)
-                          for sp in (1, 2, 4, 8) for nw in (4, 8) for r in (32, 64)]
+    configs = [{}, dict(split=1), dict(split=2), dict(tensor_cores=False), dict(tensor_cores=True)]
+    configs += [dict(num_stages=st) for st in a.stages]
+    if a.sweep and not INTERPRET:  # one row through the CUDA cores or padded to 16 for the tensor cores
+        configs = [{}] + [dict(tensor_cores=tc, bn=bn, num_warps=nw) for tc in (False, True) for bn in (64, 128, 256)
+                          for nw in (4, 8)] + [dict(tensor_cores=True, split=sp) for sp in (2, 4, 8, 16)]
         variants.pop("int4_g32_zp")
     for name, q in variants.items():
         nb = Q.param_bytes(q)
@@ -75,8 +78,6 @@ def main():
             print(json.dumps(dict(impl="xla-dequant-dot", variant=name, m=a.rows, ms=round(t * 1e3, 3),
                                   gbps=round(nb / t / 1e9, 1))), flush=True)
         for cfg in configs:
-            if q.bits == 4 and cfg.get("rows", 32) != 32:  # rows only steers per-channel int8
-                continue
             try:
                 xr = jax.random.normal(jax.random.key(7), (a.rows, K), jnp.bfloat16)
                 ref = xr.astype(jnp.float32) @ q.take(1).dequantize(jnp.float32)

@@ -44,6 +44,13 @@ def _dot(a, b):
     return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
 
+def _biased(nibbles):
+    """uint8 values 0..15 -> bfloat16 128 + value, exactly: the value OR-ed into the mantissa of 128.0
+    (0x4300), two bit operations instead of a conversion through float32. An int4 decode step at
+    batch 16 went from 5.75 to 5.59 ms on an H100 (BENCHMARKS.md)."""
+    return jax.lax.bitcast_convert_type(nibbles.astype(jnp.uint16) | jnp.uint16(0x4300), jnp.bfloat16)
+
+
 def _tc_sum(l, x_ref, c_ref, s_ref, z_ref, cols, first, *, bits, unit, steps, grouped, finish):
     """Rows padded to >= 16: dequantize [unit, bn] tiles to bf16 and multiply on the tensor cores."""
     bn = cols.size
@@ -56,15 +63,16 @@ def _tc_sum(l, x_ref, c_ref, s_ref, z_ref, cols, first, *, bits, unit, steps, gr
             if not grouped:  # per channel: the scale multiplies the final sum
                 return acc + part
             return acc + part * s_ref[l, u, cols].astype(jnp.float32)[None, :]
-        # int4: byte j of a group holds code j (low nibble) and code j + unit/2 (high nibble)
+        # int4: byte j of a group holds code j (low nibble) and code j + unit/2 (high nibble). The
+        # tile goes to the tensor cores as 128 + code (_biased), so part = x . codes + 128 sum(x).
         h = unit // 2
         b = c_ref[l, pl.ds(u * h, h), cols]  # uint8 [h, bn]
         x0, x1 = x_ref[:, pl.ds(u * unit, h)], x_ref[:, pl.ds(u * unit + h, h)]
-        part = _dot(x0, (b & 0x0F).astype(jnp.bfloat16)) + _dot(x1, (b >> 4).astype(jnp.bfloat16))
+        part = _dot(x0, _biased(b & 0x0F)) + _dot(x1, _biased(b >> 4))
         xsum = (jnp.sum(x0.astype(jnp.float32), axis=1) + jnp.sum(x1.astype(jnp.float32), axis=1))[:, None]
         s = s_ref[l, u, cols].astype(jnp.float32)[None, :]
         z = z_ref[l, u, cols].astype(jnp.float32)[None, :] if z_ref is not None else -8.0 * s
-        return acc + part * s + xsum * z
+        return acc + part * s + xsum * (z - 128.0 * s)
 
     acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((x_ref.shape[0], bn), jnp.float32))
     if finish and not grouped and s_ref is not None:  # K is not split: this is the whole sum, scale it
@@ -105,7 +113,7 @@ def _kernel(layer_ref, x_ref, *refs, blocks, per, **kw):
     bn = o_ref.shape[-1]
     j = pl.program_id(0)
     first = pl.program_id(1) * kw["steps"]  # this program's first unit along K
-    total = _row_sum if o_ref.shape[-2] == 1 else _tc_sum
+    total = _row_sum if o_ref.shape[-2] == 1 else _tc_sum  # one row only when _launch keeps it unpadded
     for i in range(len(blocks) - 1):
         w = refs[per * i:per * (i + 1)]
 
@@ -175,13 +183,15 @@ def _tile_rows(k: int, rows: int) -> int | None:
     return next((u for u in (rows, 64, 32, 16) if u <= rows and k % u == 0), None)
 
 
-@functools.partial(jax.jit, static_argnames=("bn", "split", "rows", "num_warps", "num_stages", "interpret"))
-def qmatmul(x, q, layer=None, *, bn=None, split=None, rows=None, num_warps=None, num_stages=3, interpret=False):
+@functools.partial(jax.jit, static_argnames=("bn", "split", "rows", "num_warps", "num_stages", "tensor_cores",
+                                              "interpret"))
+def qmatmul(x, q, layer=None, *, bn=None, split=None, rows=None, num_warps=None, num_stages=3, tensor_cores=False,
+            interpret=False):
     """x [M, K] @ q -> float32 [M, N]. q: a 2-D QArray [K, N], or a stacked one [L, K, N] with `layer`;
     or a tuple of such QArrays with one K and scheme (q/k/v, gate/up), multiplied in one launch and
     returned as a tuple. bn, split, rows (K rows per step, per-channel int8), num_warps, num_stages:
-    block settings; the defaults are the best of a sweep on an H100 (bench/quantize_matvec.py --sweep,
-    BENCHMARKS.md)."""
+    block settings; tensor_cores: pad one row to 16 rows for the tensor cores (slower on an H100, kept
+    for the sweep). The defaults are the best of a sweep on an H100 (bench/quantize_matvec.py --sweep, BENCHMARKS.md)."""
     many = isinstance(q, (tuple, list))
     qs = tuple(w.as_stack() for w in (q if many else (q,)))
     q0 = qs[0]
@@ -191,7 +201,7 @@ def qmatmul(x, q, layer=None, *, bn=None, split=None, rows=None, num_warps=None,
     args = [tuple(a for a in (w.values, w.scales, w.zeros) if a is not None) for w in qs]
     outs, finished = _launch(x, args, [w.matrix_shape()[1] for w in qs], layer, bits=q0.bits, unit=unit,
                              grouped=grouped, bn=bn, split=split, num_warps=num_warps,
-                             num_stages=num_stages, interpret=interpret)
+                             num_stages=num_stages, interpret=interpret, tensor_cores=tensor_cores)
     if not grouped and not finished:  # per channel with K split: the scale multiplies the summed parts
         outs = [o * w.scales[0 if layer is None else layer, 0].astype(jnp.float32) for o, w in zip(outs, qs)]
     return tuple(outs) if many else outs[0]
@@ -208,16 +218,17 @@ def matmul(x, w, layer=None, *, bn=None, split=None, rows=None, num_warps=None, 
     unit = _tile_rows(k, rows or (64 if x.shape[0] == 1 else 128))
     outs, _ = _launch(x, [(a,) for a in ws], [a.shape[-1] for a in ws], layer, bits=16, unit=unit,
                       grouped=False, bn=bn, split=split, num_warps=num_warps, num_stages=num_stages,
-                      interpret=interpret)
+                      interpret=interpret, tensor_cores=False)
     return tuple(outs) if many else outs[0]
 
 
-def _launch(x, args, ns, layer, *, bits, unit, grouped, bn, split, num_warps, num_stages, interpret):
+def _launch(x, args, ns, layer, *, bits, unit, grouped, bn, split, num_warps, num_stages, interpret,
+            tensor_cores):
     """One pallas_call over weights given as their operand tuples `args`, of N columns `ns` ->
     ([M, n] float32 per weight, whether each program summed all of K)."""
     m, k = x.shape
     layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
-    one_row = m == 1
+    one_row = m == 1 and not tensor_cores
     auto_bn, auto_split = _pick(k // unit, ns, (2 if one_row and bits == 8 else 4) * _SMS)
     num_warps = num_warps or (8 if one_row else 4)
     bn, split = bn or auto_bn, split or auto_split

@@ -277,9 +277,21 @@ def test_fused_gpu_kernel_equals_dequantized_matmul(rows, bits, group, zero_poin
     for layer in (0, 2):
         ref = np.asarray(x.astype(jnp.float32) @ jax.tree.map(lambda a: a[layer], q).dequantize())
         for split in (None, 1, 2):
-            got = np.asarray(qmatmul(x, q, layer, split=split, interpret=True))
-            assert got.shape == (rows, n)
-            assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-5, (layer, split)
+            for tensor_cores in (False, True) if rows == 1 else (False,):  # one row padded to 16, as well
+                got = np.asarray(qmatmul(x, q, layer, split=split, tensor_cores=tensor_cores, interpret=True))
+                assert got.shape == (rows, n)
+                assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-5, (layer, split, tensor_cores)
+
+
+def test_int4_codes_reach_the_tensor_cores_as_128_plus_code_exactly():
+    """qmatmul._biased ORs a nibble into the mantissa of 128.0: every code 0..15 becomes 128 + code."""
+    from llama_jax import qmatmul
+
+    codes = jnp.arange(256, dtype=jnp.uint8)
+    for nibbles in (codes & 0x0F, codes >> 4):
+        got = qmatmul._biased(nibbles)
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(got, np.float32), 128.0 + np.asarray(nibbles, np.float32))
 
 
 @pytest.mark.parametrize("rows", [1, 16])
