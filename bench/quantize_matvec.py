@@ -5,7 +5,7 @@ line per figure: ms for all 32 matrices and GB/s of stored bytes read.
     python bench/quantize_matvec.py [--rows 1] [--shape 4096 11008] [--sweep]   # GPU; on CPU it only checks
 
 Every kernel result is checked against x @ dequantize(q) in float32 on fresh random inputs first.
-The sweep varies the column block and warps with one row on the CUDA cores and padded to 16 rows for
+`bf16_kernel` is qmatmul.matmul on the bf16 stack. The sweep varies the column block and warps with one row on the CUDA cores and padded to 16 rows for
 the tensor cores (`tensor_cores`), and the K split on the tensor-core path.
 """
 import argparse
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax import quantize as Q
-from llama_jax.qmatmul import qmatmul
+from llama_jax.qmatmul import matmul, qmatmul
 
 INTERPRET = jax.default_backend() == "cpu"
 
@@ -37,12 +37,14 @@ def main():
     p.add_argument("--shape", type=int, nargs=2, default=[4096, 11008])
     p.add_argument("--sweep", action="store_true", help="time many block settings (GPU)")
     p.add_argument("--stages", type=int, nargs="*", default=[], help="also time these software-pipeline depths")
+    p.add_argument("--variants", nargs="*", default=None, help="time only these (int8, int4_g64, int4_g32_zp, bf16_kernel)")
     a = p.parse_args()
     L, (K, N) = (2, (512, 256)) if INTERPRET else (32, a.shape)
     w = jax.random.normal(jax.random.key(0), (L, K, N), jnp.float32) * 0.02
     variants = {"int8": Q.quantize(w, 8, None, stacked=True), "int4_g64": Q.quantize(w, 4, 64, stacked=True),
                 "int4_g32_zp": Q.quantize(w, 4, 32, stacked=True, zero_point=True)}
     dense = w.astype(jnp.bfloat16)
+    variants["bf16_kernel"] = dense  # qmatmul.matmul, as the decode step runs `o`
     del w
     x = jax.random.normal(jax.random.key(1), (a.rows, K), jnp.bfloat16)
     device = jax.devices()[0].device_kind
@@ -70,20 +72,25 @@ def main():
     if a.sweep and not INTERPRET:  # one row through the CUDA cores or padded to 16 for the tensor cores
         configs = [{}] + [dict(tensor_cores=tc, bn=bn, num_warps=nw) for tc in (False, True) for bn in (64, 128, 256)
                           for nw in (4, 8)] + [dict(tensor_cores=True, split=sp) for sp in (2, 4, 8, 16)]
+        configs += [dict(tensor_cores=True, num_stages=st) for st in (2, 4, 5)]
         variants.pop("int4_g32_zp")
+    variants = {k: v for k, v in variants.items() if a.variants is None or k in a.variants}
     for name, q in variants.items():
-        nb = Q.param_bytes(q)
-        if not INTERPRET:
+        dense_kernel = name == "bf16_kernel"
+        kernel = matmul if dense_kernel else qmatmul
+        nb = q.nbytes if dense_kernel else Q.param_bytes(q)
+        if not INTERPRET and not dense_kernel:
             t = timed(lambda: xla_deq(x, q))
             print(json.dumps(dict(impl="xla-dequant-dot", variant=name, m=a.rows, ms=round(t * 1e3, 3),
                                   gbps=round(nb / t / 1e9, 1))), flush=True)
         for cfg in configs:
             try:
                 xr = jax.random.normal(jax.random.key(7), (a.rows, K), jnp.bfloat16)
-                ref = xr.astype(jnp.float32) @ q.take(1).dequantize(jnp.float32)
-                got = qmatmul(xr, q, 1, interpret=INTERPRET, **cfg)
+                w1 = q[1].astype(jnp.float32) if dense_kernel else q.take(1).dequantize(jnp.float32)
+                ref = xr.astype(jnp.float32) @ w1
+                got = kernel(xr, q, 1, interpret=INTERPRET, **cfg)
                 err = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
-                run = over_layers(lambda x, q, i: qmatmul(x, q, i, interpret=INTERPRET, **cfg))
+                run = over_layers(lambda x, q, i: kernel(x, q, i, interpret=INTERPRET, **cfg))
                 t = timed(lambda: run(x, q), n=3 if INTERPRET else 10)
                 print(json.dumps(dict(impl="qmatmul", variant=name, m=a.rows, **cfg, rel_err=round(err, 7),
                                       ms=round(t * 1e3, 3), gbps=round(nb / t / 1e9, 1))), flush=True)

@@ -207,18 +207,20 @@ def qmatmul(x, q, layer=None, *, bn=None, split=None, rows=None, num_warps=None,
     return tuple(outs) if many else outs[0]
 
 
-@functools.partial(jax.jit, static_argnames=("bn", "split", "rows", "num_warps", "num_stages", "interpret"))
-def matmul(x, w, layer=None, *, bn=None, split=None, rows=None, num_warps=None, num_stages=3, interpret=False):
+@functools.partial(jax.jit, static_argnames=("bn", "split", "rows", "num_warps", "num_stages", "tensor_cores",
+                                              "interpret"))
+def matmul(x, w, layer=None, *, bn=None, split=None, rows=None, num_warps=None, num_stages=3, tensor_cores=False,
+           interpret=False):
     """x [M, K] @ w -> float32 [M, N] for a bf16 weight: [K, N], or layer `layer` of a stack [L, K, N]
     read where it lies (XLA slices a stacked weight into a copy before handing it to cuBLAS); a tuple
     of weights with one K runs in one launch. Settings as in `qmatmul`."""
     many = isinstance(w, (tuple, list))
     ws = tuple(a if a.ndim == 3 else a[None] for a in (w if many else (w,)))
     k = x.shape[1]
-    unit = _tile_rows(k, rows or (64 if x.shape[0] == 1 else 128))
+    unit = _tile_rows(k, rows or (64 if x.shape[0] == 1 and not tensor_cores else 128))
     outs, _ = _launch(x, [(a,) for a in ws], [a.shape[-1] for a in ws], layer, bits=16, unit=unit,
                       grouped=False, bn=bn, split=split, num_warps=num_warps, num_stages=num_stages,
-                      interpret=interpret, tensor_cores=False)
+                      interpret=interpret, tensor_cores=tensor_cores)
     return tuple(outs) if many else outs[0]
 
 
