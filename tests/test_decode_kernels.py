@@ -177,6 +177,8 @@ def test_dense_gpu_kernel_equals_float32_matmul_of_the_layer(rows):
     got = qmatmul.matmul(x, w[1], interpret=True)
     assert got.shape == (rows, n)
     assert _rel(got, ref) < 1e-5
+    if rows == 1:  # one row padded to 16 for the tensor cores (the sweep's tensor_cores setting)
+        assert _rel(qmatmul.matmul(x, w, 1, tensor_cores=True, interpret=True), ref) < 1e-5
 
 
 @pytest.mark.parametrize("rows", [1, 16])
