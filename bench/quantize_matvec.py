@@ -5,8 +5,9 @@ line per figure: ms for all 32 matrices and GB/s of stored bytes read.
     python bench/quantize_matvec.py [--rows 1] [--shape 4096 11008] [--sweep]   # GPU; on CPU it only checks
 
 Every kernel result is checked against x @ dequantize(q) in float32 on fresh random inputs first.
-`bf16_kernel` is qmatmul.matmul on the bf16 stack. The sweep varies the column block and warps with one row on the CUDA cores and padded to 16 rows for
-the tensor cores (`tensor_cores`), and the K split on the tensor-core path.
+`bf16_kernel` is qmatmul.matmul on the bf16 stack. The sweep varies the column block and warps, with one
+row on the CUDA cores and padded to 16 rows for the tensor cores (`tensor_cores`), and the K split and
+pipeline depth on the tensor-core path.
 """
 import argparse
 import json

@@ -191,12 +191,13 @@ def qmatmul(x, q, layer=None, *, bn=None, split=None, rows=None, num_warps=None,
     or a tuple of such QArrays with one K and scheme (q/k/v, gate/up), multiplied in one launch and
     returned as a tuple. bn, split, rows (K rows per step, per-channel int8), num_warps, num_stages:
     block settings; tensor_cores: pad one row to 16 rows for the tensor cores (slower on an H100, kept
-    for the sweep). The defaults are the best of a sweep on an H100 (bench/quantize_matvec.py --sweep, BENCHMARKS.md)."""
+    for the sweep). The defaults are the best of a sweep on an H100 (bench/quantize_matvec.py --sweep,
+    BENCHMARKS.md)."""
     many = isinstance(q, (tuple, list))
     qs = tuple(w.as_stack() for w in (q if many else (q,)))
     q0 = qs[0]
     k = x.shape[1]
-    unit = _unit(q0, k, rows or (64 if x.shape[0] == 1 else 128))
+    unit = _unit(q0, k, rows or (64 if x.shape[0] == 1 and not tensor_cores else 128))
     grouped = q0.bits == 4 or q0.group < k
     args = [tuple(a for a in (w.values, w.scales, w.zeros) if a is not None) for w in qs]
     outs, finished = _launch(x, args, [w.matrix_shape()[1] for w in qs], layer, bits=q0.bits, unit=unit,
