@@ -177,6 +177,12 @@ def _unit(q, k: int, rows: int = 128) -> int | None:
     return _tile_rows(k, rows)
 
 
+def _default_rows(m: int, tensor_cores: bool) -> int:
+    """K rows per loop step for a weight without groups, unless set: 64 for one row on the CUDA cores
+    (its accumulator is a [rows, bn] tile), 128 for the tensor cores."""
+    return 64 if m == 1 and not tensor_cores else 128
+
+
 def _tile_rows(k: int, rows: int) -> int | None:
     """Rows of K per loop step for a weight without groups: the largest of `rows`, 64, 32, 16 (none
     above `rows`) that divides K."""
@@ -197,7 +203,7 @@ def qmatmul(x, q, layer=None, *, bn=None, split=None, rows=None, num_warps=None,
     qs = tuple(w.as_stack() for w in (q if many else (q,)))
     q0 = qs[0]
     k = x.shape[1]
-    unit = _unit(q0, k, rows or (64 if x.shape[0] == 1 and not tensor_cores else 128))
+    unit = _unit(q0, k, rows or _default_rows(x.shape[0], tensor_cores))
     grouped = q0.bits == 4 or q0.group < k
     args = [tuple(a for a in (w.values, w.scales, w.zeros) if a is not None) for w in qs]
     outs, finished = _launch(x, args, [w.matrix_shape()[1] for w in qs], layer, bits=q0.bits, unit=unit,
@@ -218,7 +224,7 @@ def matmul(x, w, layer=None, *, bn=None, split=None, rows=None, num_warps=None, 
     many = isinstance(w, (tuple, list))
     ws = tuple(a if a.ndim == 3 else a[None] for a in (w if many else (w,)))
     k = x.shape[1]
-    unit = _tile_rows(k, rows or (64 if x.shape[0] == 1 and not tensor_cores else 128))
+    unit = _tile_rows(k, rows or _default_rows(x.shape[0], tensor_cores))
     outs, _ = _launch(x, [(a,) for a in ws], [a.shape[-1] for a in ws], layer, bits=16, unit=unit,
                       grouped=False, bn=bn, split=split, num_warps=num_warps, num_stages=num_stages,
                       interpret=interpret, tensor_cores=tensor_cores)
