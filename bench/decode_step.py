@@ -13,10 +13,8 @@ matmuls on scan slices). The switches patch `model.decode_kernel_serves` and
 of three steps per variant (name, start ns, duration ns), read from a jax.profiler trace.
 """
 import argparse
-import csv
 import dataclasses
 import functools
-import glob
 import json
 import time
 
@@ -27,20 +25,9 @@ import llama_jax as lj
 from llama_jax import model, quantize
 from llama_jax.generate import _step
 
+from kernel_trace import trace_kernels
+
 ABLATION = ["0:1:xla:none", "0:1:kernels:none", "0:1:xla:o", "0:1:kernels:o", "0:1:kernels:o+q+k+v+gate+up+down"]
-
-
-def trace_kernels(run, path: str) -> None:
-    with jax.profiler.trace(path):
-        run()
-    data = jax.profiler.ProfileData.from_file(glob.glob(path + "/**/*.xplane.pb", recursive=True)[0])
-    with open(path + ".csv", "w") as out:
-        rows = csv.writer(out)
-        for plane in data.planes:
-            if "GPU" in plane.name:
-                for line in plane.lines:
-                    for ev in line.events:
-                        rows.writerow([ev.name, ev.start_ns, ev.duration_ns])
 
 
 def main():

@@ -50,7 +50,8 @@ def ours(a) -> dict:
     mesh = make_mesh(**parse_mesh(a.mesh)) if a.mesh else make_mesh(data=1, fsdp=-1, tensor=1)
     optimizer = train.make_optimizer(lr=1e-4, warmup_steps=10, total_steps=1000)
     state = train.init_train_state(cfg, optimizer, jax.random.key(0), mesh)
-    step = train.make_train_step(cfg, optimizer, mesh, remat=a.remat)
+    step = train.make_train_step(cfg, optimizer, mesh, accum_steps=a.accum, remat=a.remat,
+                                 loss_chunk=a.loss_chunk, unroll=a.unroll or True)
     rng = np.random.default_rng(0)
     batch = place_batch({"tokens": rng.integers(0, cfg.vocab_size, (a.batch, a.seq + 1), dtype=np.int32)}, mesh)
 
@@ -67,16 +68,31 @@ def ours(a) -> dict:
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
     dt = float(np.median(times))
+    profile = None
+    if a.trace:
+        from kernel_trace import summary, trace_kernels
+
+        def two_steps():
+            nonlocal state, metrics
+            for _ in range(2):
+                state, metrics = compiled(state, batch)
+            jax.block_until_ready(metrics)
+
+        profile = summary(trace_kernels(two_steps, a.trace), steps=2)
     n_non_embed = lj.param_count(cfg) - cfg.vocab_size * cfg.dim
     flops_tok = 6 * n_non_embed + 12 * cfg.n_layers * cfg.dim * a.seq
     n_dev = len(mesh.devices.flat)
     tok_s = a.batch * a.seq / dt
     mem = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in mesh.devices.flat)
     return dict(impl="llama-jax", preset=a.preset, width=cfg.dim, layers=cfg.n_layers, seq=a.seq, batch=a.batch,
-                mesh=dict(mesh.shape), remat=a.remat, step_s=round(dt, 4), compile_s=round(compile_s, 1),
+                mesh=dict(mesh.shape), remat=a.remat, accum_steps=a.accum, unroll=a.unroll or "all",
+                step_s=round(dt, 4), compile_s=round(compile_s, 1),
                 tokens_per_s=round(tok_s), mfu=round(tok_s * flops_tok / (a.peak_tflops * 1e12 * n_dev), 4),
                 loss=float(metrics["loss"]), peak_mem_gb=round(mem / 1e9, 1),
-                device=jax.devices()[0].device_kind, n_devices=n_dev, jax=jax.__version__)
+                device=jax.devices()[0].device_kind, n_devices=n_dev, jax=jax.__version__,
+                **({"loss_chunk": a.loss_chunk} if a.loss_chunk else {}),
+                **({"xla_flags": os.environ["XLA_FLAGS"]} if os.environ.get("XLA_FLAGS") else {}),
+                **({"profile": profile} if profile else {}))
 
 
 def main():
@@ -88,6 +104,10 @@ def main():
     p.add_argument("--seq", type=int, default=2048); p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--remat", default="none", choices=["none", "full", "save_matmuls"])
+    p.add_argument("--unroll", type=int, default=0, help="layers of the layer scan unrolled (default 0: all)")
+    p.add_argument("--accum", type=int, default=1, help="micro-batches a step (gradient accumulation)")
+    p.add_argument("--loss-chunk", type=int, default=None, help="sequence positions per loss chunk (default: auto)")
+    p.add_argument("--trace", default="", help="also profile two steps: kernel CSV at TRACE.csv, summary in the JSON")
     p.add_argument("--mesh", default="", help="e.g. fsdp=2 (default: every device on fsdp)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per card (H100 SXM: 989)")
     p.add_argument("--no-peer", action="store_true")
