@@ -181,7 +181,8 @@ def plan(cfg, mesh_sizes: dict[str, int], batch: int, seq: int, step: str = "gra
     scores = batch // n_batch // accum_steps * local_heads * (1 if step == "decode" else seq) * seq * 4
 
     return Plan(model=model_name, step=step, mesh=dict(mesh.shape), devices=mesh.size, batch=batch, seq=seq,
-                remat=remat, accum_steps=accum_steps, scan_layers=scan_layers, param_dtype=cfg.param_dtype, optimizer=optimizer_name,
+                remat=remat, accum_steps=accum_steps, scan_layers=scan_layers, param_dtype=cfg.param_dtype,
+                optimizer=optimizer_name,
                 params=per_device(params), optimizer_state=per_device(opt_state), other_inputs=per_device(others),
                 arguments=mem.argument_size_in_bytes, outputs=outputs, temporaries=mem.temp_size_in_bytes,
                 total=total, attention_scores=scores, replicated=replicated, hbm_gib=hbm_gib, compile_s=compile_s)
@@ -235,7 +236,8 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(a["model"])
         p = plan(cfg, a["mesh"], a["batch"], a["seq"], a["step"], remat=a["remat"], accum_steps=a["accum"],
-                 scan_layers=a.get("scan_layers", False), model_name=a["model"], hbm_gib=a["hbm"], log=lambda m: print(m, file=sys.stderr, flush=True))
+                 scan_layers=a["scan_layers"], model_name=a["model"], hbm_gib=a["hbm"],
+                 log=lambda m: print(m, file=sys.stderr, flush=True))
     except ValueError as e:
         print(f"llama-jax plan: error: {e}", file=sys.stderr)
         return 2
