@@ -51,7 +51,7 @@ def ours(a) -> dict:
     optimizer = train.make_optimizer(lr=1e-4, warmup_steps=10, total_steps=1000)
     state = train.init_train_state(cfg, optimizer, jax.random.key(0), mesh)
     step = train.make_train_step(cfg, optimizer, mesh, accum_steps=a.accum, remat=a.remat,
-                                 loss_chunk=a.loss_chunk, unroll=a.unroll or True)
+                                 loss_chunk=a.loss_chunk, unroll=a.unroll_layers or 1)
     rng = np.random.default_rng(0)
     batch = place_batch({"tokens": rng.integers(0, cfg.vocab_size, (a.batch, a.seq + 1), dtype=np.int32)}, mesh)
 
@@ -85,7 +85,7 @@ def ours(a) -> dict:
     tok_s = a.batch * a.seq / dt
     mem = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in mesh.devices.flat)
     return dict(impl="llama-jax", preset=a.preset, width=cfg.dim, layers=cfg.n_layers, seq=a.seq, batch=a.batch,
-                mesh=dict(mesh.shape), remat=a.remat, accum_steps=a.accum, unroll=a.unroll or "all",
+                mesh=dict(mesh.shape), remat=a.remat, accum_steps=a.accum, unroll_layers=a.unroll_layers,
                 step_s=round(dt, 4), compile_s=round(compile_s, 1),
                 tokens_per_s=round(tok_s), mfu=round(tok_s * flops_tok / (a.peak_tflops * 1e12 * n_dev), 4),
                 loss=float(metrics["loss"]), peak_mem_gb=round(mem / 1e9, 1),
@@ -104,7 +104,7 @@ def main():
     p.add_argument("--seq", type=int, default=2048); p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--remat", default="none", choices=["none", "full", "save_matmuls"])
-    p.add_argument("--unroll", type=int, default=0, help="layers of the layer scan unrolled (default 0: all)")
+    p.add_argument("--unroll-layers", action="store_true", help="unroll the layer loop (train.make_train_step)")
     p.add_argument("--accum", type=int, default=1, help="micro-batches a step (gradient accumulation)")
     p.add_argument("--loss-chunk", type=int, default=None, help="sequence positions per loss chunk (default: auto)")
     p.add_argument("--trace", default="", help="also profile two steps: kernel CSV at TRACE.csv, summary in the JSON")

@@ -38,7 +38,7 @@ class Plan:
     seq: int
     remat: str
     accum_steps: int
-    scan_layers: bool  # the layer loop kept rolled (train.make_train_step's unroll=1)
+    unroll_layers: bool  # the layer loop unrolled (train.make_train_step's unroll=True)
     param_dtype: str
     optimizer: str | None
     # bytes per device
@@ -88,7 +88,7 @@ def load_config(model: str):
 
 
 def plan(cfg, mesh_sizes: dict[str, int], batch: int, seq: int, step: str = "grad", *, remat: str = "none",
-         accum_steps: int = 1, scan_layers: bool = False, model_name: str = "", hbm_gib: float | None = None,
+         accum_steps: int = 1, unroll_layers: bool = False, model_name: str = "", hbm_gib: float | None = None,
          rules=None, log=print) -> Plan:
     """Compile `step` for `cfg` on a (data, fsdp, tensor) mesh of this process's devices and measure it."""
     import warnings
@@ -125,7 +125,7 @@ def plan(cfg, mesh_sizes: dict[str, int], batch: int, seq: int, step: str = "gra
     optimizer_name = None
 
     if step in ("grad", "train"):
-        unroll = 1 if scan_layers else True  # as make_train_step: every layer unrolled unless scanned
+        unroll = unroll_layers or 1  # as make_train_step's `unroll`
         # train.py's batch: tokens [batch, seq + 1] (inputs and shifted targets), rows over (data, fsdp).
         data = {"tokens": jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32, sharding=sharding.batch_sharding(mesh))}
         if step == "grad":
@@ -181,7 +181,7 @@ def plan(cfg, mesh_sizes: dict[str, int], batch: int, seq: int, step: str = "gra
     scores = batch // n_batch // accum_steps * local_heads * (1 if step == "decode" else seq) * seq * 4
 
     return Plan(model=model_name, step=step, mesh=dict(mesh.shape), devices=mesh.size, batch=batch, seq=seq,
-                remat=remat, accum_steps=accum_steps, scan_layers=scan_layers, param_dtype=cfg.param_dtype,
+                remat=remat, accum_steps=accum_steps, unroll_layers=unroll_layers, param_dtype=cfg.param_dtype,
                 optimizer=optimizer_name,
                 params=per_device(params), optimizer_state=per_device(opt_state), other_inputs=per_device(others),
                 arguments=mem.argument_size_in_bytes, outputs=outputs, temporaries=mem.temp_size_in_bytes,
@@ -201,7 +201,7 @@ def format_table(p: Plan) -> str:
         f"{p.model}: {p.step} step, mesh {mesh} ({p.devices} devices), batch {p.batch} x seq {p.seq}, "
         f"params {p.param_dtype}" + (f", remat {p.remat}" if p.step != "decode" else "")
         + (f", {p.accum_steps} micro-batches" if p.accum_steps > 1 else "")
-        + (", layers scanned" if p.scan_layers and p.step != "decode" else "")
+        + (", layers unrolled" if p.unroll_layers and p.step != "decode" else "")
         + (f", optimizer {p.optimizer}" if p.optimizer else ""),
         f"{'per device':<34}{'GiB':>10}",
         f"  {'parameters':<32}{gib(p.params)}",
@@ -236,7 +236,7 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(a["model"])
         p = plan(cfg, a["mesh"], a["batch"], a["seq"], a["step"], remat=a["remat"], accum_steps=a["accum"],
-                 scan_layers=a["scan_layers"], model_name=a["model"], hbm_gib=a["hbm"],
+                 unroll_layers=a["unroll_layers"], model_name=a["model"], hbm_gib=a["hbm"],
                  log=lambda m: print(m, file=sys.stderr, flush=True))
     except ValueError as e:
         print(f"llama-jax plan: error: {e}", file=sys.stderr)

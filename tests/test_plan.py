@@ -55,6 +55,14 @@ def test_train_plan_matches_array_sizes():
     assert p["temporaries"] > 0
     assert p["total"] == p["arguments"] + p["outputs"] + p["temporaries"]
     assert p["fits"] is None
+    # The same step with its layer loop unrolled: the same inputs, and the table says so.
+    unrolled = plan_json("--model", "tiny", "--mesh", "fsdp=4", "--batch", "8", "--seq", "32", "--train",
+                         "--unroll-layers")
+    assert unrolled["unroll_layers"] and not p["unroll_layers"]
+    assert unrolled["arguments"] == p["arguments"]
+    table = plan("--model", "tiny", "--mesh", "fsdp=4", "--batch", "8", "--seq", "32", "--train", "--unroll-layers",
+                 json_out=False)
+    assert "layers unrolled" in table.stdout, table.stderr[-3000:]
 
 
 def test_grad_plan_on_a_tensor_mesh_and_fit_verdict():
@@ -108,10 +116,10 @@ def test_plan_errors_are_one_line(args, message):
 def test_llama2_70b_on_64_devices():
     """The issue's pod: 64 devices, fsdp=16 x tensor=4, batch 256 x 4096 in 4 micro-batches. Every
     dimension divides, so each matrix is exactly 1/64 per device and each norm 1/16 (float32 master);
-    the AdamW moments twice that. With the layers scanned it compiles in seconds (unrolled, in minutes)."""
+    the AdamW moments twice that. Compiles in seconds."""
     p = plan_json("--model", "llama2-70b", "--mesh", "fsdp=16,tensor=4", "--batch", "256", "--seq", "4096",
-                  "--train", "--remat", "full", "--accum", "4", "--hbm", "80", "--scan-layers")
-    assert p["devices"] == 64 and not p["replicated"] and p["accum_steps"] == 4 and p["scan_layers"]
+                  "--train", "--remat", "full", "--accum", "4", "--hbm", "80")
+    assert p["devices"] == 64 and not p["replicated"] and p["accum_steps"] == 4 and not p["unroll_layers"]
     norms = 8192 * (2 * 80 + 1)
     assert p["params"] == (68_976_648_192 - norms) * 4 // 64 + norms * 4 // 16
     assert 2 * p["params"] <= p["optimizer_state"] <= 2 * p["params"] + 256

@@ -104,9 +104,9 @@ def test_sigkill_between_checkpoints_resumes_with_identical_losses(corpus, refer
         assert m["loss"] == reference[m["step"]]
 
 
-def test_scan_layers_follows_the_unrolled_step(corpus, reference, tmp_path):
-    """`--scan-layers` keeps the layer loop rolled: a different program, the same losses (float32 tiny model)."""
-    done = _train(tmp_path / "run", corpus, extra=["--scan-layers"])  # 10 steps: the same lr schedule
+def test_unrolled_layers_follow_the_scanned_step(corpus, reference, tmp_path):
+    """`--unroll-layers` unrolls the layer loop: a different program, the same losses (float32 tiny model)."""
+    done = _train(tmp_path / "run", corpus, extra=["--unroll-layers"])  # 10 steps: the same lr schedule
     assert done.returncode == 0, done.stderr
     for m in _metrics(tmp_path / "run"):
         assert abs(m["loss"] - reference[m["step"]]) < 1e-4 * abs(reference[m["step"]]), m

@@ -409,7 +409,7 @@ def test_mixed_precision_step_matches_autodiff_through_the_master_params():
     state = train.init_train_state(cfg, optax.sgd(1.0), jax.random.key(0))
     before = jax.device_get(state.params)
     ref = jax.device_get(loss_and_grad(state.params, batch, cfg=cfg)[1])
-    state, _ = train.make_train_step(cfg, optax.sgd(1.0), remat="save_matmuls")(state, batch)
+    state, _ = train.make_train_step(cfg, optax.sgd(1.0), remat="save_matmuls", unroll=True)(state, batch)
     after = jax.device_get(state.params)
     for (path, g), old, new in zip(jax.tree_util.tree_leaves_with_path(ref), jax.tree.leaves(before),
                                    jax.tree.leaves(after)):
