@@ -1,7 +1,9 @@
 """Training-step speed on GPU, beside Hugging Face + torch.compile measured in the same invocation.
 
-    python bench/train.py                        # 7B width x 8 layers, seq 2048, batch 4, one GPU, + HF peer
-    python bench/train.py --preset llama2-7b --mesh fsdp=2 --no-peer   # full 7B on two GPUs, fsdp
+    python bench/train.py --remat save_matmuls --unroll-layers   # 7B width x 8 layers, seq 2048, batch 4, + HF peer
+    python bench/train.py --preset llama2-7b --mesh fsdp=2 --remat save_matmuls --batch 8 --unroll-layers --no-peer
+                                                                 # full 7B on two GPUs, fsdp
+    python bench/train.py --remat save_matmuls --trace /tmp/t    # + a kernel profile of two steps (kernel_trace.py)
 
 One JSON line per figure: tokens/s, MFU (DESIGN.md: tokens/s * (6N + 12*L*d*seq) / peak, N without the
 embedding table), compile seconds, step seconds, peak device memory. Each side runs in its own process so

@@ -256,8 +256,8 @@ def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation, m
     recomputes per layer). `unroll`: layers of the layer scan unrolled (True: all; default 1, a loop).
     Unrolled, XLA feeds each layer's gradients straight into the optimizer's update, where a loop writes
     them into a zeroed stacked buffer first (7B width x 8 layers on an H100: 169.5 ms a step against
-    185.9). The loop keeps compile time flat in depth, and under fsdp holds one layer's gathered weights
-    at a time: unrolled, the plan of a Llama-2-70B step on 64 devices needs 133 GiB a device, against 24.5.
+    185.9). The loop keeps compile time flat in depth, and memory in check under fsdp: unrolled, the plan of
+    a Llama-2-70B step on 64 devices needs 133 GiB a device, against 24.5 GiB in the loop.
     A step whose gradients are not finite changes nothing but the `skipped` and `nonfinite_streak`
     counters. Metrics are float32/int32 scalars: loss, grad_norm (before
     clipping), lr, tokens (counted targets), skipped (1 if this step was), nonfinite_streak."""
