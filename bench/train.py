@@ -53,7 +53,7 @@ def ours(a) -> dict:
     optimizer = train.make_optimizer(lr=1e-4, warmup_steps=10, total_steps=1000)
     state = train.init_train_state(cfg, optimizer, jax.random.key(0), mesh)
     step = train.make_train_step(cfg, optimizer, mesh, accum_steps=a.accum, remat=a.remat,
-                                 loss_chunk=a.loss_chunk, unroll=a.unroll_layers or 1)
+                                 loss_chunk=a.loss_chunk, unroll=a.unroll_layers)
     rng = np.random.default_rng(0)
     batch = place_batch({"tokens": rng.integers(0, cfg.vocab_size, (a.batch, a.seq + 1), dtype=np.int32)}, mesh)
 

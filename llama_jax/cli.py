@@ -449,7 +449,7 @@ def _run_training(args, cfg, params, source, batch, steps, meta):
     else:
         state = train.init_train_state(cfg, optimizer, jax.random.key(args.seed), mesh, params=params)
     step_fn = train.make_train_step(cfg, optimizer, mesh, accum_steps=accum, remat=args.remat,
-                                    unroll=args.unroll_layers or 1)
+                                    unroll=args.unroll_layers)
 
     from tensorboardX import SummaryWriter
 

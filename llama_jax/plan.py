@@ -125,11 +125,10 @@ def plan(cfg, mesh_sizes: dict[str, int], batch: int, seq: int, step: str = "gra
     optimizer_name = None
 
     if step in ("grad", "train"):
-        unroll = unroll_layers or 1  # as make_train_step's `unroll`
         # train.py's batch: tokens [batch, seq + 1] (inputs and shifted targets), rows over (data, fsdp).
         data = {"tokens": jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32, sharding=sharding.batch_sharding(mesh))}
         if step == "grad":
-            grad = jax.grad(lambda p, b: train.loss_fn(p, b, cfg, remat=remat, unroll=unroll))
+            grad = jax.grad(lambda p, b: train.loss_fn(p, b, cfg, remat=remat, unroll=unroll_layers))
             fn = jax.jit(grad, out_shardings=p_shard)
             args, others = (params, data), (data,)
         else:  # the training step train.py runs, with its optimizer and state
@@ -139,8 +138,8 @@ def plan(cfg, mesh_sizes: dict[str, int], batch: int, seq: int, step: str = "gra
             abstract = jax.eval_shape(lambda: train.init_train_state(cfg, optimizer, jax.random.key(0)))
             state = jax.tree.map(sds, abstract, shardings)
             opt_state = state.opt_state
-            fn = train.make_train_step(cfg, optimizer, mesh, accum_steps=accum_steps, remat=remat, unroll=unroll,
-                                       rules=rules)
+            fn = train.make_train_step(cfg, optimizer, mesh, accum_steps=accum_steps, remat=remat,
+                                       unroll=unroll_layers, rules=rules)
             args, others = (state, data), (data, state.step, state.rng, state.skipped, state.nonfinite_streak)
     else:
         shape = (cfg.n_layers, batch, seq, cfg.n_kv_heads, cfg.head_dim)

@@ -253,14 +253,14 @@ def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation, m
     With a mesh: params and optimizer state sharded by the rules, the batch split over (data, fsdp).
     `accum_steps`: gradients of that many micro-batches (lax.scan) are summed before one update; the
     batch's rows must divide into them. `remat`: none | full | save_matmuls (what the backward pass
-    recomputes per layer). `unroll`: layers of the layer scan unrolled (True: all; default 1, a loop).
-    Unrolled, XLA feeds each layer's gradients straight into the optimizer's update, where a loop writes
-    them into a zeroed stacked buffer first (7B width x 8 layers on an H100: 169.5 ms a step against
-    185.9). The loop keeps compile time flat in depth, and memory in check under fsdp: unrolled, the plan of
-    a Llama-2-70B step on 64 devices needs 133 GiB a device, against 24.5 GiB in the loop.
+    recomputes per layer). `unroll`: layers of the layer scan unrolled (True: all; 1 or False, the
+    default: a loop). Unrolled, XLA feeds each layer's gradients straight into the optimizer's update,
+    where a loop writes them into a zeroed stacked buffer first (7B width x 8 layers on an H100: 169.5 ms
+    a step against 185.9). The loop keeps compile time flat in depth, and memory in check under fsdp:
+    unrolled, the plan of a Llama-2-70B step on 64 devices needs 133 GiB a device, against 24.5 GiB.
     A step whose gradients are not finite changes nothing but the `skipped` and `nonfinite_streak`
-    counters. Metrics are float32/int32 scalars: loss, grad_norm (before
-    clipping), lr, tokens (counted targets), skipped (1 if this step was), nonfinite_streak."""
+    counters. Metrics are float32/int32 scalars: loss, grad_norm (before clipping), lr, tokens (counted
+    targets), skipped (1 if this step was), nonfinite_streak."""
     from llama_jax.model import REMAT_POLICIES
 
     if remat not in REMAT_POLICIES:
