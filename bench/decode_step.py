@@ -7,9 +7,10 @@ steps, cache index reset to 128 before each) and the step's first call (compile 
 
 A variant is BITS:BATCH:ATTENTION[:DENSE] with BITS 0 (bf16), 8 or 4, ATTENTION `kernels` (the decode
 attention kernel where it serves) or `xla` (rotary, cache write and attention in XLA), and DENSE the
-bf16 weights given to qmatmul.matmul, joined by `+` (default `o`, as the model does; `none` for XLA's
-matmuls on scan slices). The switches patch `model.decode_kernel_serves` and
-`model.DENSE_KERNEL_WEIGHTS` in this process only. `--trace DIR` also writes a CSV of the GPU kernels
+bf16 weights given to qmatmul.matmul, joined by `+` (default `o`; `none` for XLA's matmuls on scan
+slices), or `cuda` for the CUDA one-row kernel of gpu_matvec.py on every projection and the lm_head
+(what the model does at batch 1 on a Hopper GPU; any other DENSE switches it off). The switches patch
+`model.decode_kernel_serves`, `model.DENSE_KERNEL_WEIGHTS` and `gpu_matvec.serves` in this process only. `--trace DIR` also writes a CSV of the GPU kernels
 of three steps per variant (name, start ns, duration ns), read from a jax.profiler trace.
 """
 import argparse
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 import llama_jax as lj
-from llama_jax import model, quantize
+from llama_jax import gpu_matvec, model, quantize
 from llama_jax.generate import _step
 
 from kernel_trace import trace_kernels
@@ -39,7 +40,7 @@ def main():
     a = p.parse_args()
     cfg = lj.PRESETS[a.preset].replace(param_dtype="bfloat16", compute_dtype="bfloat16")
     bf16 = lj.init_params(cfg, jax.random.key(0))
-    serves, dense_default = model.decode_kernel_serves, model.DENSE_KERNEL_WEIGHTS
+    serves, dense_default, matvec_serves = model.decode_kernel_serves, model.DENSE_KERNEL_WEIGHTS, gpu_matvec.serves
     params_of = {0: bf16}
     for variant in a.variants:
         bits, batch, attention, dense = (variant.split(":") + ["o"])[:4]
@@ -47,7 +48,8 @@ def main():
         if bits not in params_of:
             params_of = {0: bf16, bits: quantize.quantize_params(bf16, cfg, bits=bits, group=64 if bits == 4 else None)}
         model.decode_kernel_serves = serves if attention == "kernels" else (lambda q, c: False)
-        model.DENSE_KERNEL_WEIGHTS = tuple(w for w in dense.split("+") if w != "none")
+        model.DENSE_KERNEL_WEIGHTS = tuple(w for w in dense.split("+") if w not in ("none", "cuda"))
+        gpu_matvec.serves = matvec_serves if dense == "cuda" else (lambda rows, dtype: False)
 
         @functools.partial(jax.jit, donate_argnums=(3,))
         def step(params, token, position, cache):
@@ -83,7 +85,7 @@ def main():
                 token.block_until_ready()
 
             trace_kernels(three_steps, f"{a.trace}-{variant.replace(':', '_').replace('+', '-')}")
-    model.decode_kernel_serves, model.DENSE_KERNEL_WEIGHTS = serves, dense_default
+    model.decode_kernel_serves, model.DENSE_KERNEL_WEIGHTS, gpu_matvec.serves = serves, dense_default, matvec_serves
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama_jax import qmatmul
+from llama_jax import gpu_matvec, qmatmul
 from llama_jax.attention import attention, decode_attention, decode_kernel_serves
 from llama_jax.config import LlamaConfig
 from llama_jax.quantize import QArray, QLayer
@@ -122,15 +122,21 @@ def _project_many(spec: str, x: jax.Array, ws) -> list[jax.Array]:
     if all(isinstance(w, QLayer) for w in ws) or all(isinstance(w, QArray) for w in ws):
         stacks = tuple(w.stack if isinstance(w, QLayer) else w for w in ws)
         x2 = x.reshape(-1, x.shape[-1])
-        if qmatmul.supported(stacks, x2):
-            layer = ws[0].index if isinstance(ws[0], QLayer) else None
+        layer = ws[0].index if isinstance(ws[0], QLayer) else None
+        outs = None
+        if gpu_matvec.supported(stacks, x2):
+            outs = gpu_matvec.matvec(x2, stacks, layer, out_dtype=x.dtype)
+        elif qmatmul.supported(stacks, x2):
             outs = qmatmul.qmatmul(x2, stacks, layer)
+        if outs is not None:
             return [o.astype(x.dtype).reshape(x.shape[:-1] + w.tail[w.split:]) for o, w in zip(outs, stacks)]
     if all(isinstance(w, StackedLayer) for w in ws):
         n_in = _n_in(spec)
         x2 = x.reshape(-1, math.prod(x.shape[x.ndim - n_in:]))
         mats = tuple(w.matrix(n_in) for w in ws)
-        if qmatmul.supported_dense(mats, x2):
+        if gpu_matvec.supported(mats, x2):
+            outs = gpu_matvec.matvec(x2, mats, ws[0].index, out_dtype=x.dtype)
+        elif qmatmul.supported_dense(mats, x2):
             outs = qmatmul.matmul(x2, mats, ws[0].index)
         else:
             outs = [x2 @ m[w.index].astype(x2.dtype) for m, w in zip(mats, ws)]
@@ -256,6 +262,9 @@ class Block(nnx.Module):
 # Decode-step weights (bf16, few rows, one GPU) that qmatmul.matmul reads from the stack instead of XLA's
 # matmul on a slice. Only `o`: XLA's Triton matmuls read the other slices in place, at 2.6-2.7 TB/s.
 DENSE_KERNEL_WEIGHTS = ("o",)
+# At batch 1 on a Hopper GPU, every projection goes to gpu_matvec's CUDA kernel instead (faster than
+# XLA's matmuls: bench/BENCHMARKS.md).
+MATVEC_WEIGHTS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 def _save_matmuls(prim, *args, **params) -> bool:
@@ -331,6 +340,8 @@ class Llama(nnx.Module):
         if isinstance(head, QArray):  # quantized: its codes go to the kernels as they lie (float32 logits)
             logits = (head.matmul_transposed(x, jnp.float32) if cfg.tie_embeddings
                       else head.matmul(x, out_dtype=jnp.float32))
+        elif not cfg.tie_embeddings and gpu_matvec.supported((head,), x.reshape(-1, cfg.dim)):
+            logits = gpu_matvec.matvec(x.reshape(1, cfg.dim), (head,))[0].reshape(batch, seq, -1)
         else:
             head = head.T if cfg.tie_embeddings else head
             logits = jnp.einsum("btd,dv->btv", x, head.astype(cdt), preferred_element_type=jnp.float32)
@@ -350,11 +361,12 @@ class Llama(nnx.Module):
         # Quantized weights stay whole, each layer reached through a QLayer (see QLayer for why), and
         # so do the bf16 ones of DENSE_KERNEL_WEIGHTS where the GPU kernel serves them (StackedLayer);
         # the scan slices the rest.
-        dense = qmatmul.serves(batch * seq, x.dtype)
+        dense = (MATVEC_WEIGHTS if gpu_matvec.serves(batch * seq, x.dtype)
+                 else DENSE_KERNEL_WEIGHTS if qmatmul.serves(batch * seq, x.dtype) else ())
 
         def whole(path, a):
             name = path[-2].key if len(path) >= 2 and hasattr(path[-2], "key") else None
-            return isinstance(a, QArray) or (dense and name in DENSE_KERNEL_WEIGHTS and a.dtype == x.dtype)
+            return isinstance(a, QArray) or (name in dense and a.dtype == x.dtype)
 
         is_q = lambda a: isinstance(a, QArray)  # noqa: E731
         keep = jax.tree_util.tree_map_with_path(whole, stacked, is_leaf=is_q)

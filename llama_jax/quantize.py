@@ -125,12 +125,14 @@ class QArray:
         in out_dtype (default x's dtype; every path sums in float32, so float32 logits lose nothing).
         Few-row bf16 products on one GPU run the fused kernel of qmatmul.py, few-row float32 ones on the
         CPU the native kernel of cpu_qmatmul.py; the rest dequantize next to an XLA dot."""
-        from llama_jax import cpu_qmatmul, qmatmul
+        from llama_jax import cpu_qmatmul, gpu_matvec, qmatmul
 
         k, n = self.matrix_shape()
         lead = x.shape[:x.ndim - self.split]
         x2 = x.reshape(-1, k)
-        if qmatmul.supported(self, x2):
+        if gpu_matvec.supported((self,), x2):
+            out = gpu_matvec.matvec(x2, (self,), layer)[0]
+        elif qmatmul.supported(self, x2):
             out = qmatmul.qmatmul(x2, self, layer)
         elif cpu_qmatmul.supported(self, x2):
             out = cpu_qmatmul.qmatmul_cpu(x2, self, layer)

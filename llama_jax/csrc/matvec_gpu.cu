@@ -1,0 +1,365 @@
+// One-row matmuls of decoding (x [1, K] bf16 @ a weight [K, N]) for Hopper GPUs, called through the
+// XLA FFI (llama_jax/gpu_matvec.py):
+//
+//   out[N] = x @ layer `layer` of W    W: bf16 [L, K, N], or quantize.py's int8 / int4 codes [L, Kstored, N]
+//
+// At batch 1 every weight byte is read once per token, so the kernel's job is to keep HBM busy:
+// each thread loads 16 bytes of a row (8 bf16 or 16 int8/int4 columns), a chunk of rows at a time with
+// all of the chunk's loads issued before the first use, and sums in float32 registers. Quantized codes
+// are decoded in registers: a code byte placed into the mantissa of 2^23 (one byte permute) is the
+// float 2^23 + code, exactly, and one subtraction takes the offset off, cheaper than a conversion.
+// Per scale group (scale s, zero point z, or z = -8 s for symmetric int4):
+//     x . w = s * sum_k x_k (u_k - 8) + (z + 8 s) * sum_k x_k      (int4, centred: the terms do not cancel)
+//     x . w = s * sum_k x_k c_k                                     (int8; per channel, s applies at the end)
+//
+// Grid: x = column blocks (256 bytes of a row each: 16 threads x 16 bytes) of up to three weights side
+// by side (q/k/v, gate/up: one launch); y = `split` parts of K. A block's 16 row lanes take chunks of
+// rows in turn and their sums meet in shared memory. The parts of K form one thread-block cluster,
+// and each block adds up its share of the columns from every block's shared memory (distributed
+// shared memory), in a fixed order: no second kernel, no atomics, the same result every run.
+
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+namespace cg = cooperative_groups;
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kRowThreads = 16;                 // threads across a row: 16 x 16 bytes
+constexpr int kLanes = kThreads / kRowThreads;  // rows in flight at once per block
+constexpr int kMaxWeights = 3;
+constexpr int kMaxSplit = 8;  // the portable cluster size
+
+enum ScaleType : int { kScaleF32 = 0, kScaleF16 = 1, kScaleBF16 = 2 };
+
+struct Weight {
+  const uint8_t* codes;  // [L, rows, n]: bf16, int8 or packed int4
+  const void* scales;    // [L, groups, n] (per channel: groups = 1), or null for bf16
+  const void* zeros;     // like scales, or null
+  void* out;             // [n] float32 or bf16
+  int n;                 // columns
+  int first_block;       // this weight's first column block along the grid's x
+};
+
+struct Params {
+  const uint16_t* x;  // [K] bf16 bits
+  const int32_t* layer;
+  Weight w[kMaxWeights];
+  int n_weights;
+  int rows;        // stored rows a layer: K (bf16, int8) or K / 2 (int4)
+  int group_rows;  // stored rows a scale group, 0 for none (bf16) or one per channel (int8, group = K)
+  int group;       // codes a scale group
+  int scale_type;  // ScaleType
+};
+
+template <int kBits>
+struct Scheme {
+  static constexpr int kCols = kBits == 16 ? 8 : 16;  // columns per 16 bytes
+  static constexpr int kColBytes = kBits == 16 ? 2 : 1;
+};
+
+__device__ __forceinline__ float Bf16ToFloat(uint32_t bits16) { return __uint_as_float(bits16 << 16); }
+
+// Byte B of w as the float 2^23 + byte (exact).
+template <int B>
+__device__ __forceinline__ float ByteFloat(uint32_t w) {
+  return __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7650u | B));
+}
+
+// Streamed once per token: no point keeping them in L1, and evict them from L2 first.
+__device__ __forceinline__ uint4 LoadStream(const uint8_t* p) { return __ldcs(reinterpret_cast<const uint4*>(p)); }
+
+// 16 scales (or zero points) from element `idx` on: 16-element aligned.
+__device__ __forceinline__ void Load16(const void* base, int type, size_t idx, float* out) {
+  if (type == kScaleF32) {
+    const float4* p = reinterpret_cast<const float4*>(static_cast<const float*>(base) + idx);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float4 v = __ldg(p + i);
+      out[4 * i] = v.x, out[4 * i + 1] = v.y, out[4 * i + 2] = v.z, out[4 * i + 3] = v.w;
+    }
+    return;
+  }
+  const uint4* p = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(base) + idx);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    uint4 v = __ldg(p + i);
+    uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      uint32_t lo = words[j] & 0xFFFFu, hi = words[j] >> 16;
+      if (type == kScaleF16) {
+        out[8 * i + 2 * j] = __half2float(__ushort_as_half(static_cast<unsigned short>(lo)));
+        out[8 * i + 2 * j + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(hi)));
+      } else {
+        out[8 * i + 2 * j] = Bf16ToFloat(lo);
+        out[8 * i + 2 * j + 1] = Bf16ToFloat(hi);
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ float LoadScalar(const void* base, int type, size_t idx) {
+  if (type == kScaleF32) return __ldg(static_cast<const float*>(base) + idx);
+  uint16_t bits = __ldg(static_cast<const unsigned short*>(base) + idx);
+  return type == kScaleF16 ? __half2float(__ushort_as_half(bits)) : Bf16ToFloat(bits);
+}
+
+__device__ __forceinline__ void Store(float* out, int i, float v) { out[i] = v; }
+__device__ __forceinline__ void Store(__nv_bfloat16* out, int i, float v) { out[i] = __float2bfloat16(v); }
+
+template <int kBits, int kChunk, typename Out>
+__global__ void __launch_bounds__(kThreads, 2) MatvecKernel(const Params p) {
+  constexpr int V = Scheme<kBits>::kCols;
+  constexpr int kBlockCols = kRowThreads * V;
+  __shared__ float lanes[kLanes][kBlockCols];
+  __shared__ float block_sum[kBlockCols];
+
+  // Which weight this column block belongs to (a select, so that the parameters stay in constant memory).
+  Weight w = p.w[0];
+#pragma unroll
+  for (int i = 1; i < kMaxWeights; ++i)
+    if (i < p.n_weights && static_cast<int>(blockIdx.x) >= p.w[i].first_block) w = p.w[i];
+
+  const int tid = threadIdx.x, lane = tid / kRowThreads, t = tid % kRowThreads;
+  const int block_col = (blockIdx.x - w.first_block) * kBlockCols;
+  const int col = block_col + t * V;
+  const bool active = col < w.n;
+  const int layer = *p.layer;
+  const size_t row_bytes = static_cast<size_t>(w.n) * Scheme<kBits>::kColBytes;
+  const uint8_t* codes = w.codes + static_cast<size_t>(layer) * p.rows * row_bytes + col * Scheme<kBits>::kColBytes;
+  const bool grouped = kBits != 16 && p.group_rows > 0;
+  const int n_groups = grouped ? p.rows / p.group_rows : 1;
+
+  float acc[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) acc[i] = 0.f;
+
+  const int chunks = p.rows / kChunk, split = gridDim.y;
+  const int c_begin = blockIdx.y * chunks / split, c_end = (blockIdx.y + 1) * chunks / split;
+  for (int c = c_begin + lane; active && c < c_end; c += kLanes) {
+    const int r0 = c * kChunk;
+    uint4 v[kChunk];
+#pragma unroll
+    for (int r = 0; r < kChunk; ++r) v[r] = LoadStream(codes + static_cast<size_t>(r0 + r) * row_bytes);
+
+    if constexpr (kBits == 16) {
+#pragma unroll
+      for (int r = 0; r < kChunk; ++r) {
+        const float xk = Bf16ToFloat(__ldg(p.x + r0 + r));
+        const uint32_t ws[4] = {v[r].x, v[r].y, v[r].z, v[r].w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          acc[2 * i] = fmaf(xk, __uint_as_float(ws[i] << 16), acc[2 * i]);
+          acc[2 * i + 1] = fmaf(xk, __uint_as_float(ws[i] & 0xFFFF0000u), acc[2 * i + 1]);
+        }
+      }
+    } else {
+      // int8: sum x c per column; int4: sum x (u - 8) and sum x over the chunk (one scale group).
+      float inner[V], xsum = 0.f;
+#pragma unroll
+      for (int i = 0; i < V; ++i) inner[i] = 0.f;
+      const int g = grouped ? r0 / p.group_rows : 0;
+#pragma unroll
+      for (int r = 0; r < kChunk; ++r) {
+        const uint32_t ws[4] = {v[r].x, v[r].y, v[r].z, v[r].w};
+        if constexpr (kBits == 8) {
+          const float xk = Bf16ToFloat(__ldg(p.x + r0 + r));
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const uint32_t u = ws[i] ^ 0x80808080u;  // signed bytes + 128: 2^23 + c + 128
+            inner[4 * i + 0] = fmaf(xk, ByteFloat<0>(u) - 8388736.f, inner[4 * i + 0]);
+            inner[4 * i + 1] = fmaf(xk, ByteFloat<1>(u) - 8388736.f, inner[4 * i + 1]);
+            inner[4 * i + 2] = fmaf(xk, ByteFloat<2>(u) - 8388736.f, inner[4 * i + 2]);
+            inner[4 * i + 3] = fmaf(xk, ByteFloat<3>(u) - 8388736.f, inner[4 * i + 3]);
+          }
+        } else {
+          // Byte j of a group holds code j (low nibble) and code j + group / 2 (high nibble).
+          const int j = (r0 + r) - g * p.group_rows;
+          const int k = g * p.group + j;
+          const float x_lo = Bf16ToFloat(__ldg(p.x + k)), x_hi = Bf16ToFloat(__ldg(p.x + k + p.group / 2));
+          xsum += x_lo + x_hi;
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const uint32_t lo = ws[i] & 0x0F0F0F0Fu, hi = (ws[i] >> 4) & 0x0F0F0F0Fu;
+            // 2^23 + 8: the codes centred on 8
+            inner[4 * i + 0] = fmaf(x_lo, ByteFloat<0>(lo) - 8388616.f, inner[4 * i + 0]);
+            inner[4 * i + 1] = fmaf(x_lo, ByteFloat<1>(lo) - 8388616.f, inner[4 * i + 1]);
+            inner[4 * i + 2] = fmaf(x_lo, ByteFloat<2>(lo) - 8388616.f, inner[4 * i + 2]);
+            inner[4 * i + 3] = fmaf(x_lo, ByteFloat<3>(lo) - 8388616.f, inner[4 * i + 3]);
+            inner[4 * i + 0] = fmaf(x_hi, ByteFloat<0>(hi) - 8388616.f, inner[4 * i + 0]);
+            inner[4 * i + 1] = fmaf(x_hi, ByteFloat<1>(hi) - 8388616.f, inner[4 * i + 1]);
+            inner[4 * i + 2] = fmaf(x_hi, ByteFloat<2>(hi) - 8388616.f, inner[4 * i + 2]);
+            inner[4 * i + 3] = fmaf(x_hi, ByteFloat<3>(hi) - 8388616.f, inner[4 * i + 3]);
+          }
+        }
+      }
+      if (!grouped) {  // per-channel int8: the scale multiplies the final sum
+#pragma unroll
+        for (int i = 0; i < V; ++i) acc[i] += inner[i];
+      } else {
+        float s[V];
+        const size_t at = (static_cast<size_t>(layer) * n_groups + g) * w.n + col;
+        Load16(w.scales, p.scale_type, at, s);
+        if (kBits == 4 && w.zeros != nullptr) {
+          float z[V];
+          Load16(w.zeros, p.scale_type, at, z);
+#pragma unroll
+          for (int i = 0; i < V; ++i) acc[i] = fmaf(s[i], inner[i], fmaf(z[i] + 8.f * s[i], xsum, acc[i]));
+        } else {
+#pragma unroll
+          for (int i = 0; i < V; ++i) acc[i] = fmaf(s[i], inner[i], acc[i]);
+        }
+      }
+    }
+  }
+
+  // The block's lanes meet in shared memory; then the blocks of the cluster (the parts of K) meet.
+#pragma unroll
+  for (int i = 0; i < V; ++i) lanes[lane][t * V + i] = acc[i];
+  __syncthreads();
+  for (int i = tid; i < kBlockCols; i += kThreads) {
+    float s = 0.f;
+#pragma unroll
+    for (int l = 0; l < kLanes; ++l) s += lanes[l][i];
+    block_sum[i] = s;
+  }
+  const int split_parts = gridDim.y;
+  const bool per_channel = kBits == 8 && !grouped;
+  auto finish = [&](int i, float total) {
+    const int n = block_col + i;
+    if (n >= w.n) return;
+    if (per_channel) total *= LoadScalar(w.scales, p.scale_type, static_cast<size_t>(layer) * w.n + n);
+    Store(static_cast<Out*>(w.out), n, total);
+  };
+  if (split_parts == 1) {
+    __syncthreads();
+    for (int i = tid; i < kBlockCols; i += kThreads) finish(i, block_sum[i]);
+    return;
+  }
+  cg::cluster_group cluster = cg::this_cluster();
+  cluster.sync();
+  const int share = kBlockCols / split_parts, first = blockIdx.y * share;
+  for (int i = first + tid; i < first + share; i += kThreads) {
+    float total = 0.f;
+    for (int part = 0; part < split_parts; ++part) total += cluster.map_shared_rank(block_sum, part)[i];
+    finish(i, total);
+  }
+  cluster.sync();  // keep this block's shared memory alive until every block has read it
+}
+
+template <int kBits, int kChunk, typename Out>
+cudaError_t Launch(cudaStream_t stream, const Params& p, int blocks, int split) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(blocks, split, 1);
+  config.blockDim = dim3(kThreads, 1, 1);
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeClusterDimension;
+  attribute[0].val.clusterDim.x = 1;
+  attribute[0].val.clusterDim.y = split;
+  attribute[0].val.clusterDim.z = 1;
+  config.attrs = attribute;
+  config.numAttrs = split > 1 ? 1 : 0;
+  return cudaLaunchKernelEx(&config, MatvecKernel<kBits, kChunk, Out>, p);
+}
+
+template <int kBits, typename Out>
+cudaError_t LaunchChunk(cudaStream_t stream, const Params& p, int blocks, int split, int chunk) {
+  return chunk == 8 ? Launch<kBits, 8, Out>(stream, p, blocks, split) : Launch<kBits, 16, Out>(stream, p, blocks, split);
+}
+
+ffi::Error Fail(const std::string& message) { return ffi::Error::InvalidArgument("llama_jax matvec_gpu: " + message); }
+
+ffi::Error MatvecImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> layer, ffi::RemainingArgs args,
+                      ffi::RemainingRets rets, int64_t bits, int64_t group, int64_t split, int64_t chunk) {
+  const int n_weights = static_cast<int>(rets.size());
+  if (n_weights < 1 || n_weights > kMaxWeights || args.size() != 3 * rets.size())
+    return Fail("expected 1 to 3 weights, each as codes, scales and zero points");
+  if (bits != 16 && bits != 8 && bits != 4) return Fail("bits must be 16, 8 or 4");
+  if (split < 1 || split > kMaxSplit || (split & (split - 1))) return Fail("split must be 1, 2, 4 or 8");
+  if (chunk != 8 && chunk != 16) return Fail("chunk must be 8 or 16");
+  if (x.element_type() != ffi::DataType::BF16) return Fail("x must be bfloat16");
+  const int cols = bits == 16 ? 8 : 16, block_cols = kRowThreads * cols;
+  Params p = {};
+  p.x = static_cast<const uint16_t*>(x.untyped_data());
+  p.layer = layer.typed_data();
+  p.n_weights = n_weights;
+  p.group = static_cast<int>(group);
+  p.scale_type = kScaleF32;
+  ffi::DataType out_type = ffi::DataType::F32;
+  int blocks = 0;
+  for (int i = 0; i < n_weights; ++i) {
+    auto codes = args.get<ffi::AnyBuffer>(3 * i), scales = args.get<ffi::AnyBuffer>(3 * i + 1),
+         zeros = args.get<ffi::AnyBuffer>(3 * i + 2);
+    auto out = rets.get<ffi::AnyBuffer>(i);
+    if (!codes || !scales || !zeros || !out) return Fail("could not read the operands");
+    auto dims = codes->dimensions();
+    if (dims.size() != 3) return Fail("codes must be [layers, rows, columns]");
+    const int rows = static_cast<int>(dims[1]), n = static_cast<int>(dims[2]);
+    if (i == 0) p.rows = rows;
+    if (rows != p.rows) return Fail("the weights of one launch must share K");
+    if (n % cols) return Fail("columns must be a multiple of " + std::to_string(cols));
+    if ((*out)->element_count() != static_cast<size_t>(n)) return Fail("each output must be [1, N]");
+    if (i == 0) out_type = (*out)->element_type();
+    if ((*out)->element_type() != out_type ||
+        (out_type != ffi::DataType::F32 && out_type != ffi::DataType::BF16))
+      return Fail("outputs must all be float32 or all bfloat16");
+    Weight& w = p.w[i];
+    w.codes = static_cast<const uint8_t*>(codes->untyped_data());
+    w.scales = scales->element_count() ? scales->untyped_data() : nullptr;
+    w.zeros = zeros->element_count() ? zeros->untyped_data() : nullptr;
+    w.out = (*out)->untyped_data();
+    w.n = n;
+    w.first_block = blocks;
+    blocks += (n + block_cols - 1) / block_cols;
+    if (bits != 16) {
+      if (w.scales == nullptr) return Fail("quantized weights need scales");
+      switch (scales->element_type()) {
+        case ffi::DataType::F32: p.scale_type = kScaleF32; break;
+        case ffi::DataType::F16: p.scale_type = kScaleF16; break;
+        case ffi::DataType::BF16: p.scale_type = kScaleBF16; break;
+        default: return Fail("scales must be float32, float16 or bfloat16");
+      }
+      const int groups = static_cast<int>(scales->dimensions()[1]);
+      const int k = bits == 4 ? 2 * rows : rows;
+      if (groups * group != k) return Fail("scales do not match K / group");
+      p.group_rows = (bits == 8 && groups == 1) ? 0 : (bits == 4 ? static_cast<int>(group) / 2 : static_cast<int>(group));
+      if (p.group_rows % chunk) return Fail("a scale group must hold whole chunks of rows");
+    }
+  }
+  if (p.rows % chunk) return Fail("K must be a multiple of the chunk");
+  for (int i = n_weights; i < kMaxWeights; ++i) p.w[i] = p.w[0], p.w[i].first_block = 1 << 30;
+  cudaError_t err;
+  const bool f32 = out_type == ffi::DataType::F32;
+  const int s = static_cast<int>(split), c = static_cast<int>(chunk);
+  if (bits == 16) err = f32 ? LaunchChunk<16, float>(stream, p, blocks, s, c) : LaunchChunk<16, __nv_bfloat16>(stream, p, blocks, s, c);
+  else if (bits == 8) err = f32 ? LaunchChunk<8, float>(stream, p, blocks, s, c) : LaunchChunk<8, __nv_bfloat16>(stream, p, blocks, s, c);
+  else err = f32 ? LaunchChunk<4, float>(stream, p, blocks, s, c) : LaunchChunk<4, __nv_bfloat16>(stream, p, blocks, s, c);
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("llama_jax matvec_gpu: ") + cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LlamaJaxMatvecGpu, MatvecImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()         // x [1, K] bf16
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer [1]
+                                  .RemainingArgs()               // per weight: codes, scales, zero points
+                                  .RemainingRets()               // per weight: out [1, N]
+                                  .Attr<int64_t>("bits")
+                                  .Attr<int64_t>("group")
+                                  .Attr<int64_t>("split")
+                                  .Attr<int64_t>("chunk"),
+                              {ffi::Traits::kCmdBufferCompatible});

@@ -1,0 +1,203 @@
+"""One-row matmuls of batch-1 decoding on Hopper GPUs: a CUDA kernel (csrc/matvec_gpu.cu) called through
+the XLA FFI, for bf16 weights and quantize.py's int8 and int4 QArrays alike.
+
+    outs = matvec(x, (wq, wk, wv), layer)   # x [1, K] bf16; layer `layer` of each stacked weight -> [1, N] each
+
+At batch 1 a decode step reads every weight once, so its speed is the speed at which the matmuls read
+HBM. XLA's GEMMs read a Llama-2-7B step's bf16 weights at 2.7 TB/s, and the Pallas kernel of qmatmul.py
+reads int8 codes at 1.7-2.1 TB/s and int4 codes at 0.7-1.0 TB/s (bench/BENCHMARKS.md): Triton gives no
+control over how many loads are in flight, and its int4 decoding costs more instructions than the bytes
+allow. The CUDA kernel issues a chunk of 16-byte loads before the first use, decodes codes with byte
+permutes, and reduces the parts of K across a thread-block cluster (Hopper's distributed shared
+memory), so one launch gives the finished product. Like qmatmul.py it takes whole stacks and a layer
+index, so that XLA copies no slices; up to three weights that share x run side by side in one launch.
+
+The library is compiled on first use with CUDA's nvcc (NVCC, then PATH, CUDA_HOME, /usr/local/cuda) for
+the GPU's architecture, into the cache folder of llama_jax.checkpoint under a name that hashes the
+source, the flags, nvcc's version and jaxlib's. Without nvcc, on a GPU older than Hopper (clusters need
+compute capability 9.0), when the build fails, or with LLAMA_JAX_NATIVE=0, `serves` says False (after
+one warning where something failed) and the model falls back to qmatmul.py and XLA.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TARGET = "llama_jax_matvec_gpu"
+SOURCE = Path(__file__).parent / "csrc" / "matvec_gpu.cu"
+MAX_WEIGHTS = 3  # one launch
+ROW_THREADS = 16  # threads across a row in a block, 16 bytes each (the kernel's kRowThreads)
+LANES = 16  # rows a block reads at once (the kernel's kLanes)
+# By bits (16: bf16): rows of K a thread reads per chunk (all of a chunk's loads are issued before the
+# first use), and the blocks a launch aims at (the K split doubles until it has them). The best of a
+# sweep over the 7B weights on an H100 (bench/matvec_gpu.py --sweep, bench/BENCHMARKS.md): more
+# blocks than that cost more in the cluster reduction and in the last wave than they gain.
+CHUNK = {16: 16, 8: 8, 4: 16}
+MIN_BLOCKS = {16: 64, 8: 128, 4: 192}
+
+
+def _nvcc() -> str | None:
+    for c in (os.environ.get("NVCC"), shutil.which("nvcc"),
+              *(os.path.join(os.environ[v], "bin", "nvcc") for v in ("CUDA_HOME", "CUDA_PATH") if v in os.environ),
+              "/usr/local/cuda/bin/nvcc"):
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+def _arch() -> str:
+    major, minor = str(jax.devices()[0].compute_capability).split(".")
+    return f"{major}{minor}"
+
+
+def _build() -> Path:
+    """The compiled library (built now unless the cache holds it); raises on failure."""
+    import jaxlib
+
+    from llama_jax.checkpoint import cache_dir
+
+    nvcc = _nvcc()
+    if nvcc is None:
+        raise RuntimeError("no nvcc (set NVCC or CUDA_HOME, or put it on PATH)")
+    arch = _arch()
+    flags = ["-O3", "-shared", "-Xcompiler", "-fPIC", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}",
+             "-diag-suppress", "940,2473"]  # warnings from jaxlib's FFI headers
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + version.encode()
+                         + jaxlib.__version__.encode()).hexdigest()[:16]
+    out = cache_dir() / "native" / f"matvec_gpu-{key}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Built under a temporary name and renamed: an interrupted build never leaves a half-written library.
+    fd, tmp = tempfile.mkstemp(suffix=".so", prefix=".matvec_gpu-", dir=out.parent)
+    os.close(fd)
+    try:
+        cmd = [nvcc, *flags, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            errors = [line for line in r.stderr.splitlines() if "error" in line] or r.stderr.splitlines()
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n" + "\n".join(errors[:20]))
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _hopper() -> bool:
+    if jax.default_backend() != "gpu" or jax.device_count() != 1:
+        return False
+    try:
+        return float(jax.devices()[0].compute_capability) >= 9.0
+    except (AttributeError, ValueError):  # not a CUDA device
+        return False
+
+
+def serves(rows: int, dtype) -> bool:
+    """Whether the kernel runs products of `rows` rows of `dtype` activations here: one row of bf16 on
+    one Hopper GPU, with the library built. `supported` adds what it needs of the weights."""
+    if rows != 1 or dtype != jnp.bfloat16 or os.environ.get("LLAMA_JAX_NATIVE", "1") == "0" or not _hopper():
+        return False
+    return _load()
+
+
+@functools.cache
+def _load() -> bool:
+    try:
+        import ctypes
+
+        lib = ctypes.cdll.LoadLibrary(str(_build()))
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.LlamaJaxMatvecGpu), platform="CUDA")
+    except Exception as e:  # noqa: BLE001 - any failure means: fall back, and say why
+        warnings.warn(f"the CUDA one-row matmul is unavailable, so batch-1 decoding uses the Pallas kernel "
+                      f"and XLA (slower); LLAMA_JAX_NATIVE=0 silences this. Reason: {e}", RuntimeWarning,
+                      stacklevel=3)
+        return False
+    return True
+
+
+def _bits(w) -> int:
+    return getattr(w, "bits", 16)  # a QArray's, else a bf16 array
+
+
+def _stack_shape(w) -> tuple[int, int, int]:
+    """[layers, stored rows, N] of a weight as the kernel reads it."""
+    if hasattr(w, "bits"):
+        return tuple(w.as_stack().values.shape)
+    return (1,) * (3 - w.ndim) + tuple(w.shape)
+
+
+def supported(ws, x) -> bool:
+    """Whether the kernel serves x [1, K] @ each of ws: bf16 matrices [(L,) K, N], or QArrays [(L,) K, N]
+    grouped along K (int8 per channel or in groups of 16s, int4 in groups of 16s); one kind, scheme and K
+    for all, at most three, N a multiple of 8 (bf16) or 16."""
+    ws = tuple(ws) if isinstance(ws, (tuple, list)) else (ws,)
+    k = x.shape[-1]
+    if not (1 <= len(ws) <= MAX_WEIGHTS) or not serves(x.size // k, x.dtype):
+        return False
+    bits = {_bits(w) for w in ws}
+    if len(bits) != 1:
+        return False
+    bits = bits.pop()
+    if bits == 16:
+        return all(w.dtype == jnp.bfloat16 and w.shape[-2] == k and w.shape[-1] % 8 == 0 for w in ws)
+    schemes = {(w.group, w.zeros is None, w.scales.dtype) for w in ws}
+    rows = k // 2 if bits == 4 else k
+
+    def ok(w):
+        grouped_rows = w.group // 2 if bits == 4 else (0 if w.group == k else w.group)
+        return (w.axis == -2 and w.matrix_shape()[0] == k and _stack_shape(w)[1] == rows
+                and w.matrix_shape()[1] % 16 == 0 and grouped_rows % CHUNK[bits] == 0
+                and jnp.dtype(w.scales.dtype) in (jnp.float32, jnp.float16, jnp.bfloat16))
+
+    return len(schemes) == 1 and rows % CHUNK[bits] == 0 and all(ok(w) for w in ws)
+
+
+def _split(blocks: int, chunks: int, bits: int) -> int:
+    """Parts of K (a cluster of 1 to 8 blocks): the fewest that give MIN_BLOCKS blocks, while every row
+    lane of a block still has a chunk."""
+    split = 1
+    while split < 8 and blocks * split < MIN_BLOCKS[bits] and chunks // (2 * split) >= LANES:
+        split *= 2
+    return split
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "split", "chunk"))
+def matvec(x, ws, layer=None, *, out_dtype=jnp.float32, split=None, chunk=None):
+    """x [1, K] bf16 @ layer `layer` of each weight in ws (a tuple; each a bf16 array [(L,) K, N] or a
+    QArray) -> a tuple of [1, N] in out_dtype (float32 or bfloat16; sums are float32 either way).
+    split (parts of K, 1-8) and chunk (rows in flight, 8 or 16): default by shape and scheme."""
+    if not _load():
+        raise RuntimeError("the CUDA one-row matmul is unavailable (see the warning above)")
+    bits = _bits(ws[0])
+    operands, ns = [], []
+    empty = jnp.zeros((0,), jnp.float32)
+    for w in ws:
+        if bits == 16:
+            operands += [w.reshape(_stack_shape(w)), empty, empty]
+        else:
+            q = w.as_stack()
+            operands += [q.values, q.scales, empty if q.zeros is None else q.zeros]
+        ns.append(_stack_shape(w)[2])
+    rows = _stack_shape(ws[0])[1]
+    chunk = chunk or CHUNK[bits]
+    cols = ROW_THREADS * (8 if bits == 16 else 16)
+    blocks = sum(-(-n // cols) for n in ns)
+    split = split or _split(blocks, rows // chunk, bits)
+    group = 0 if bits == 16 else ws[0].group
+    layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
+    call = jax.ffi.ffi_call(TARGET, tuple(jax.ShapeDtypeStruct((1, n), out_dtype) for n in ns))
+    return tuple(call(x.astype(jnp.bfloat16), layer, *operands, bits=np.int64(bits), group=np.int64(group),
+                      split=np.int64(split), chunk=np.int64(chunk)))
