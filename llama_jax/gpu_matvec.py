@@ -43,8 +43,8 @@ LANES = 16  # rows a block reads at once (the kernel's kLanes)
 # first use), and the blocks a launch aims at (the K split doubles until it has them). The best of a
 # sweep over the 7B weights on an H100 (bench/matvec_gpu.py --sweep, bench/BENCHMARKS.md): more
 # blocks than that cost more in the cluster reduction and in the last wave than they gain.
-CHUNK = {16: 16, 8: 8, 4: 16}
-MIN_BLOCKS = {16: 64, 8: 128, 4: 192}
+CHUNK = {16: 8, 8: 8, 4: 16}
+MIN_BLOCKS = {16: 128, 8: 128, 4: 192}
 
 
 def _nvcc() -> str | None:
@@ -193,7 +193,7 @@ def matvec(x, ws, layer=None, *, out_dtype=jnp.float32, split=None, chunk=None):
         ns.append(_stack_shape(w)[2])
     rows = _stack_shape(ws[0])[1]
     chunk = chunk or CHUNK[bits]
-    cols = ROW_THREADS * (8 if bits == 16 else 16)
+    cols = ROW_THREADS * (8 if bits == 16 else 16)  # columns a block: 16 threads x 8 or 16 columns
     blocks = sum(-(-n // cols) for n in ns)
     split = split or _split(blocks, rows // chunk, bits)
     group = 0 if bits == 16 else ws[0].group

@@ -61,29 +61,53 @@ struct Params {
   int scale_type;  // ScaleType
 };
 
+// What one thread loads from a row: 16 bytes (8 bf16, or 16 int8 or int4 columns). Loads of 8 bytes
+// (kWords 2) made the int4 kernels slower on an H100.
 template <int kBits>
 struct Scheme {
-  static constexpr int kCols = kBits == 16 ? 8 : 16;  // columns per 16 bytes
+  static constexpr int kWords = 4;  // 32-bit words a load
+  static constexpr int kCols = kBits == 16 ? 2 * kWords : 4 * kWords;
   static constexpr int kColBytes = kBits == 16 ? 2 : 1;
+};
+
+template <int kWords>
+struct Vec {
+  uint32_t w[kWords];
 };
 
 __device__ __forceinline__ float Bf16ToFloat(uint32_t bits16) { return __uint_as_float(bits16 << 16); }
 
-// Byte B of w as the float 2^23 + byte (exact).
-template <int B>
-__device__ __forceinline__ float ByteFloat(uint32_t w) {
-  return __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7650u | B));
+// Byte b of w (a code: 0-15 for int4, 0-255 for int8 + 128) as a float f, one byte permute: the byte
+// goes into the mantissa of 0.5 (0x3F000000), so f = 0.5 + u / 256 (int4: u in bits 16-19) or
+// 0.5 + u / 65536 (int8: bits 8-15), exactly. Products x f keep their rounding small (f is about 0.5),
+// and the 0.5 X that the sums carry comes off once per chunk or group, not once per code.
+template <int kBits>
+__device__ __forceinline__ float CodeFloat(uint32_t w, int b) {
+  const uint32_t selector = kBits == 4 ? 0x7054u | (b << 8) : 0x7604u | (b << 4);
+  return __uint_as_float(__byte_perm(w, 0x3F000000u, selector));
 }
 
 // Streamed once per token: no point keeping them in L1, and evict them from L2 first.
-__device__ __forceinline__ uint4 LoadStream(const uint8_t* p) { return __ldcs(reinterpret_cast<const uint4*>(p)); }
+template <int kWords>
+__device__ __forceinline__ Vec<kWords> LoadStream(const uint8_t* p) {
+  Vec<kWords> v;
+  if constexpr (kWords == 4) {
+    const uint4 u = __ldcs(reinterpret_cast<const uint4*>(p));
+    v.w[0] = u.x, v.w[1] = u.y, v.w[2] = u.z, v.w[3] = u.w;
+  } else {
+    const uint2 u = __ldcs(reinterpret_cast<const uint2*>(p));
+    v.w[0] = u.x, v.w[1] = u.y;
+  }
+  return v;
+}
 
-// 16 scales (or zero points) from element `idx` on: 16-element aligned.
-__device__ __forceinline__ void Load16(const void* base, int type, size_t idx, float* out) {
+// N scales (or zero points, N a multiple of 8) from element `idx` on: N-element aligned.
+template <int N>
+__device__ __forceinline__ void LoadScales(const void* base, int type, size_t idx, float* out) {
   if (type == kScaleF32) {
     const float4* p = reinterpret_cast<const float4*>(static_cast<const float*>(base) + idx);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < N / 4; ++i) {
       float4 v = __ldg(p + i);
       out[4 * i] = v.x, out[4 * i + 1] = v.y, out[4 * i + 2] = v.z, out[4 * i + 3] = v.w;
     }
@@ -91,7 +115,7 @@ __device__ __forceinline__ void Load16(const void* base, int type, size_t idx, f
   }
   const uint4* p = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(base) + idx);
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
+  for (int i = 0; i < N / 8; ++i) {
     uint4 v = __ldg(p + i);
     uint32_t words[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
@@ -119,7 +143,8 @@ __device__ __forceinline__ void Store(__nv_bfloat16* out, int i, float v) { out[
 
 template <int kBits, int kChunk, typename Out>
 __global__ void __launch_bounds__(kThreads, 2) MatvecKernel(const Params p) {
-  constexpr int V = Scheme<kBits>::kCols;
+  constexpr int V = Scheme<kBits>::kCols, kWords = Scheme<kBits>::kWords;
+  using Chunk = Vec<kWords>[kChunk];
   constexpr int kBlockCols = kRowThreads * V;
   __shared__ float lanes[kLanes][kBlockCols];
   __shared__ float block_sum[kBlockCols];
@@ -143,84 +168,108 @@ __global__ void __launch_bounds__(kThreads, 2) MatvecKernel(const Params p) {
   float acc[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) acc[i] = 0.f;
+  float x_total = 0.f;  // per-channel int8: the sum of x over this thread's rows
 
-  const int chunks = p.rows / kChunk, split = gridDim.y;
-  const int c_begin = blockIdx.y * chunks / split, c_end = (blockIdx.y + 1) * chunks / split;
-  for (int c = c_begin + lane; active && c < c_end; c += kLanes) {
-    const int r0 = c * kChunk;
-    uint4 v[kChunk];
+  auto load = [&](int c, Vec<kWords>* v) {
 #pragma unroll
-    for (int r = 0; r < kChunk; ++r) v[r] = LoadStream(codes + static_cast<size_t>(r0 + r) * row_bytes);
-
+    for (int r = 0; r < kChunk; ++r) v[r] = LoadStream<kWords>(codes + static_cast<size_t>(c * kChunk + r) * row_bytes);
+  };
+  // Adds chunk c (its codes in v) into acc.
+  auto consume = [&](int c, const Vec<kWords>* v) {
+    const int r0 = c * kChunk;
     if constexpr (kBits == 16) {
 #pragma unroll
       for (int r = 0; r < kChunk; ++r) {
         const float xk = Bf16ToFloat(__ldg(p.x + r0 + r));
-        const uint32_t ws[4] = {v[r].x, v[r].y, v[r].z, v[r].w};
+        const uint32_t* ws = v[r].w;
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
+        for (int i = 0; i < kWords; ++i) {
           acc[2 * i] = fmaf(xk, __uint_as_float(ws[i] << 16), acc[2 * i]);
           acc[2 * i + 1] = fmaf(xk, __uint_as_float(ws[i] & 0xFFFF0000u), acc[2 * i + 1]);
         }
       }
+      return;
     } else {
-      // int8: sum x c per column; int4: sum x (u - 8) and sum x over the chunk (one scale group).
-      float inner[V], xsum = 0.f;
+      // A = sum_k x_k f_k and X = sum_k x_k over the chunk, f_k the code's float (CodeFloat).
+      float a[V], x_sum = 0.f;
 #pragma unroll
-      for (int i = 0; i < V; ++i) inner[i] = 0.f;
+      for (int i = 0; i < V; ++i) a[i] = 0.f;
       const int g = grouped ? r0 / p.group_rows : 0;
 #pragma unroll
       for (int r = 0; r < kChunk; ++r) {
-        const uint32_t ws[4] = {v[r].x, v[r].y, v[r].z, v[r].w};
+        const uint32_t* ws = v[r].w;
         if constexpr (kBits == 8) {
           const float xk = Bf16ToFloat(__ldg(p.x + r0 + r));
+          x_sum += xk;
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const uint32_t u = ws[i] ^ 0x80808080u;  // signed bytes + 128: 2^23 + c + 128
-            inner[4 * i + 0] = fmaf(xk, ByteFloat<0>(u) - 8388736.f, inner[4 * i + 0]);
-            inner[4 * i + 1] = fmaf(xk, ByteFloat<1>(u) - 8388736.f, inner[4 * i + 1]);
-            inner[4 * i + 2] = fmaf(xk, ByteFloat<2>(u) - 8388736.f, inner[4 * i + 2]);
-            inner[4 * i + 3] = fmaf(xk, ByteFloat<3>(u) - 8388736.f, inner[4 * i + 3]);
+          for (int i = 0; i < kWords; ++i) {
+            const uint32_t u = ws[i] ^ 0x80808080u;  // the signed code + 128, as an unsigned byte
+#pragma unroll
+            for (int b = 0; b < 4; ++b) a[4 * i + b] = fmaf(xk, CodeFloat<8>(u, b), a[4 * i + b]);
           }
         } else {
           // Byte j of a group holds code j (low nibble) and code j + group / 2 (high nibble).
-          const int j = (r0 + r) - g * p.group_rows;
-          const int k = g * p.group + j;
+          const int k = g * p.group + (r0 + r - g * p.group_rows);
           const float x_lo = Bf16ToFloat(__ldg(p.x + k)), x_hi = Bf16ToFloat(__ldg(p.x + k + p.group / 2));
-          xsum += x_lo + x_hi;
+          x_sum += x_lo + x_hi;
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
+          for (int i = 0; i < kWords; ++i) {
             const uint32_t lo = ws[i] & 0x0F0F0F0Fu, hi = (ws[i] >> 4) & 0x0F0F0F0Fu;
-            // 2^23 + 8: the codes centred on 8
-            inner[4 * i + 0] = fmaf(x_lo, ByteFloat<0>(lo) - 8388616.f, inner[4 * i + 0]);
-            inner[4 * i + 1] = fmaf(x_lo, ByteFloat<1>(lo) - 8388616.f, inner[4 * i + 1]);
-            inner[4 * i + 2] = fmaf(x_lo, ByteFloat<2>(lo) - 8388616.f, inner[4 * i + 2]);
-            inner[4 * i + 3] = fmaf(x_lo, ByteFloat<3>(lo) - 8388616.f, inner[4 * i + 3]);
-            inner[4 * i + 0] = fmaf(x_hi, ByteFloat<0>(hi) - 8388616.f, inner[4 * i + 0]);
-            inner[4 * i + 1] = fmaf(x_hi, ByteFloat<1>(hi) - 8388616.f, inner[4 * i + 1]);
-            inner[4 * i + 2] = fmaf(x_hi, ByteFloat<2>(hi) - 8388616.f, inner[4 * i + 2]);
-            inner[4 * i + 3] = fmaf(x_hi, ByteFloat<3>(hi) - 8388616.f, inner[4 * i + 3]);
+#pragma unroll
+            for (int b = 0; b < 4; ++b)
+              a[4 * i + b] = fmaf(x_hi, CodeFloat<4>(hi, b), fmaf(x_lo, CodeFloat<4>(lo, b), a[4 * i + b]));
           }
         }
       }
-      if (!grouped) {  // per-channel int8: the scale multiplies the final sum
+      if (!grouped) {  // per-channel int8: sum x c = 2^16 A - (2^15 + 128) X, once, at the end
 #pragma unroll
-        for (int i = 0; i < V; ++i) acc[i] += inner[i];
-      } else {
-        float s[V];
-        const size_t at = (static_cast<size_t>(layer) * n_groups + g) * w.n + col;
-        Load16(w.scales, p.scale_type, at, s);
-        if (kBits == 4 && w.zeros != nullptr) {
-          float z[V];
-          Load16(w.zeros, p.scale_type, at, z);
+        for (int i = 0; i < V; ++i) acc[i] += a[i];
+        x_total += x_sum;
+        return;
+      }
+      float s[V];
+      const size_t at = (static_cast<size_t>(layer) * n_groups + g) * w.n + col;
+      LoadScales<V>(w.scales, p.scale_type, at, s);
+      if (kBits == 8) {  // s * sum x c
 #pragma unroll
-          for (int i = 0; i < V; ++i) acc[i] = fmaf(s[i], inner[i], fmaf(z[i] + 8.f * s[i], xsum, acc[i]));
-        } else {
+        for (int i = 0; i < V; ++i) acc[i] = fmaf(s[i], fmaf(65536.f, a[i], -32896.f * x_sum), acc[i]);
+      } else if (w.zeros != nullptr) {  // s * sum x u + z X, sum x u = 256 A - 128 X
+        float z[V];
+        LoadScales<V>(w.zeros, p.scale_type, at, z);
 #pragma unroll
-          for (int i = 0; i < V; ++i) acc[i] = fmaf(s[i], inner[i], acc[i]);
-        }
+        for (int i = 0; i < V; ++i) acc[i] = fmaf(256.f * s[i], a[i], fmaf(z[i] - 128.f * s[i], x_sum, acc[i]));
+      } else {  // symmetric: s * sum x (u - 8) = s (256 A - 136 X)
+#pragma unroll
+        for (int i = 0; i < V; ++i) acc[i] = fmaf(s[i], fmaf(256.f, a[i], -136.f * x_sum), acc[i]);
       }
     }
+  };
+
+  // Each lane takes every kLanes-th chunk of this block's part of K. Chunks of 8 rows are double-buffered:
+  // the next chunk's loads are in flight while the lane sums the current one.
+  const int chunks = p.rows / kChunk, split = gridDim.y;
+  const int c_begin = blockIdx.y * chunks / split, c_end = (blockIdx.y + 1) * chunks / split;
+  if constexpr (kChunk == 8) {
+    Chunk buf_a, buf_b;
+    int c = c_begin + lane;
+    if (active && c < c_end) load(c, buf_a);
+    for (; active && c < c_end; c += 2 * kLanes) {
+      if (c + kLanes < c_end) load(c + kLanes, buf_b);
+      consume(c, buf_a);
+      if (c + kLanes >= c_end) break;
+      if (c + 2 * kLanes < c_end) load(c + 2 * kLanes, buf_a);
+      consume(c + kLanes, buf_b);
+    }
+  } else {  // two chunks of 16 rows would not fit in registers: one at a time
+    for (int c = c_begin + lane; active && c < c_end; c += kLanes) {
+      Chunk buf;
+      load(c, buf);
+      consume(c, buf);
+    }
+  }
+  if (kBits == 8 && !grouped) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) acc[i] = fmaf(65536.f, acc[i], -32896.f * x_total);
   }
 
   // The block's lanes meet in shared memory; then the blocks of the cluster (the parts of K) meet.
