@@ -137,7 +137,7 @@ def check_small(a) -> None:
     cfg16 = cfg.replace(param_dtype="bfloat16", compute_dtype="bfloat16")
     out = np.asarray(lj.forward(jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), seq, cfg16))
     rel = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
-    kernels = _kernels_vs_xla(prompt, mask)
+    kernels = _kernels_vs_xla(prompt[:1], mask[:1])  # batch 1: where every decode kernel serves
     print(json.dumps(dict(check="gpu-correctness", f32_greedy_equals_full_forward=exact,
                           bf16_gpu_vs_f32_cpu_rel_err=round(rel, 5), bf16_within_tolerance=rel < 1e-2,
                           decode_kernels_ran=kernels["ran"],
@@ -148,17 +148,17 @@ def check_small(a) -> None:
 
 
 def _kernels_vs_xla(prompt, mask) -> dict:
-    """One bf16 decode step's logits with the GPU decode kernels (attention.decode_attention,
-    qmatmul.matmul for `o`) and the same step in XLA, each against the step in float32 (relative L2),
-    on a small model whose head_dim the attention kernel takes; and whether the kernels were in the
-    first step and not in the second. Switching the kernels off patches the two dispatch checks, here
-    only."""
+    """One bf16 decode step's logits with the GPU decode kernels (attention.decode_attention, and the
+    projections through gpu_matvec's CUDA kernel, or qmatmul.matmul for `o` where that does not serve)
+    and the same step in XLA, each against the step in float32 (relative L2), on a small model whose
+    head_dim the attention kernel takes; and whether the kernels were in the first step and not in the
+    second. Switching the kernels off patches the three dispatch checks, here only."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     import llama_jax as lj
-    from llama_jax import model, qmatmul
+    from llama_jax import gpu_matvec, model, qmatmul
     from llama_jax.generate import _step, prefill
 
     cfg = lj.PRESETS["tiny-gqa"].replace(dim=256, n_heads=4, n_kv_heads=2, head_dim=64, ffn_dim=512,
@@ -174,17 +174,19 @@ def _kernels_vs_xla(prompt, mask) -> dict:
         return np.asarray(step(params, token, position, cache)[0], np.float32), hlo
 
     with_kernels, hlo = logits_and_hlo(params, cfg)
-    serves = (model.decode_kernel_serves, qmatmul.serves)
-    model.decode_kernel_serves, qmatmul.serves = (lambda *_: False), (lambda *_: False)
+    serves = (model.decode_kernel_serves, qmatmul.serves, gpu_matvec.serves)
+    model.decode_kernel_serves = qmatmul.serves = gpu_matvec.serves = lambda *_: False
     try:
         xla, xla_hlo = logits_and_hlo(params, cfg)
     finally:
-        model.decode_kernel_serves, qmatmul.serves = serves
+        model.decode_kernel_serves, qmatmul.serves, gpu_matvec.serves = serves
     f32 = logits_and_hlo(jax.tree.map(lambda x: x.astype(jnp.float32), params),
                          cfg.replace(param_dtype="float32", compute_dtype="float32"))[0]
     rel = lambda a: float(np.linalg.norm(a - f32) / np.linalg.norm(f32))  # noqa: E731
-    # the kernels are Triton custom calls: in the first step's program (on a GPU), never in the second
-    return dict(ran="triton" in hlo and "triton" not in xla_hlo, kernels_vs_f32=rel(with_kernels), xla_vs_f32=rel(xla))
+    # The kernels are custom calls (Triton's, and gpu_matvec's FFI target): in the first step's program (on a
+    # GPU), never in the second.
+    ran = {name: name in hlo and name not in xla_hlo for name in ("triton", gpu_matvec.TARGET)}
+    return dict(ran=all(ran.values()), kernels_vs_f32=rel(with_kernels), xla_vs_f32=rel(xla))
 
 
 def _timed(fn) -> float:

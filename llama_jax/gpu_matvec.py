@@ -61,6 +61,13 @@ def _arch() -> str:
     return f"{major}{minor}"
 
 
+def nvcc_flags(arch: str) -> list[str]:
+    """nvcc's flags for the library, for compute capability `arch` ("90": Hopper)."""
+    return ["-O3", "-shared", "-Xcompiler", "-fPIC", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}",
+            "-diag-suppress", "940,2473",  # warnings from jaxlib's FFI headers
+            "-I", jax.ffi.include_dir()]
+
+
 def _build() -> Path:
     """The compiled library (built now unless the cache holds it); raises on failure."""
     import jaxlib
@@ -70,9 +77,7 @@ def _build() -> Path:
     nvcc = _nvcc()
     if nvcc is None:
         raise RuntimeError("no nvcc (set NVCC or CUDA_HOME, or put it on PATH)")
-    arch = _arch()
-    flags = ["-O3", "-shared", "-Xcompiler", "-fPIC", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}",
-             "-diag-suppress", "940,2473"]  # warnings from jaxlib's FFI headers
+    flags = nvcc_flags(_arch())
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + version.encode()
                          + jaxlib.__version__.encode()).hexdigest()[:16]
@@ -84,7 +89,7 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", prefix=".matvec_gpu-", dir=out.parent)
     os.close(fd)
     try:
-        cmd = [nvcc, *flags, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+        cmd = [nvcc, *flags, str(SOURCE), "-o", tmp]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             errors = [line for line in r.stderr.splitlines() if "error" in line] or r.stderr.splitlines()
@@ -152,7 +157,8 @@ def supported(ws, x) -> bool:
         return False
     bits = bits.pop()
     if bits == 16:
-        return all(w.dtype == jnp.bfloat16 and w.shape[-2] == k and w.shape[-1] % 8 == 0 for w in ws)
+        return k % CHUNK[16] == 0 and all(w.dtype == jnp.bfloat16 and w.shape[-2] == k and w.shape[-1] % 8 == 0
+                                          for w in ws)
     schemes = {(w.group, w.zeros is None, w.scales.dtype) for w in ws}
     rows = k // 2 if bits == 4 else k
 

@@ -77,14 +77,18 @@ struct Vec {
 
 __device__ __forceinline__ float Bf16ToFloat(uint32_t bits16) { return __uint_as_float(bits16 << 16); }
 
-// Byte b of w (a code: 0-15 for int4, 0-255 for int8 + 128) as a float f, one byte permute: the byte
-// goes into the mantissa of 0.5 (0x3F000000), so f = 0.5 + u / 256 (int4: u in bits 16-19) or
-// 0.5 + u / 65536 (int8: bits 8-15), exactly. Products x f keep their rounding small (f is about 0.5),
-// and the 0.5 X that the sums carry comes off once per chunk or group, not once per code.
-template <int kBits>
-__device__ __forceinline__ float CodeFloat(uint32_t w, int b) {
-  const uint32_t selector = kBits == 4 ? 0x7054u | (b << 8) : 0x7604u | (b << 4);
-  return __uint_as_float(__byte_perm(w, 0x3F000000u, selector));
+// Byte b of w, an int4 code u (0-15), as the float f = 0.5 + u / 256, exactly, in one byte permute: the
+// byte goes into bits 16-23 of 0.5 (0x3F000000). Products x f keep their rounding small (f is about
+// 0.5), and the 0.5 X that the sums carry comes off once per chunk, not once per code.
+__device__ __forceinline__ float NibbleFloat(uint32_t w, int b) {
+  return __uint_as_float(__byte_perm(w, 0x3F000000u, 0x7054u | (b << 8)));
+}
+
+// Byte b of w, an int8 code c + 128 (0-255), as the float c, exactly: the byte goes into the mantissa
+// of 2^23, and 2^23 + 128 comes off. (An int8 byte in the mantissa of 0.5, as for int4, would sit 16
+// bits down and lose 1e-4 of the sum to the cancellation; the subtraction costs no measurable time.)
+__device__ __forceinline__ float ByteFloat(uint32_t w, int b) {
+  return __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7650u | b)) - 8388736.f;
 }
 
 // Streamed once per token: no point keeping them in L1, and evict them from L2 first.
@@ -168,7 +172,6 @@ __global__ void __launch_bounds__(kThreads, 2) MatvecKernel(const Params p) {
   float acc[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) acc[i] = 0.f;
-  float x_total = 0.f;  // per-channel int8: the sum of x over this thread's rows
 
   auto load = [&](int c, Vec<kWords>* v) {
 #pragma unroll
@@ -190,7 +193,7 @@ __global__ void __launch_bounds__(kThreads, 2) MatvecKernel(const Params p) {
       }
       return;
     } else {
-      // A = sum_k x_k f_k and X = sum_k x_k over the chunk, f_k the code's float (CodeFloat).
+      // int8: A = sum_k x_k c_k. int4: A = sum_k x_k f_k and X = sum_k x_k, f_k = NibbleFloat.
       float a[V], x_sum = 0.f;
 #pragma unroll
       for (int i = 0; i < V; ++i) a[i] = 0.f;
@@ -200,12 +203,11 @@ __global__ void __launch_bounds__(kThreads, 2) MatvecKernel(const Params p) {
         const uint32_t* ws = v[r].w;
         if constexpr (kBits == 8) {
           const float xk = Bf16ToFloat(__ldg(p.x + r0 + r));
-          x_sum += xk;
 #pragma unroll
           for (int i = 0; i < kWords; ++i) {
             const uint32_t u = ws[i] ^ 0x80808080u;  // the signed code + 128, as an unsigned byte
 #pragma unroll
-            for (int b = 0; b < 4; ++b) a[4 * i + b] = fmaf(xk, CodeFloat<8>(u, b), a[4 * i + b]);
+            for (int b = 0; b < 4; ++b) a[4 * i + b] = fmaf(xk, ByteFloat(u, b), a[4 * i + b]);
           }
         } else {
           // Byte j of a group holds code j (low nibble) and code j + group / 2 (high nibble).
@@ -217,14 +219,13 @@ __global__ void __launch_bounds__(kThreads, 2) MatvecKernel(const Params p) {
             const uint32_t lo = ws[i] & 0x0F0F0F0Fu, hi = (ws[i] >> 4) & 0x0F0F0F0Fu;
 #pragma unroll
             for (int b = 0; b < 4; ++b)
-              a[4 * i + b] = fmaf(x_hi, CodeFloat<4>(hi, b), fmaf(x_lo, CodeFloat<4>(lo, b), a[4 * i + b]));
+              a[4 * i + b] = fmaf(x_hi, NibbleFloat(hi, b), fmaf(x_lo, NibbleFloat(lo, b), a[4 * i + b]));
           }
         }
       }
-      if (!grouped) {  // per-channel int8: sum x c = 2^16 A - (2^15 + 128) X, once, at the end
+      if (!grouped) {  // per-channel int8: the scale multiplies the final sum
 #pragma unroll
         for (int i = 0; i < V; ++i) acc[i] += a[i];
-        x_total += x_sum;
         return;
       }
       float s[V];
@@ -232,7 +233,7 @@ __global__ void __launch_bounds__(kThreads, 2) MatvecKernel(const Params p) {
       LoadScales<V>(w.scales, p.scale_type, at, s);
       if (kBits == 8) {  // s * sum x c
 #pragma unroll
-        for (int i = 0; i < V; ++i) acc[i] = fmaf(s[i], fmaf(65536.f, a[i], -32896.f * x_sum), acc[i]);
+        for (int i = 0; i < V; ++i) acc[i] = fmaf(s[i], a[i], acc[i]);
       } else if (w.zeros != nullptr) {  // s * sum x u + z X, sum x u = 256 A - 128 X
         float z[V];
         LoadScales<V>(w.zeros, p.scale_type, at, z);
@@ -266,10 +267,6 @@ __global__ void __launch_bounds__(kThreads, 2) MatvecKernel(const Params p) {
       load(c, buf);
       consume(c, buf);
     }
-  }
-  if (kBits == 8 && !grouped) {
-#pragma unroll
-    for (int i = 0; i < V; ++i) acc[i] = fmaf(65536.f, acc[i], -32896.f * x_total);
   }
 
   // The block's lanes meet in shared memory; then the blocks of the cluster (the parts of K) meet.

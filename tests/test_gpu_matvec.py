@@ -1,0 +1,84 @@
+"""The CUDA one-row matmul (llama_jax/gpu_matvec.py): its source builds, its decoding arithmetic is
+exact to the dequantized weights, and off a Hopper GPU nothing routes to it. The kernel itself runs
+only on a GPU: bench/matvec_gpu.py checks it there against x @ dequantize(w) in float32."""
+import shutil
+import subprocess
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llama_jax import gpu_matvec
+from llama_jax import quantize as Q
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs CUDA's nvcc (the CI machine has it)")
+def test_cuda_source_builds(tmp_path):
+    """The library compiles for Hopper with the flags gpu_matvec uses (no GPU needed to compile)."""
+    out = tmp_path / "matvec_gpu.so"
+    r = subprocess.run(["nvcc", *gpu_matvec.nvcc_flags("90"), str(gpu_matvec.SOURCE), "-o", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert out.stat().st_size > 0
+
+
+def _nibble_float(nibble):
+    """The kernel's NibbleFloat: a 4-bit code in bits 16-23 of 0.5, the float 0.5 + u / 256."""
+    return (np.uint32(0x3F000000) | (nibble.astype(np.uint32) << 16)).view(np.float32)
+
+
+def _dot_as_kernel(x, q):
+    """x [K] float32 @ q (a 2-D QArray [K, N] grouped along K) by the kernel's arithmetic, in float32:
+    per scale group A = sum x f and X = sum x, then the group's formula."""
+    k, n = q.matrix_shape()
+    codes, s = np.asarray(q.values), np.asarray(q.scales, np.float32)
+    out = np.zeros(n, np.float32)
+    for g in range(k // q.group):
+        if q.bits == 8:  # the byte in the mantissa of 2^23, less 2^23 + 128: the code itself
+            u = (codes[g * q.group:(g + 1) * q.group].astype(np.int16) + 128).astype(np.uint32)  # c ^ 0x80
+            c = (np.uint32(0x4B000000) | u).view(np.float32) - np.float32(8388736)
+            out += s[g] * (x[g * q.group:(g + 1) * q.group, None] * c).sum(0, dtype=np.float32)
+            continue
+        h = q.group // 2
+        b = codes[g * h:(g + 1) * h]  # byte j: code j (low nibble), code j + group/2 (high nibble)
+        x_lo, x_hi = x[g * q.group:g * q.group + h], x[g * q.group + h:(g + 1) * q.group]
+        a = (x_lo[:, None] * _nibble_float(b & 0x0F) + x_hi[:, None] * _nibble_float(b >> 4)).sum(0, dtype=np.float32)
+        xsum = x_lo.sum(dtype=np.float32) + x_hi.sum(dtype=np.float32)
+        if q.zeros is None:
+            out += s[g] * (np.float32(256) * a - np.float32(136) * xsum)
+        else:
+            z = np.asarray(q.zeros, np.float32)[g]
+            out += np.float32(256) * s[g] * a + (z - np.float32(128) * s[g]) * xsum
+    return out
+
+
+@pytest.mark.parametrize("bits,group,zero_point", [(8, None, False), (8, 32, False), (4, 64, False), (4, 32, True)])
+def test_decoding_arithmetic_matches_dequantize(bits, group, zero_point):
+    """The byte-permute floats and the per-group formulas (int4: constants 256, 128, 136) give
+    x @ dequantize(q) to float32 accuracy: against float64, within 1e-5 relative."""
+    rng = np.random.default_rng(0)
+    k, n = 256, 64
+    w = rng.standard_normal((k, n)).astype(np.float32) * 0.02
+    q = Q.quantize(jnp.asarray(w), bits, group, zero_point=zero_point)
+    x = rng.standard_normal(k).astype(np.float32)
+    exact = x.astype(np.float64) @ np.asarray(q.dequantize(jnp.float32), np.float64)
+    got = _dot_as_kernel(x, q)
+    assert np.linalg.norm(got - exact) / np.linalg.norm(exact) < 1e-5
+
+
+def test_not_served_off_a_hopper_gpu():
+    """On the CPU the model never routes to the kernel (it falls back to XLA and the CPU kernels)."""
+    x = jnp.ones((1, 256), jnp.bfloat16)
+    assert not gpu_matvec.serves(1, jnp.bfloat16)
+    assert not gpu_matvec.supported((jnp.ones((2, 256, 128), jnp.bfloat16),), x)
+
+
+def test_split_rule_for_llama2_7b():
+    """Parts of K per launch for the 7B decode weights, as tuned on an H100 (BENCHMARKS.md): column
+    blocks of 128 (bf16) or 256 (int8, int4) columns, doubled until MIN_BLOCKS blocks."""
+    assert gpu_matvec._split(96, 4096 // 8, 16) == 2     # bf16 q/k/v: 96 blocks -> 192
+    assert gpu_matvec._split(172, 4096 // 8, 16) == 1    # bf16 gate/up
+    assert gpu_matvec._split(32, 11008 // 8, 16) == 4    # bf16 down
+    assert gpu_matvec._split(16, 4096 // 8, 8) == 8      # int8 o
+    assert gpu_matvec._split(48, 2048 // 16, 4) == 4     # int4 q/k/v: 2048 stored rows, chunks of 16
+    assert gpu_matvec._split(16, 64, 4) == 4             # few rows: a part of K keeps a chunk a lane
