@@ -39,6 +39,7 @@ SOURCE = Path(__file__).parent / "csrc" / "matvec_gpu.cu"
 MAX_WEIGHTS = 3  # one launch
 ROW_THREADS = 16  # threads across a row in a block, 16 bytes each (the kernel's kRowThreads)
 LANES = 16  # rows a block reads at once (the kernel's kLanes)
+SMEM_INPUTS = 24 * 1024  # bytes of a block's inputs in shared memory (the kernel allows 28 KB with int4's groups)
 # By bits (16: bf16): rows of K a thread reads per chunk (all of a chunk's loads are issued before the
 # first use), and the blocks a launch aims at (the K split doubles until it has them). The best of a
 # sweep over the 7B weights on an H100 (bench/matvec_gpu.py --sweep, bench/BENCHMARKS.md): more
@@ -171,20 +172,26 @@ def supported(ws, x) -> bool:
     return len(schemes) == 1 and rows % CHUNK[bits] == 0 and all(ok(w) for w in ws)
 
 
-def _split(blocks: int, chunks: int, bits: int) -> int:
+def _split(blocks: int, chunks: int, bits: int, k: int = 0) -> int:
     """Parts of K (a cluster of 1 to 8 blocks): the fewest that give MIN_BLOCKS blocks, while every row
-    lane of a block still has a chunk."""
+    lane of a block still has a chunk; and enough that a block's inputs (bf16) fit its shared memory."""
     split = 1
-    while split < 8 and blocks * split < MIN_BLOCKS[bits] and chunks // (2 * split) >= LANES:
+    while split < 8 and ((blocks * split < MIN_BLOCKS[bits] and chunks // (2 * split) >= LANES)
+                         or 2 * k // split > SMEM_INPUTS):
         split *= 2
     return split
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "split", "chunk"))
-def matvec(x, ws, layer=None, *, out_dtype=jnp.float32, split=None, chunk=None):
+@functools.partial(jax.jit, static_argnames=("out_dtype", "eps", "split", "chunk"))
+def matvec(x, ws, layer=None, *, out_dtype=jnp.float32, norm=None, eps=0.0, up=None, residual=None, split=None,
+           chunk=None):
     """x [1, K] bf16 @ layer `layer` of each weight in ws (a tuple; each a bf16 array [(L,) K, N] or a
     QArray) -> a tuple of [1, N] in out_dtype (float32 or bfloat16; sums are float32 either way).
-    split (parts of K, 1-8) and chunk (rows in flight, 8 or 16): default by shape and scheme."""
+
+    On the way in, the product's input can be rmsnorm(x) (norm: the bf16 RMSNorm weight [(L,) K] of the
+    same layer, eps its epsilon) or silu(x) * up (up [1, K] bf16: the SwiGLU); on the way out, `residual`
+    [1, N] bf16 can be added (one weight, out_dtype bf16). Each is rounded to bf16 where the model
+    rounds. split (parts of K, 1-8) and chunk (rows in flight, 8 or 16): default by shape and scheme."""
     if not _load():
         raise RuntimeError("the CUDA one-row matmul is unavailable (see the warning above)")
     bits = _bits(ws[0])
@@ -201,9 +208,10 @@ def matvec(x, ws, layer=None, *, out_dtype=jnp.float32, split=None, chunk=None):
     chunk = chunk or CHUNK[bits]
     cols = ROW_THREADS * (8 if bits == 16 else 16)  # columns a block: 16 threads x 8 or 16 columns
     blocks = sum(-(-n // cols) for n in ns)
-    split = split or _split(blocks, rows // chunk, bits)
+    split = split or _split(blocks, rows // chunk, bits, x.shape[-1] * (1 if norm is None else 2))  # + the norm's
     group = 0 if bits == 16 else ws[0].group
     layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
+    extra = [empty if a is None else a for a in (up, norm, residual)]
     call = jax.ffi.ffi_call(TARGET, tuple(jax.ShapeDtypeStruct((1, n), out_dtype) for n in ns))
-    return tuple(call(x.astype(jnp.bfloat16), layer, *operands, bits=np.int64(bits), group=np.int64(group),
-                      split=np.int64(split), chunk=np.int64(chunk)))
+    return tuple(call(x.astype(jnp.bfloat16), layer, *extra, *operands, bits=np.int64(bits), group=np.int64(group),
+                      split=np.int64(split), chunk=np.int64(chunk), eps=np.float32(eps)))

@@ -253,18 +253,59 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs, stack)
 
     def __call__(self, x, rope, segment_ids=None, layer_cache=None):
+        fused = None if layer_cache is None else self._decode_fused(x, rope, layer_cache)
+        if fused is not None:
+            return fused
         h, kv = self.attn(self.attn_norm(x), rope, segment_ids, layer_cache)
         x = constrain(x + h, ("batch", "seq", "act_embed"))
         x = constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "seq", "act_embed"))
         return x, kv
+
+    def _decode_fused(self, x, rope, layer_cache):
+        """The layer above for one token (batch 1) on a Hopper GPU, in five launches of gpu_matvec's
+        kernel and the decode-attention kernel: the kernel applies each RMSNorm on the way into q/k/v and
+        gate/up, the SwiGLU on the way into down, and the residual adds on the way out of o and down,
+        rounding to bf16 where the code above rounds. That removes about 0.26 ms of small XLA kernels
+        from a 7B step (bench/BENCHMARKS.md). None where it does not serve (the caller runs the above)."""
+        a, m = self.attn, self.mlp
+        views = [a.q[...], a.k[...], a.v[...], a.o[...], m.gate[...], m.up[...], m.down[...]]
+        norms = [self.attn_norm.weight[...], self.mlp_norm.weight[...]]
+        if not (all(isinstance(w, (StackedLayer, QLayer)) for w in views)
+                and all(isinstance(n, StackedLayer) for n in norms) and x.shape[:2] == (1, 1)):
+            return None
+        # [layers, K, N] as the kernel reads them: the head axes of q/k/v (N) and o (K) merged
+        mats = [w.stack if isinstance(w, QLayer) else w.matrix(2 if i == 3 else 1) for i, w in enumerate(views)]
+        cache_k, cache_v, layer, start, mask = layer_cache
+        q_stack = views[0].stack
+        heads, head_dim = (q_stack.tail if isinstance(q_stack, QArray) else q_stack.shape[1:])[-2:]
+        q_like = jax.ShapeDtypeStruct((1, 1, heads, head_dim), x.dtype)
+        x2 = x.reshape(1, -1)
+        f = jax.ShapeDtypeStruct((1, mats[6].shape[-2]), x.dtype)  # QArray.shape is the logical [L, F, D]
+        o_in = jax.ShapeDtypeStruct((1, heads * head_dim), x.dtype)
+        if not (decode_kernel_serves(q_like, cache_k) and gpu_matvec.supported(mats[:3], x2)
+                and gpu_matvec.supported(mats[3:4], o_in) and gpu_matvec.supported(mats[4:6], x2)
+                and gpu_matvec.supported(mats[6:], f)):
+            return None
+        i = views[0].index
+        q, k, v = gpu_matvec.matvec(x2, tuple(mats[:3]), i, out_dtype=x.dtype, norm=norms[0].stack,
+                                    eps=self.attn_norm.eps)
+        kv_heads = k.shape[-1] // head_dim
+        out, cache_k, cache_v = decode_attention(
+            q.reshape(1, 1, heads, head_dim), k.reshape(1, 1, kv_heads, head_dim), v.reshape(1, 1, kv_heads, head_dim),
+            rope, cache_k, cache_v, layer, start, mask)
+        x2 = gpu_matvec.matvec(out.reshape(1, -1), tuple(mats[3:4]), i, out_dtype=x.dtype, residual=x2)[0]
+        gate, up = gpu_matvec.matvec(x2, tuple(mats[4:6]), i, out_dtype=x.dtype, norm=norms[1].stack,
+                                     eps=self.mlp_norm.eps)
+        x2 = gpu_matvec.matvec(gate, tuple(mats[6:]), i, out_dtype=x.dtype, up=up, residual=x2)[0]
+        return x2.reshape(x.shape), (cache_k, cache_v)
 
 
 # Decode-step weights (bf16, few rows, one GPU) that qmatmul.matmul reads from the stack instead of XLA's
 # matmul on a slice. Only `o`: XLA's Triton matmuls read the other slices in place, at 2.6-2.7 TB/s.
 DENSE_KERNEL_WEIGHTS = ("o",)
 # At batch 1 on a Hopper GPU, every projection goes to gpu_matvec's CUDA kernel instead (faster than
-# XLA's matmuls: bench/BENCHMARKS.md).
-MATVEC_WEIGHTS = ("q", "k", "v", "o", "gate", "up", "down")
+# XLA's matmuls: bench/BENCHMARKS.md), and the norms' weights stay whole too, for Block._decode_fused.
+MATVEC_WEIGHTS = ("q", "k", "v", "o", "gate", "up", "down", "attn_norm", "mlp_norm")
 
 
 def _save_matmuls(prim, *args, **params) -> bool:
@@ -364,9 +405,9 @@ class Llama(nnx.Module):
         dense = (MATVEC_WEIGHTS if gpu_matvec.serves(batch * seq, x.dtype)
                  else DENSE_KERNEL_WEIGHTS if qmatmul.serves(batch * seq, x.dtype) else ())
 
-        def whole(path, a):
-            name = path[-2].key if len(path) >= 2 and hasattr(path[-2], "key") else None
-            return isinstance(a, QArray) or (name in dense and a.dtype == x.dtype)
+        def whole(path, a):  # path: the module names down to the param, e.g. ("attn", "q", ...)
+            names = {p.key for p in path if hasattr(p, "key")}
+            return isinstance(a, QArray) or (bool(names & set(dense)) and a.dtype == x.dtype)
 
         is_q = lambda a: isinstance(a, QArray)  # noqa: E731
         keep = jax.tree_util.tree_map_with_path(whole, stacked, is_leaf=is_q)

@@ -3,6 +3,11 @@
 //
 //   out[N] = x @ layer `layer` of W    W: bf16 [L, K, N], or quantize.py's int8 / int4 codes [L, Kstored, N]
 //
+// A decode step's layer runs as five launches of it (and the attention kernel): the input can pass
+// through the layer's RMSNorm (rmsnorm(x) @ W, for q/k/v and gate/up) or the SwiGLU (silu(gate) * up
+// @ W, for down) on its way in, and the residual can be added on the way out (x + h, for o and down),
+// each rounded to bf16 where the model rounds, so the small XLA kernels between the matmuls go away.
+//
 // At batch 1 every weight byte is read once per token, so the kernel's job is to keep HBM busy:
 // each thread loads 16 bytes of a row (8 bf16 or 16 int8/int4 columns), a chunk of rows at a time with
 // all of the chunk's loads issued before the first use, and sums in float32 registers. Quantized codes
@@ -43,6 +48,7 @@ enum ScaleType : int { kScaleF32 = 0, kScaleF16 = 1, kScaleBF16 = 2 };
 
 struct Weight {
   const uint8_t* codes;  // [L, rows, n]: bf16, int8 or packed int4
+  const uint16_t* residual;  // [n] bf16 added to the rounded product, or null
   const void* scales;    // [L, groups, n] (per channel: groups = 1), or null for bf16
   const void* zeros;     // like scales, or null
   void* out;             // [n] float32 or bf16
@@ -50,8 +56,15 @@ struct Weight {
   int first_block;       // this weight's first column block along the grid's x
 };
 
+enum XMode : int { kXPlain = 0, kXNorm = 1, kXSwiGLU = 2 };
+
 struct Params {
   const uint16_t* x;  // [K] bf16 bits
+  const uint16_t* up;  // kXSwiGLU: [K] bf16, the input being silu(x) * up
+  const void* norm;    // kXNorm: the RMSNorm weight [L, K] bf16, the input being rmsnorm(x)
+  int x_mode;          // XMode
+  float eps;
+  int k;               // K
   const int32_t* layer;
   Weight w[kMaxWeights];
   int n_weights;
@@ -145,13 +158,16 @@ __device__ __forceinline__ float LoadScalar(const void* base, int type, size_t i
 __device__ __forceinline__ void Store(float* out, int i, float v) { out[i] = v; }
 __device__ __forceinline__ void Store(__nv_bfloat16* out, int i, float v) { out[i] = __float2bfloat16(v); }
 
-template <int kBits, int kChunk, typename Out>
+// kStaged: the input goes through the norm or the SwiGLU into shared memory first (else it is read as it is).
+template <int kBits, int kChunk, bool kStaged, typename Out>
 __global__ void __launch_bounds__(kThreads, 2) MatvecKernel(const Params p) {
   constexpr int V = Scheme<kBits>::kCols, kWords = Scheme<kBits>::kWords;
   using Chunk = Vec<kWords>[kChunk];
   constexpr int kBlockCols = kRowThreads * V;
   __shared__ float lanes[kLanes][kBlockCols];
   __shared__ float block_sum[kBlockCols];
+  __shared__ float warp_sums[kThreads / 32];
+  extern __shared__ uint16_t xs[];  // this block's range of the input, after the norm or the SwiGLU (bf16)
 
   // Which weight this column block belongs to (a select, so that the parameters stay in constant memory).
   Weight w = p.w[0];
@@ -173,6 +189,16 @@ __global__ void __launch_bounds__(kThreads, 2) MatvecKernel(const Params p) {
 #pragma unroll
   for (int i = 0; i < V; ++i) acc[i] = 0.f;
 
+  // This block's part of K: chunks [c_begin, c_end), inputs [k_lo, k_hi) (int4: whole scale groups).
+  const int chunks = p.rows / kChunk, split = gridDim.y;
+  const int c_begin = blockIdx.y * chunks / split, c_end = (blockIdx.y + 1) * chunks / split;
+  int k_lo = c_begin * kChunk, k_hi = c_end * kChunk;
+  if (kBits == 4) {
+    k_lo = k_lo / p.group_rows * p.group;
+    k_hi = (k_hi + p.group_rows - 1) / p.group_rows * p.group;
+  }
+
+  auto input = [&](int k) { return Bf16ToFloat(kStaged ? xs[k - k_lo] : __ldg(p.x + k)); };
   auto load = [&](int c, Vec<kWords>* v) {
 #pragma unroll
     for (int r = 0; r < kChunk; ++r) v[r] = LoadStream<kWords>(codes + static_cast<size_t>(c * kChunk + r) * row_bytes);
@@ -183,7 +209,7 @@ __global__ void __launch_bounds__(kThreads, 2) MatvecKernel(const Params p) {
     if constexpr (kBits == 16) {
 #pragma unroll
       for (int r = 0; r < kChunk; ++r) {
-        const float xk = Bf16ToFloat(__ldg(p.x + r0 + r));
+        const float xk = input(r0 + r);
         const uint32_t* ws = v[r].w;
 #pragma unroll
         for (int i = 0; i < kWords; ++i) {
@@ -202,7 +228,7 @@ __global__ void __launch_bounds__(kThreads, 2) MatvecKernel(const Params p) {
       for (int r = 0; r < kChunk; ++r) {
         const uint32_t* ws = v[r].w;
         if constexpr (kBits == 8) {
-          const float xk = Bf16ToFloat(__ldg(p.x + r0 + r));
+          const float xk = input(r0 + r);
 #pragma unroll
           for (int i = 0; i < kWords; ++i) {
             const uint32_t u = ws[i] ^ 0x80808080u;  // the signed code + 128, as an unsigned byte
@@ -212,7 +238,7 @@ __global__ void __launch_bounds__(kThreads, 2) MatvecKernel(const Params p) {
         } else {
           // Byte j of a group holds code j (low nibble) and code j + group / 2 (high nibble).
           const int k = g * p.group + (r0 + r - g * p.group_rows);
-          const float x_lo = Bf16ToFloat(__ldg(p.x + k)), x_hi = Bf16ToFloat(__ldg(p.x + k + p.group / 2));
+          const float x_lo = input(k), x_hi = input(k + p.group / 2);
           x_sum += x_lo + x_hi;
 #pragma unroll
           for (int i = 0; i < kWords; ++i) {
@@ -246,22 +272,82 @@ __global__ void __launch_bounds__(kThreads, 2) MatvecKernel(const Params p) {
     }
   };
 
+  // The input, into shared memory as the model rounds it (bf16), while the first chunk's loads are in
+  // flight: rmsnorm(x) = x * rsqrt(mean(x^2) + eps) * weight (the block sums x^2 over all of K), or
+  // silu(x) * up, or x as it is.
+  auto stage_input = [&]() {
+    if constexpr (kStaged) {
+      // 8 inputs a thread at a time, one 16-byte load each (K and this block's range are multiples of 8).
+      // Every load is issued in one pass: x over all of K for the norm's sum of squares (the norm weight
+      // and this block's range of x wait in shared memory meanwhile), or x and up for the SwiGLU.
+      const uint4* x8 = reinterpret_cast<const uint4*>(p.x);
+      uint4* xs8 = reinterpret_cast<uint4*>(xs);
+      const int lo8 = k_lo / 8, n8 = (k_hi - k_lo) / 8;
+      if (p.x_mode == kXNorm) {
+        uint4* gs8 = xs8 + n8;  // the norm weight's range, after x's
+        const uint4* g8 = reinterpret_cast<const uint4*>(p.norm) + static_cast<size_t>(layer) * (p.k / 8);
+        float ss = 0.f;
+#pragma unroll 4
+        for (int i = tid; i < p.k / 8; i += kThreads) {
+          const uint4 v = __ldg(x8 + i);
+          if (i >= lo8 && i < lo8 + n8) xs8[i - lo8] = v, gs8[i - lo8] = __ldg(g8 + i);
+          for (uint32_t w : {v.x, v.y, v.z, v.w}) {
+            const float lo = Bf16ToFloat(w & 0xFFFFu), hi = Bf16ToFloat(w >> 16);
+            ss = fmaf(lo, lo, fmaf(hi, hi, ss));
+          }
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off /= 2) ss += __shfl_xor_sync(0xFFFFFFFFu, ss, off);
+        if (tid % 32 == 0) warp_sums[tid / 32] = ss;
+        __syncthreads();
+        ss = 0.f;
+#pragma unroll
+        for (int i = 0; i < kThreads / 32; ++i) ss += warp_sums[i];
+        const float inv_rms = rsqrtf(ss / p.k + p.eps);
+        // x * rsqrt(mean(x^2) + eps) * weight, rounded to bf16 (RMSNorm.__call__)
+        for (int i = tid; i < n8 * 8; i += kThreads)
+          xs[i] = __bfloat16_as_ushort(__float2bfloat16(Bf16ToFloat(xs[i]) * inv_rms * Bf16ToFloat(xs[n8 * 8 + i])));
+      } else {  // silu(gate) * up, rounded to bf16 (MLP.__call__)
+        const uint4* up8 = reinterpret_cast<const uint4*>(p.up);
+#pragma unroll 4
+        for (int i = tid; i < n8; i += kThreads) {
+          const uint4 g = __ldg(x8 + lo8 + i), u = __ldg(up8 + lo8 + i);
+          const uint32_t gs[4] = {g.x, g.y, g.z, g.w}, us[4] = {u.x, u.y, u.z, u.w};
+          uint32_t out[4];
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const float g0 = Bf16ToFloat(gs[j] & 0xFFFFu), g1 = Bf16ToFloat(gs[j] >> 16);
+            const float h0 = g0 / (1.f + __expf(-g0)) * Bf16ToFloat(us[j] & 0xFFFFu);
+            const float h1 = g1 / (1.f + __expf(-g1)) * Bf16ToFloat(us[j] >> 16);
+            out[j] = __bfloat16_as_ushort(__float2bfloat16(h0)) |
+                     (static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16(h1))) << 16);
+          }
+          xs8[i] = make_uint4(out[0], out[1], out[2], out[3]);
+        }
+      }
+      __syncthreads();
+    }
+  };
+
   // Each lane takes every kLanes-th chunk of this block's part of K. Chunks of 8 rows are double-buffered:
   // the next chunk's loads are in flight while the lane sums the current one.
-  const int chunks = p.rows / kChunk, split = gridDim.y;
-  const int c_begin = blockIdx.y * chunks / split, c_end = (blockIdx.y + 1) * chunks / split;
   if constexpr (kChunk == 8) {
+    // Two chunks in flight before the input is staged; then each is summed while the other loads.
     Chunk buf_a, buf_b;
     int c = c_begin + lane;
     if (active && c < c_end) load(c, buf_a);
+    if (active && c + kLanes < c_end) load(c + kLanes, buf_b);
+    stage_input();
     for (; active && c < c_end; c += 2 * kLanes) {
-      if (c + kLanes < c_end) load(c + kLanes, buf_b);
       consume(c, buf_a);
-      if (c + kLanes >= c_end) break;
       if (c + 2 * kLanes < c_end) load(c + 2 * kLanes, buf_a);
+      if (c + kLanes >= c_end) break;
       consume(c + kLanes, buf_b);
+      if (c + 3 * kLanes < c_end) load(c + 3 * kLanes, buf_b);
     }
-  } else {  // two chunks of 16 rows would not fit in registers: one at a time
+  } else {  // two chunks of 16 rows would not fit in registers: one at a time (and one held across
+            // stage_input would spill for int4)
+    stage_input();
     for (int c = c_begin + lane; active && c < c_end; c += kLanes) {
       Chunk buf;
       load(c, buf);
@@ -285,6 +371,8 @@ __global__ void __launch_bounds__(kThreads, 2) MatvecKernel(const Params p) {
     const int n = block_col + i;
     if (n >= w.n) return;
     if (per_channel) total *= LoadScalar(w.scales, p.scale_type, static_cast<size_t>(layer) * w.n + n);
+    if (w.residual != nullptr)  // the model's x + h: h rounded to bf16, then the sum
+      total = Bf16ToFloat(__bfloat16_as_ushort(__float2bfloat16(total))) + Bf16ToFloat(__ldg(w.residual + n));
     Store(static_cast<Out*>(w.out), n, total);
   };
   if (split_parts == 1) {
@@ -304,10 +392,12 @@ __global__ void __launch_bounds__(kThreads, 2) MatvecKernel(const Params p) {
 }
 
 template <int kBits, int kChunk, typename Out>
-cudaError_t Launch(cudaStream_t stream, const Params& p, int blocks, int split) {
+cudaError_t Launch(cudaStream_t stream, const Params& p, int blocks, int split, size_t smem) {
+  const bool staged = p.x_mode != kXPlain;
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(blocks, split, 1);
   config.blockDim = dim3(kThreads, 1, 1);
+  config.dynamicSmemBytes = staged ? smem : 0;
   config.stream = stream;
   cudaLaunchAttribute attribute[1];
   attribute[0].id = cudaLaunchAttributeClusterDimension;
@@ -316,18 +406,21 @@ cudaError_t Launch(cudaStream_t stream, const Params& p, int blocks, int split) 
   attribute[0].val.clusterDim.z = 1;
   config.attrs = attribute;
   config.numAttrs = split > 1 ? 1 : 0;
-  return cudaLaunchKernelEx(&config, MatvecKernel<kBits, kChunk, Out>, p);
+  return staged ? cudaLaunchKernelEx(&config, MatvecKernel<kBits, kChunk, true, Out>, p)
+                : cudaLaunchKernelEx(&config, MatvecKernel<kBits, kChunk, false, Out>, p);
 }
 
 template <int kBits, typename Out>
-cudaError_t LaunchChunk(cudaStream_t stream, const Params& p, int blocks, int split, int chunk) {
-  return chunk == 8 ? Launch<kBits, 8, Out>(stream, p, blocks, split) : Launch<kBits, 16, Out>(stream, p, blocks, split);
+cudaError_t LaunchChunk(cudaStream_t stream, const Params& p, int blocks, int split, int chunk, size_t smem) {
+  return chunk == 8 ? Launch<kBits, 8, Out>(stream, p, blocks, split, smem)
+                    : Launch<kBits, 16, Out>(stream, p, blocks, split, smem);
 }
 
 ffi::Error Fail(const std::string& message) { return ffi::Error::InvalidArgument("llama_jax matvec_gpu: " + message); }
 
-ffi::Error MatvecImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> layer, ffi::RemainingArgs args,
-                      ffi::RemainingRets rets, int64_t bits, int64_t group, int64_t split, int64_t chunk) {
+ffi::Error MatvecImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> layer, ffi::AnyBuffer up,
+                      ffi::AnyBuffer norm, ffi::AnyBuffer residual, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                      int64_t bits, int64_t group, int64_t split, int64_t chunk, float eps) {
   const int n_weights = static_cast<int>(rets.size());
   if (n_weights < 1 || n_weights > kMaxWeights || args.size() != 3 * rets.size())
     return Fail("expected 1 to 3 weights, each as codes, scales and zero points");
@@ -338,7 +431,18 @@ ffi::Error MatvecImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::S3
   const int cols = bits == 16 ? 8 : 16, block_cols = kRowThreads * cols;
   Params p = {};
   p.x = static_cast<const uint16_t*>(x.untyped_data());
+  p.k = static_cast<int>(x.element_count());
   p.layer = layer.typed_data();
+  p.eps = eps;
+  if (up.element_count()) {
+    if (up.element_type() != ffi::DataType::BF16 || up.element_count() != x.element_count())
+      return Fail("up must be bfloat16 like x");
+    p.x_mode = kXSwiGLU, p.up = static_cast<const uint16_t*>(up.untyped_data());
+  } else if (norm.element_count()) {
+    if (norm.element_count() % x.element_count()) return Fail("the norm weight must be [layers, K]");
+    if (norm.element_type() != ffi::DataType::BF16) return Fail("the norm weight must be bfloat16 like x");
+    p.x_mode = kXNorm, p.norm = norm.untyped_data();
+  }
   p.n_weights = n_weights;
   p.group = static_cast<int>(group);
   p.scale_type = kScaleF32;
@@ -384,13 +488,30 @@ ffi::Error MatvecImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::S3
     }
   }
   if (p.rows % chunk) return Fail("K must be a multiple of the chunk");
+  if ((bits == 4 ? 2 * p.rows : p.rows) != p.k) return Fail("x must be [1, K]");
+  if (residual.element_count()) {
+    if (n_weights != 1 || residual.element_type() != ffi::DataType::BF16 || out_type != ffi::DataType::BF16 ||
+        residual.element_count() != static_cast<size_t>(p.w[0].n))
+      return Fail("a residual is [1, N] bfloat16, for one weight with a bfloat16 output");
+    p.w[0].residual = static_cast<const uint16_t*>(residual.untyped_data());
+  }
+  // Shared memory for a block's inputs (bf16): its rows of K, widened to whole scale groups for int4.
+  const int chunks = p.rows / static_cast<int>(chunk), max_rows = (chunks + split - 1) / split * static_cast<int>(chunk);
+  // The norm's weight sits beside x.
+  const size_t smem = (p.x_mode == kXNorm ? 4 : 2) *
+                      static_cast<size_t>(bits == 4 ? (max_rows / p.group_rows + 2) * group : max_rows);
+  if (smem > 28 * 1024) return Fail("K is too long for one part: raise split");
+  if (p.k % 8) return Fail("K must be a multiple of 8");
   for (int i = n_weights; i < kMaxWeights; ++i) p.w[i] = p.w[0], p.w[i].first_block = 1 << 30;
   cudaError_t err;
   const bool f32 = out_type == ffi::DataType::F32;
   const int s = static_cast<int>(split), c = static_cast<int>(chunk);
-  if (bits == 16) err = f32 ? LaunchChunk<16, float>(stream, p, blocks, s, c) : LaunchChunk<16, __nv_bfloat16>(stream, p, blocks, s, c);
-  else if (bits == 8) err = f32 ? LaunchChunk<8, float>(stream, p, blocks, s, c) : LaunchChunk<8, __nv_bfloat16>(stream, p, blocks, s, c);
-  else err = f32 ? LaunchChunk<4, float>(stream, p, blocks, s, c) : LaunchChunk<4, __nv_bfloat16>(stream, p, blocks, s, c);
+  if (bits == 16)
+    err = f32 ? LaunchChunk<16, float>(stream, p, blocks, s, c, smem) : LaunchChunk<16, __nv_bfloat16>(stream, p, blocks, s, c, smem);
+  else if (bits == 8)
+    err = f32 ? LaunchChunk<8, float>(stream, p, blocks, s, c, smem) : LaunchChunk<8, __nv_bfloat16>(stream, p, blocks, s, c, smem);
+  else
+    err = f32 ? LaunchChunk<4, float>(stream, p, blocks, s, c, smem) : LaunchChunk<4, __nv_bfloat16>(stream, p, blocks, s, c, smem);
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("llama_jax matvec_gpu: ") + cudaGetErrorString(err));
   return ffi::Error::Success();
 }
@@ -402,10 +523,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LlamaJaxMatvecGpu, MatvecImpl,
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Arg<ffi::AnyBuffer>()         // x [1, K] bf16
                                   .Arg<ffi::Buffer<ffi::S32>>()  // layer [1]
+                                  .Arg<ffi::AnyBuffer>()         // up [1, K] bf16 (SwiGLU input), or empty
+                                  .Arg<ffi::AnyBuffer>()         // RMSNorm weight [L, K] bf16, or empty
+                                  .Arg<ffi::AnyBuffer>()         // residual [1, N] bf16, or empty
                                   .RemainingArgs()               // per weight: codes, scales, zero points
                                   .RemainingRets()               // per weight: out [1, N]
                                   .Attr<int64_t>("bits")
                                   .Attr<int64_t>("group")
                                   .Attr<int64_t>("split")
-                                  .Attr<int64_t>("chunk"),
+                                  .Attr<int64_t>("chunk")
+                                  .Attr<float>("eps"),
                               {ffi::Traits::kCmdBufferCompatible});
