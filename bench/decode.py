@@ -39,7 +39,8 @@ def ours(a) -> None:
 
         # int8: one scale per output channel unless --group is given; int4: groups (default 64).
         group = (a.group or 64) if a.bits == 4 else a.group
-        params = quantize.quantize_params(params, cfg, bits=a.bits, group=group)
+        params = quantize.quantize_params(params, cfg, bits=a.bits, group=group,
+                                          include_embeddings=a.include_embeddings)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     max_len = a.prompt + a.new
     device = jax.devices()[0].device_kind
@@ -100,7 +101,8 @@ def ours(a) -> None:
         full = jnp.argmax(lj.forward(params, seq, cfg)[:, a.prompt - 1:], axis=-1)
         match = float(jnp.mean(full == tokens))
         print(json.dumps(dict(
-            impl="llama-jax", preset=a.preset, bits=a.bits or 16, batch=batch, prompt=a.prompt, new=a.new,
+            impl="llama-jax", preset=a.preset, bits=a.bits or 16, embeddings_quantized=a.include_embeddings,
+            batch=batch, prompt=a.prompt, new=a.new,
             prefill_s=round(prefill_s, 4), decode_ms_per_step=round(step_s * 1e3, 3),
             decode_tok_s=round(batch / step_s, 1), weight_gb=round(weight_bytes / 1e9, 2),
             achieved_weight_gbps=round(weight_bytes / step_s / 1e9, 1),
@@ -204,6 +206,8 @@ def main():
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--bits", type=int, default=0, choices=[0, 4, 8], help="weight-only quantization (0: bf16)")
     p.add_argument("--group", type=int, default=None, help="quantization group (int4 default 64; int8 default per channel)")
+    p.add_argument("--include-embeddings", action="store_true",
+                   help="with --bits: quantize the embedding and the lm_head too (gpt-fast quantizes the lm_head)")
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--only-ours", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()

@@ -354,7 +354,11 @@ class Llama(nnx.Module):
         # Gather the table's features (fsdp) before the lookup, like any FSDP weight: looking up rows of an
         # embed-split table would make XLA move the batch-split activations (and their gradient) across
         # fsdp instead. The vocab stays split over tensor (a masked lookup plus one all-reduce).
-        x = constrain(self.embed[...], ("vocab", None)).astype(cdt)[tokens]
+        embed = self.embed[...]
+        if isinstance(embed, QArray):  # decode only the rows looked up, not the whole table every step
+            x = embed.rows(tokens, cdt)
+        else:
+            x = constrain(embed, ("vocab", None)).astype(cdt)[tokens]
         x = constrain(x, ("batch", "seq", "act_embed"))
         rope = rope_tables(positions, rope_frequencies(cfg))
         graphdef, stacked = nnx.split(self.layers)

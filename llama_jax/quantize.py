@@ -160,6 +160,17 @@ class QArray:
 
     # -- decoding ---------------------------------------------------------------------------------
 
+    def rows(self, idx: jax.Array, dtype=jnp.float32) -> jax.Array:
+        """Rows `idx` (int, any shape) of a 2-D weight grouped along its rows (the embedding), decoded:
+        [*idx.shape, D]. The codes are gathered first, so a lookup decodes only the rows it reads."""
+        if self.values.ndim != 2 or self.axis != -1:
+            raise ValueError("QArray.rows is for 2-D weights grouped along their last axis (the embedding)")
+        flat = idx.reshape(-1)
+        take = lambda a: None if a is None else a[flat]  # noqa: E731
+        picked = QArray(take(self.values), take(self.scales), take(self.zeros), self.bits, self.group, -1,
+                        (flat.shape[0], self.tail[1]), self.split)
+        return picked.dequantize(dtype).reshape(idx.shape + (self.tail[1],))
+
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         """The float weight in its logical shape. The arithmetic is float32 (then cast), so GGUF
         blocks decode exactly: a 4- or 8-bit code times a float16 scale is exact in float32."""

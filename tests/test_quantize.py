@@ -428,3 +428,13 @@ def test_cli_generate_keeps_smollm2_quantized(capsys):
                          "The capital of France is", "--max-new-tokens", "1")
     assert rc == 0, err
     assert text == " Paris\n"
+
+
+def test_embedding_rows_decode_only_the_looked_up_rows():
+    """QArray.rows (the quantized embedding's lookup) equals the dequantized table indexed, for int8 and
+    int4 with and without zero points, on a token grid of any shape."""
+    w = jax.random.normal(jax.random.key(3), (96, 64), jnp.float32)
+    tokens = jnp.array([[0, 5, 95], [7, 7, 1]], jnp.int32)
+    for bits, group, zp in ((8, 32, False), (4, 32, False), (4, 64, True)):
+        q = Q.quantize(w, bits, group, axis=-1, zero_point=zp)
+        np.testing.assert_array_equal(np.asarray(q.rows(tokens)), np.asarray(q.dequantize()[tokens]))
