@@ -215,3 +215,29 @@ def matvec(x, ws, layer=None, *, out_dtype=jnp.float32, norm=None, eps=0.0, up=N
     call = jax.ffi.ffi_call(TARGET, tuple(jax.ShapeDtypeStruct((1, n), out_dtype) for n in ns))
     return tuple(call(x.astype(jnp.bfloat16), layer, *extra, *operands, bits=np.int64(bits), group=np.int64(group),
                       split=np.int64(split), chunk=np.int64(chunk), eps=np.float32(eps)))
+
+
+def matvec_reference(x, ws, layer=None, *, out_dtype=jnp.float32, norm=None, eps=0.0, up=None, residual=None,
+                     split=None, chunk=None):
+    """What `matvec` computes, in XLA with float32 sums: its contract, for the CPU tests of the model's fused
+    decode path (Block._decode_fused), where the kernel cannot run. split and chunk change nothing here."""
+    del split, chunk
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    i = 0 if layer is None else layer
+    x = x.astype(f32)
+    if norm is not None:  # RMSNorm.__call__, rounded to bf16
+        g = (norm[i] if norm.ndim == 2 else norm).astype(f32)
+        x = (x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * g).astype(bf16).astype(f32)
+    elif up is not None:  # MLP.__call__'s silu(gate) * up, rounded to bf16
+        x = (jax.nn.silu(x) * up.astype(f32)).astype(bf16).astype(f32)
+    outs = []
+    for w in ws:
+        if hasattr(w, "bits"):
+            m = w.as_stack().take(i).dequantize(f32).reshape(w.matrix_shape())
+        else:
+            m = w.reshape(_stack_shape(w))[i].astype(f32)
+        out = jnp.dot(x, m, precision=jax.lax.Precision.HIGHEST)
+        if residual is not None:  # x + h, h rounded to bf16
+            out = out.astype(bf16).astype(f32) + residual.astype(f32)
+        outs.append(out.astype(out_dtype))
+    return tuple(outs)
