@@ -2,6 +2,8 @@
 the XLA FFI, for bf16 weights and quantize.py's int8 and int4 QArrays alike.
 
     outs = matvec(x, (wq, wk, wv), layer)   # x [1, K] bf16; layer `layer` of each stacked weight -> [1, N] each
+    q, k, v = matvec(x, (wq, wk, wv), layer, norm=attn_norm, eps=1e-5)   # rmsnorm(x) on the way in
+    x = matvec(gate, (wdown,), layer, up=up, residual=x)[0]              # silu(gate) * up in, x + h out
 
 At batch 1 a decode step reads every weight once, so its speed is the speed at which the matmuls read
 HBM. XLA's GEMMs read a Llama-2-7B step's bf16 weights at 2.7 TB/s, and the Pallas kernel of qmatmul.py
@@ -11,6 +13,9 @@ allow. The CUDA kernel issues a chunk of 16-byte loads before the first use, dec
 permutes, and reduces the parts of K across a thread-block cluster (Hopper's distributed shared
 memory), so one launch gives the finished product. Like qmatmul.py it takes whole stacks and a layer
 index, so that XLA copies no slices; up to three weights that share x run side by side in one launch.
+It also takes the small steps around the matmuls (model.Block._decode_fused): the RMSNorm or the SwiGLU
+on the way in, the residual add on the way out, each rounded to bf16 where the model rounds, so a 7B
+decode step runs 204 kernels instead of 363. `matvec_reference` is the same contract in XLA, for tests.
 
 The library is compiled on first use with CUDA's nvcc (NVCC, then PATH, CUDA_HOME, /usr/local/cuda) for
 the GPU's architecture, into the cache folder of llama_jax.checkpoint under a name that hashes the
@@ -41,9 +46,9 @@ ROW_THREADS = 16  # threads across a row in a block, 16 bytes each (the kernel's
 LANES = 16  # rows a block reads at once (the kernel's kLanes)
 SMEM_INPUTS = 24 * 1024  # bytes of a block's inputs in shared memory (the kernel allows 28 KB with int4's groups)
 # By bits (16: bf16): rows of K a thread reads per chunk (all of a chunk's loads are issued before the
-# first use), and the blocks a launch aims at (the K split doubles until it has them). The best of a
-# sweep over the 7B weights on an H100 (bench/matvec_gpu.py --sweep, bench/BENCHMARKS.md): more
-# blocks than that cost more in the cluster reduction and in the last wave than they gain.
+# first use; chunks of 8 are double-buffered), and the blocks a launch aims at (the K split doubles until
+# it has them). The best of the 7B decode step on an H100 (bench/decode_step.py, bench/BENCHMARKS.md):
+# more blocks cost more in the cluster reduction and in the last wave than they gain.
 CHUNK = {16: 8, 8: 8, 4: 16}
 MIN_BLOCKS = {16: 128, 8: 128, 4: 192}
 

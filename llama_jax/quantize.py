@@ -8,7 +8,8 @@ int4, optionally a zero point) per group of weights along the contraction axis.
 
 A quantized weight is a `QArray`, a pytree node standing where the float array stood, so under jit the
 integer codes are what lives in memory. The model multiplies by a weight through `QArray.matmul`: on
-one GPU, few-row bf16 products (decoding) run the fused dequantize-and-multiply kernel of qmatmul.py,
+one GPU, few-row bf16 products (decoding) run a fused dequantize-and-multiply kernel (at batch 1 on a
+Hopper GPU the CUDA kernel of gpu_matvec.py, else the Pallas kernel of qmatmul.py),
 which reads the codes straight from HBM, and on the CPU few-row float32 ones run the native kernel of
 cpu_qmatmul.py; everywhere else the weight is dequantized next to an XLA dot (XLA on an H100 does not
 fuse the two: it writes the bf16 weight out and reads it back). `.astype`
@@ -123,8 +124,9 @@ class QArray:
     def matmul(self, x: jax.Array, layer: jax.Array | None = None, out_dtype=None) -> jax.Array:
         """x [..., *tail[:split]] times this weight (layer `layer` of a stacked one) -> [..., *tail[split:]]
         in out_dtype (default x's dtype; every path sums in float32, so float32 logits lose nothing).
-        Few-row bf16 products on one GPU run the fused kernel of qmatmul.py, few-row float32 ones on the
-        CPU the native kernel of cpu_qmatmul.py; the rest dequantize next to an XLA dot."""
+        One-row bf16 products on a Hopper GPU run gpu_matvec's CUDA kernel, few-row ones on one GPU the
+        Pallas kernel of qmatmul.py, few-row float32 ones on the CPU the native kernel of cpu_qmatmul.py;
+        the rest dequantize next to an XLA dot."""
         from llama_jax import cpu_qmatmul, gpu_matvec, qmatmul
 
         k, n = self.matrix_shape()

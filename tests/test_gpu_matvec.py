@@ -1,6 +1,8 @@
 """The CUDA one-row matmul (llama_jax/gpu_matvec.py): its source builds, its decoding arithmetic is
-exact to the dequantized weights, and off a Hopper GPU nothing routes to it. The kernel itself runs
-only on a GPU: bench/matvec_gpu.py checks it there against x @ dequantize(w) in float32."""
+exact to the dequantized weights, off a Hopper GPU nothing routes to it, and the model's fused decode
+layer built on it (Block._decode_fused) equals the layer as written. The kernel itself runs only on a
+GPU: bench/matvec_gpu.py checks it there against x @ dequantize(w) in float32, and bench/decode.py the
+whole step against XLA's."""
 import shutil
 import subprocess
 
