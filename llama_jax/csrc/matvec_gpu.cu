@@ -10,12 +10,14 @@
 //
 // At batch 1 every weight byte is read once per token, so the kernel's job is to keep HBM busy:
 // each thread loads 16 bytes of a row (8 bf16 or 16 int8/int4 columns), a chunk of rows at a time with
-// all of the chunk's loads issued before the first use, and sums in float32 registers. Quantized codes
-// are decoded in registers: a code byte placed into the mantissa of 2^23 (one byte permute) is the
-// float 2^23 + code, exactly, and one subtraction takes the offset off, cheaper than a conversion.
-// Per scale group (scale s, zero point z, or z = -8 s for symmetric int4):
-//     x . w = s * sum_k x_k (u_k - 8) + (z + 8 s) * sum_k x_k      (int4, centred: the terms do not cancel)
-//     x . w = s * sum_k x_k c_k                                     (int8; per channel, s applies at the end)
+// all of the chunk's loads issued before the first use (chunks of 8 rows double-buffered), and sums in
+// float32 registers. Quantized codes are decoded in registers by byte permutes, cheaper than
+// conversions: an int8 code c (stored + 128) placed in the mantissa of 2^23 is the float 2^23 + c + 128,
+// exactly, and one subtraction leaves c; an int4 code u placed in the mantissa of 0.5 is f = 0.5 + u/256,
+// used as it is. Per chunk of a scale group (scale s, zero point z; symmetric int4: u - 8, times s):
+//     x . w = 256 s A + (z - 128 s) X,  A = sum_k x_k f_k, X = sum_k x_k      (int4 with zero points)
+//     x . w = s (256 A - 136 X)                                            (symmetric int4)
+//     x . w = s * sum_k x_k c_k                         (int8; per channel, s applies at the end)
 //
 // Grid: x = column blocks (256 bytes of a row each: 16 threads x 16 bytes) of up to three weights side
 // by side (q/k/v, gate/up: one launch); y = `split` parts of K. A block's 16 row lanes take chunks of
