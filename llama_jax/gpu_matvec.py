@@ -179,7 +179,8 @@ def supported(ws, x) -> bool:
 
 def _split(blocks: int, chunks: int, bits: int, k: int = 0) -> int:
     """Parts of K (a cluster of 1 to 8 blocks): the fewest that give MIN_BLOCKS blocks, while every row
-    lane of a block still has a chunk; and enough that a block's inputs (bf16) fit its shared memory."""
+    lane of a block still has a chunk; and enough that the k bf16 inputs a launch stages (the norm's or
+    the SwiGLU's; 0 for none) fit a block's shared memory once split."""
     split = 1
     while split < 8 and ((blocks * split < MIN_BLOCKS[bits] and chunks // (2 * split) >= LANES)
                          or 2 * k // split > SMEM_INPUTS):
@@ -213,7 +214,8 @@ def matvec(x, ws, layer=None, *, out_dtype=jnp.float32, norm=None, eps=0.0, up=N
     chunk = chunk or CHUNK[bits]
     cols = ROW_THREADS * (8 if bits == 16 else 16)  # columns a block: 16 threads x 8 or 16 columns
     blocks = sum(-(-n // cols) for n in ns)
-    split = split or _split(blocks, rows // chunk, bits, x.shape[-1] * (1 if norm is None else 2))  # + the norm's
+    staged = 0 if norm is None and up is None else x.shape[-1] * (2 if norm is not None else 1)  # + the norm's
+    split = split or _split(blocks, rows // chunk, bits, staged)
     group = 0 if bits == 16 else ws[0].group
     layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
     extra = [empty if a is None else a for a in (up, norm, residual)]

@@ -502,7 +502,7 @@ ffi::Error MatvecImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::S3
   // The norm's weight sits beside x.
   const size_t smem = (p.x_mode == kXNorm ? 4 : 2) *
                       static_cast<size_t>(bits == 4 ? (max_rows / p.group_rows + 2) * group : max_rows);
-  if (smem > 28 * 1024) return Fail("K is too long for one part: raise split");
+  if (p.x_mode != kXPlain && smem > 28 * 1024) return Fail("K is too long for one part: raise split");
   if (p.k % 8) return Fail("K must be a multiple of 8");
   for (int i = n_weights; i < kMaxWeights; ++i) p.w[i] = p.w[0], p.w[i].first_block = 1 << 30;
   cudaError_t err;
