@@ -9,7 +9,6 @@ Weights: q/k/v side by side (one launch), o, gate/up side by side, down, and the
 """
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
@@ -18,18 +17,10 @@ import numpy as np
 from llama_jax import gpu_matvec, qmatmul
 from llama_jax import quantize as Q
 
+from quantize_matvec import timed  # the median of 20 calls
+
 L, D, F, V = 32, 4096, 11008, 32000
 WEIGHTS = {"qkv": (D, (D, D, D)), "o": (D, (D,)), "gate_up": (D, (F, F)), "down": (F, (D,)), "lm_head": (D, (V,))}
-
-
-def timed(f, n=30):
-    jax.block_until_ready(f())
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f())
-        ts.append(time.perf_counter() - t0)
-    return sorted(ts)[len(ts) // 2]
 
 
 def make(scheme, k, n, layers, key):

@@ -21,12 +21,9 @@ flags and the jaxlib version. Without a compiler, when the build fails, or with 
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 import os
 import shutil
-import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -62,35 +59,13 @@ def _isa_flags() -> list[str]:
 
 def _build() -> Path:
     """The compiled library (built now unless the cache holds it); raises on failure."""
-    import jaxlib
-
-    from llama_jax.checkpoint import cache_dir
+    from llama_jax import native
 
     cxx = next((c for c in (os.environ.get("CXX"), "c++", "g++") if c and shutil.which(c)), None)
     if cxx is None:
         raise RuntimeError("no C++ compiler (c++ or g++) on PATH")
-    flags = ["-O3", "-shared", "-fPIC", "-std=c++17", *_isa_flags()]
-    src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + " ".join([cxx] + flags).encode() + jaxlib.__version__.encode()).hexdigest()[:16]
-    out = cache_dir() / "native" / f"qmatmul_cpu-{key}.so"
-    if out.is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Compiled to a temporary name and renamed: an interrupted build never leaves a half-written library,
-    # and two processes building at once each rename a whole one.
-    fd, tmp = tempfile.mkstemp(suffix=".so", prefix=".qmatmul_cpu-", dir=out.parent)
-    os.close(fd)
-    try:
-        cmd = [cxx, *flags, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            errors = [line for line in r.stderr.splitlines() if "error" in line] or r.stderr.splitlines()
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n" + "\n".join(errors[:20]))
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    flags = ["-O3", "-shared", "-fPIC", "-std=c++17", *_isa_flags(), "-I", jax.ffi.include_dir()]
+    return native.build([cxx, *flags], SOURCE, "qmatmul_cpu")
 
 
 def available() -> bool:
@@ -105,12 +80,10 @@ def available() -> bool:
 
 @functools.cache
 def _load() -> bool:
-    try:
-        import ctypes
+    from llama_jax import native
 
-        lib = ctypes.cdll.LoadLibrary(str(_build()))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.LlamaJaxQMatmulCpu), platform="cpu")
-        jax.ffi.register_ffi_target(ROWS_TARGET, jax.ffi.pycapsule(lib.LlamaJaxQMatmulRowsCpu), platform="cpu")
+    try:
+        native.register(_build(), {TARGET: "LlamaJaxQMatmulCpu", ROWS_TARGET: "LlamaJaxQMatmulRowsCpu"}, "cpu")
     except Exception as e:  # noqa: BLE001 - any failure means: fall back, and say why
         _warn(f"the native CPU quantized matmul is unavailable, so quantized matmuls on the CPU dequantize "
               f"next to an XLA dot (slower); LLAMA_JAX_NATIVE=0 silences this. Reason: {e}")

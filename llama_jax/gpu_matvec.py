@@ -27,11 +27,9 @@ one warning where something failed) and the model falls back to qmatmul.py and X
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -76,35 +74,13 @@ def nvcc_flags(arch: str) -> list[str]:
 
 def _build() -> Path:
     """The compiled library (built now unless the cache holds it); raises on failure."""
-    import jaxlib
-
-    from llama_jax.checkpoint import cache_dir
+    from llama_jax import native
 
     nvcc = _nvcc()
     if nvcc is None:
         raise RuntimeError("no nvcc (set NVCC or CUDA_HOME, or put it on PATH)")
-    flags = nvcc_flags(_arch())
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + version.encode()
-                         + jaxlib.__version__.encode()).hexdigest()[:16]
-    out = cache_dir() / "native" / f"matvec_gpu-{key}.so"
-    if out.is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Built under a temporary name and renamed: an interrupted build never leaves a half-written library.
-    fd, tmp = tempfile.mkstemp(suffix=".so", prefix=".matvec_gpu-", dir=out.parent)
-    os.close(fd)
-    try:
-        cmd = [nvcc, *flags, str(SOURCE), "-o", tmp]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            errors = [line for line in r.stderr.splitlines() if "error" in line] or r.stderr.splitlines()
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n" + "\n".join(errors[:20]))
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    return native.build([nvcc, *nvcc_flags(_arch())], SOURCE, "matvec_gpu", version)
 
 
 def _hopper() -> bool:
@@ -126,11 +102,10 @@ def serves(rows: int, dtype) -> bool:
 
 @functools.cache
 def _load() -> bool:
-    try:
-        import ctypes
+    from llama_jax import native
 
-        lib = ctypes.cdll.LoadLibrary(str(_build()))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.LlamaJaxMatvecGpu), platform="CUDA")
+    try:
+        native.register(_build(), {TARGET: "LlamaJaxMatvecGpu"}, "CUDA")
     except Exception as e:  # noqa: BLE001 - any failure means: fall back, and say why
         warnings.warn(f"the CUDA one-row matmul is unavailable, so batch-1 decoding uses the Pallas kernel "
                       f"and XLA (slower); LLAMA_JAX_NATIVE=0 silences this. Reason: {e}", RuntimeWarning,
