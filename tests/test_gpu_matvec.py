@@ -130,3 +130,23 @@ def test_fused_decode_layer_equals_the_layer(monkeypatch):
     assert ["norm"] in used and ["residual", "up"] in used and ["residual"] in used  # the fused path ran
     assert np.abs(fused - plain).max() < 0.01 * np.abs(plain).max()  # 0.6% seen: bf16 roundings
     assert (fused.argmax(-1) == plain.argmax(-1)).mean() >= 0.8
+
+
+def test_supported_refuses_what_the_kernel_does_not_take(monkeypatch):
+    """With the GPU taken as served, `supported` accepts the 7B shapes and refuses what the kernel would
+    reject (so the model falls back instead of failing): K not a multiple of the chunk, N not a multiple
+    of 8, mixed schemes or K, more than three weights, several rows."""
+    monkeypatch.setattr(gpu_matvec, "serves", lambda rows, dtype: rows == 1 and dtype == jnp.bfloat16)
+    x = jnp.ones((1, 256), jnp.bfloat16)
+    bf = lambda k, n: jnp.ones((2, k, n), jnp.bfloat16)  # noqa: E731
+    w = jnp.ones((2, 256, 64), jnp.float32)
+    assert gpu_matvec.supported((bf(256, 64),) * 3, x)
+    assert not gpu_matvec.supported((bf(256, 64),) * 4, x)
+    assert not gpu_matvec.supported((bf(256, 60),), x)
+    assert not gpu_matvec.supported((bf(252, 64),), jnp.ones((1, 252), jnp.bfloat16))
+    assert not gpu_matvec.supported((bf(256, 64),), jnp.ones((2, 256), jnp.bfloat16))
+    int8, int4 = Q.quantize(w, 8, None, stacked=True), Q.quantize(w, 4, 32, stacked=True)
+    assert gpu_matvec.supported((int8,), x) and gpu_matvec.supported((int4, int4), x)
+    assert not gpu_matvec.supported((int8, int4), x)
+    assert not gpu_matvec.supported((int4, Q.quantize(w[:, :128], 4, 32, stacked=True)), x)  # two K
+    assert gpu_matvec.supported((Q.quantize(w, 8, 32, stacked=True),), x)  # int8 in groups
