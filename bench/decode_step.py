@@ -10,8 +10,9 @@ attention kernel where it serves) or `xla` (rotary, cache write and attention in
 bf16 weights given to qmatmul.matmul, joined by `+` (default `o`; `none` for XLA's matmuls on scan
 slices), or `cuda` for the CUDA one-row kernel of gpu_matvec.py on every projection and the lm_head
 (what the model does at batch 1 on a Hopper GPU; any other DENSE switches it off). The switches patch
-`model.decode_kernel_serves`, `model.DENSE_KERNEL_WEIGHTS` and `gpu_matvec.serves` in this process only. `--trace DIR` also writes a CSV of the GPU kernels
-of three steps per variant (name, start ns, duration ns), read from a jax.profiler trace.
+`model.decode_kernel_serves`, `model.DENSE_KERNEL_WEIGHTS` and `gpu_matvec.serves` in this process only.
+`--trace DIR` also writes a CSV of the GPU kernels of three steps per variant (name, start ns, duration
+ns), read from a jax.profiler trace.
 """
 import argparse
 import dataclasses

@@ -35,10 +35,6 @@ def dense_of(w, layer):
     return (w[layer] if not hasattr(w, "bits") else w.take(layer).dequantize(jnp.float32)).astype(jnp.float32)
 
 
-def nbytes(w):
-    return w.nbytes if hasattr(w, "bits") else w.size * 2
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--schemes", nargs="+", default=["bf16", "int8", "int4_g64", "int4_g64_zp"])
@@ -56,7 +52,7 @@ def main():
                 continue
             ws = tuple(make(scheme, k, n, layers, jax.random.key(i)) for i, n in enumerate(ns))
             xk = x[:, :k]
-            total = sum(nbytes(w) for w in ws)
+            total = sum(w.nbytes for w in ws)  # QArray.nbytes: codes, scales and zero points
             layer = min(5, layers - 1)
             ref = [xk.astype(jnp.float32) @ dense_of(w, layer) for w in ws]
             outs = gpu_matvec.matvec(xk, ws, jnp.int32(layer))

@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llama_jax import qmatmul
+
 TARGET = "llama_jax_matvec_gpu"
 SOURCE = Path(__file__).parent / "csrc" / "matvec_gpu.cu"
 MAX_WEIGHTS = 3  # one launch
@@ -84,8 +86,6 @@ def _build() -> Path:
 
 
 def _hopper() -> bool:
-    if jax.default_backend() != "gpu" or jax.device_count() != 1:
-        return False
     try:
         return float(jax.devices()[0].compute_capability) >= 9.0
     except (AttributeError, ValueError):  # not a CUDA device
@@ -94,8 +94,10 @@ def _hopper() -> bool:
 
 def serves(rows: int, dtype) -> bool:
     """Whether the kernel runs products of `rows` rows of `dtype` activations here: one row of bf16 on
-    one Hopper GPU, with the library built. `supported` adds what it needs of the weights."""
-    if rows != 1 or dtype != jnp.bfloat16 or os.environ.get("LLAMA_JAX_NATIVE", "1") == "0" or not _hopper():
+    one Hopper GPU (where qmatmul's kernels serve, and clusters exist), with the library built.
+    `supported` adds what it needs of the weights."""
+    if (rows != 1 or not qmatmul.serves(rows, dtype) or os.environ.get("LLAMA_JAX_NATIVE", "1") == "0"
+            or not _hopper()):
         return False
     return _load()
 
@@ -127,8 +129,8 @@ def _stack_shape(w) -> tuple[int, int, int]:
 
 def supported(ws, x) -> bool:
     """Whether the kernel serves x [1, K] @ each of ws: bf16 matrices [(L,) K, N], or QArrays [(L,) K, N]
-    grouped along K (int8 per channel or in groups of 16s, int4 in groups of 16s); one kind, scheme and K
-    for all, at most three, N a multiple of 8 (bf16) or 16."""
+    grouped along K (int8 per channel or in groups, int4 in groups, each group whole chunks of rows);
+    one kind, scheme and K for all, at most three, K a multiple of the chunk, N of 8 (bf16) or 16."""
     ws = tuple(ws) if isinstance(ws, (tuple, list)) else (ws,)
     k = x.shape[-1]
     if not (1 <= len(ws) <= MAX_WEIGHTS) or not serves(x.size // k, x.dtype):

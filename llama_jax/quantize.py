@@ -133,7 +133,7 @@ class QArray:
         lead = x.shape[:x.ndim - self.split]
         x2 = x.reshape(-1, k)
         if gpu_matvec.supported((self,), x2):
-            out = gpu_matvec.matvec(x2, (self,), layer)[0]
+            out = gpu_matvec.matvec(x2, (self,), layer, out_dtype=out_dtype or x.dtype)[0]
         elif qmatmul.supported(self, x2):
             out = qmatmul.qmatmul(x2, self, layer)
         elif cpu_qmatmul.supported(self, x2):
@@ -168,9 +168,7 @@ class QArray:
         if self.values.ndim != 2 or self.axis != -1:
             raise ValueError("QArray.rows is for 2-D weights grouped along their last axis (the embedding)")
         flat = idx.reshape(-1)
-        take = lambda a: None if a is None else a[flat]  # noqa: E731
-        picked = QArray(take(self.values), take(self.scales), take(self.zeros), self.bits, self.group, -1,
-                        (flat.shape[0], self.tail[1]), self.split)
+        picked = dataclasses.replace(jax.tree.map(lambda a: a[flat], self), tail=(flat.shape[0], self.tail[1]))
         return picked.dequantize(dtype).reshape(idx.shape + (self.tail[1],))
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:

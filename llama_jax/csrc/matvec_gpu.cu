@@ -76,18 +76,17 @@ struct Params {
   int scale_type;  // ScaleType
 };
 
-// What one thread loads from a row: 16 bytes (8 bf16, or 16 int8 or int4 columns). Loads of 8 bytes
-// (kWords 2) made the int4 kernels slower on an H100.
-template <int kBits>
-struct Scheme {
-  static constexpr int kWords = 4;  // 32-bit words a load
-  static constexpr int kCols = kBits == 16 ? 2 * kWords : 4 * kWords;
-  static constexpr int kColBytes = kBits == 16 ? 2 : 1;
-};
-
-template <int kWords>
+// What one thread loads from a row: 16 bytes, 4 words (8 bf16, or 16 int8 or int4 columns). Loads of 8
+// bytes made the int4 kernels slower on an H100.
+constexpr int kWords = 4;
 struct Vec {
   uint32_t w[kWords];
+};
+
+template <int kBits>
+struct Scheme {
+  static constexpr int kCols = kBits == 16 ? 2 * kWords : 4 * kWords;
+  static constexpr int kColBytes = kBits == 16 ? 2 : 1;
 };
 
 __device__ __forceinline__ float Bf16ToFloat(uint32_t bits16) { return __uint_as_float(bits16 << 16); }
@@ -107,17 +106,9 @@ __device__ __forceinline__ float ByteFloat(uint32_t w, int b) {
 }
 
 // Streamed once per token: no point keeping them in L1, and evict them from L2 first.
-template <int kWords>
-__device__ __forceinline__ Vec<kWords> LoadStream(const uint8_t* p) {
-  Vec<kWords> v;
-  if constexpr (kWords == 4) {
-    const uint4 u = __ldcs(reinterpret_cast<const uint4*>(p));
-    v.w[0] = u.x, v.w[1] = u.y, v.w[2] = u.z, v.w[3] = u.w;
-  } else {
-    const uint2 u = __ldcs(reinterpret_cast<const uint2*>(p));
-    v.w[0] = u.x, v.w[1] = u.y;
-  }
-  return v;
+__device__ __forceinline__ Vec LoadStream(const uint8_t* p) {
+  const uint4 u = __ldcs(reinterpret_cast<const uint4*>(p));
+  return Vec{{u.x, u.y, u.z, u.w}};
 }
 
 // N scales (or zero points, N a multiple of 8) from element `idx` on: N-element aligned.
@@ -163,8 +154,8 @@ __device__ __forceinline__ void Store(__nv_bfloat16* out, int i, float v) { out[
 // kStaged: the input goes through the norm or the SwiGLU into shared memory first (else it is read as it is).
 template <int kBits, int kChunk, bool kStaged, typename Out>
 __global__ void __launch_bounds__(kThreads, 2) MatvecKernel(const Params p) {
-  constexpr int V = Scheme<kBits>::kCols, kWords = Scheme<kBits>::kWords;
-  using Chunk = Vec<kWords>[kChunk];
+  constexpr int V = Scheme<kBits>::kCols;
+  using Chunk = Vec[kChunk];
   constexpr int kBlockCols = kRowThreads * V;
   __shared__ float lanes[kLanes][kBlockCols];
   __shared__ float block_sum[kBlockCols];
@@ -201,12 +192,12 @@ __global__ void __launch_bounds__(kThreads, 2) MatvecKernel(const Params p) {
   }
 
   auto input = [&](int k) { return Bf16ToFloat(kStaged ? xs[k - k_lo] : __ldg(p.x + k)); };
-  auto load = [&](int c, Vec<kWords>* v) {
+  auto load = [&](int c, Vec* v) {
 #pragma unroll
-    for (int r = 0; r < kChunk; ++r) v[r] = LoadStream<kWords>(codes + static_cast<size_t>(c * kChunk + r) * row_bytes);
+    for (int r = 0; r < kChunk; ++r) v[r] = LoadStream(codes + static_cast<size_t>(c * kChunk + r) * row_bytes);
   };
   // Adds chunk c (its codes in v) into acc.
-  auto consume = [&](int c, const Vec<kWords>* v) {
+  auto consume = [&](int c, const Vec* v) {
     const int r0 = c * kChunk;
     if constexpr (kBits == 16) {
 #pragma unroll
