@@ -21,9 +21,9 @@
 //
 // Grid: x = column blocks (256 bytes of a row each: 16 threads x 16 bytes) of up to three weights side
 // by side (q/k/v, gate/up: one launch); y = `split` parts of K. A block's 16 row lanes take chunks of
-// rows in turn and their sums meet in shared memory. The parts of K form one thread-block cluster,
-// and each block adds up its share of the columns from every block's shared memory (distributed
-// shared memory), in a fixed order: no second kernel, no atomics, the same result every run.
+// rows in turn and their sums meet in shared memory. The parts of K form one thread-block cluster:
+// each block sends the others their shares of its column sums (distributed shared memory) and adds
+// up its own share in a fixed order: no second kernel, no atomics, the same result every run.
 
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
@@ -152,13 +152,15 @@ __device__ __forceinline__ void Store(float* out, int i, float v) { out[i] = v; 
 __device__ __forceinline__ void Store(__nv_bfloat16* out, int i, float v) { out[i] = __float2bfloat16(v); }
 
 // kStaged: the input goes through the norm or the SwiGLU into shared memory first (else it is read as it is).
-template <int kBits, int kChunk, bool kStaged, typename Out>
+// kGrouped: scales by group along K (int4; int8 in groups), else one per column (int8) or none (bf16).
+template <int kBits, int kChunk, bool kStaged, bool kGrouped, typename Out>
 __global__ void __launch_bounds__(kThreads, 2) MatvecKernel(const Params p) {
   constexpr int V = Scheme<kBits>::kCols;
   using Chunk = Vec[kChunk];
   constexpr int kBlockCols = kRowThreads * V;
   __shared__ float lanes[kLanes][kBlockCols];
   __shared__ float block_sum[kBlockCols];
+  __shared__ float received[kBlockCols];  // the cluster's sums of this block's share of the columns, by part
   __shared__ float warp_sums[kThreads / 32];
   extern __shared__ uint16_t xs[];  // this block's range of the input, after the norm or the SwiGLU (bf16)
 
@@ -168,6 +170,10 @@ __global__ void __launch_bounds__(kThreads, 2) MatvecKernel(const Params p) {
   for (int i = 1; i < kMaxWeights; ++i)
     if (i < p.n_weights && static_cast<int>(blockIdx.x) >= p.w[i].first_block) w = p.w[i];
 
+  // The blocks of a cluster write into each other's shared memory at the end, which needs every block
+  // started: each says so now and checks for the others before its first write.
+  if (gridDim.y > 1) asm volatile("barrier.cluster.arrive.relaxed.aligned;");
+
   const int tid = threadIdx.x, lane = tid / kRowThreads, t = tid % kRowThreads;
   const int block_col = (blockIdx.x - w.first_block) * kBlockCols;
   const int col = block_col + t * V;
@@ -175,7 +181,7 @@ __global__ void __launch_bounds__(kThreads, 2) MatvecKernel(const Params p) {
   const int layer = *p.layer;
   const size_t row_bytes = static_cast<size_t>(w.n) * Scheme<kBits>::kColBytes;
   const uint8_t* codes = w.codes + static_cast<size_t>(layer) * p.rows * row_bytes + col * Scheme<kBits>::kColBytes;
-  const bool grouped = kBits != 16 && p.group_rows > 0;
+  constexpr bool grouped = kGrouped;
   const int n_groups = grouped ? p.rows / p.group_rows : 1;
 
   float acc[V];
@@ -211,12 +217,24 @@ __global__ void __launch_bounds__(kThreads, 2) MatvecKernel(const Params p) {
         }
       }
       return;
+    } else if constexpr (kBits == 8 && !kGrouped) {  // per-channel int8: the scale multiplies the final sum
+#pragma unroll
+      for (int r = 0; r < kChunk; ++r) {
+        const float xk = input(r0 + r);
+#pragma unroll
+        for (int i = 0; i < kWords; ++i) {
+          const uint32_t u = v[r].w[i] ^ 0x80808080u;  // the signed code + 128, as an unsigned byte
+#pragma unroll
+          for (int b = 0; b < 4; ++b) acc[4 * i + b] = fmaf(xk, ByteFloat(u, b), acc[4 * i + b]);
+        }
+      }
+      return;
     } else {
-      // int8: A = sum_k x_k c_k. int4: A = sum_k x_k f_k and X = sum_k x_k, f_k = NibbleFloat.
+      // int8 in groups: A = sum_k x_k c_k. int4: A = sum_k x_k f_k and X = sum_k x_k, f_k = NibbleFloat.
       float a[V], x_sum = 0.f;
 #pragma unroll
       for (int i = 0; i < V; ++i) a[i] = 0.f;
-      const int g = grouped ? r0 / p.group_rows : 0;
+      const int g = r0 / p.group_rows;
 #pragma unroll
       for (int r = 0; r < kChunk; ++r) {
         const uint32_t* ws = v[r].w;
@@ -241,11 +259,6 @@ __global__ void __launch_bounds__(kThreads, 2) MatvecKernel(const Params p) {
               a[4 * i + b] = fmaf(x_hi, NibbleFloat(hi, b), fmaf(x_lo, NibbleFloat(lo, b), a[4 * i + b]));
           }
         }
-      }
-      if (!grouped) {  // per-channel int8: the scale multiplies the final sum
-#pragma unroll
-        for (int i = 0; i < V; ++i) acc[i] += a[i];
-        return;
       }
       float s[V];
       const size_t at = (static_cast<size_t>(layer) * n_groups + g) * w.n + col;
@@ -348,17 +361,13 @@ __global__ void __launch_bounds__(kThreads, 2) MatvecKernel(const Params p) {
     }
   }
 
-  // The block's lanes meet in shared memory; then the blocks of the cluster (the parts of K) meet.
+  // The block's lanes meet in shared memory; then the blocks of the cluster (the parts of K) meet: each
+  // block sends its sums of every other block's share of the columns into that block's shared memory
+  // (distributed shared memory), and after one cluster barrier adds up its own share in part order.
 #pragma unroll
   for (int i = 0; i < V; ++i) lanes[lane][t * V + i] = acc[i];
   __syncthreads();
-  for (int i = tid; i < kBlockCols; i += kThreads) {
-    float s = 0.f;
-#pragma unroll
-    for (int l = 0; l < kLanes; ++l) s += lanes[l][i];
-    block_sum[i] = s;
-  }
-  const int split_parts = gridDim.y;
+  const int split_parts = gridDim.y, share = kBlockCols / split_parts;
   const bool per_channel = kBits == 8 && !grouped;
   auto finish = [&](int i, float total) {
     const int n = block_col + i;
@@ -368,20 +377,27 @@ __global__ void __launch_bounds__(kThreads, 2) MatvecKernel(const Params p) {
       total = Bf16ToFloat(__bfloat16_as_ushort(__float2bfloat16(total))) + Bf16ToFloat(__ldg(w.residual + n));
     Store(static_cast<Out*>(w.out), n, total);
   };
+  for (int i = tid; i < kBlockCols; i += kThreads) {
+    float s = 0.f;
+#pragma unroll
+    for (int l = 0; l < kLanes; ++l) s += lanes[l][i];
+    block_sum[i] = s;
+  }
+  __syncthreads();
   if (split_parts == 1) {
-    __syncthreads();
     for (int i = tid; i < kBlockCols; i += kThreads) finish(i, block_sum[i]);
     return;
   }
   cg::cluster_group cluster = cg::this_cluster();
-  cluster.sync();
-  const int share = kBlockCols / split_parts, first = blockIdx.y * share;
-  for (int i = first + tid; i < first + share; i += kThreads) {
+  asm volatile("barrier.cluster.wait.aligned;" ::: "memory");  // every block of the cluster has started
+  for (int i = tid; i < kBlockCols; i += kThreads)
+    cluster.map_shared_rank(received, i / share)[blockIdx.y * share + i % share] = block_sum[i];
+  cluster.sync();  // release the writes above, acquire the others'
+  for (int i = tid; i < share; i += kThreads) {
     float total = 0.f;
-    for (int part = 0; part < split_parts; ++part) total += cluster.map_shared_rank(block_sum, part)[i];
-    finish(i, total);
+    for (int part = 0; part < split_parts; ++part) total += received[part * share + i];
+    finish(blockIdx.y * share + i, total);
   }
-  cluster.sync();  // keep this block's shared memory alive until every block has read it
 }
 
 template <int kBits, int kChunk, typename Out>
@@ -399,8 +415,15 @@ cudaError_t Launch(cudaStream_t stream, const Params& p, int blocks, int split, 
   attribute[0].val.clusterDim.z = 1;
   config.attrs = attribute;
   config.numAttrs = split > 1 ? 1 : 0;
-  return staged ? cudaLaunchKernelEx(&config, MatvecKernel<kBits, kChunk, true, Out>, p)
-                : cudaLaunchKernelEx(&config, MatvecKernel<kBits, kChunk, false, Out>, p);
+  // Scales by group: always for int4, never for bf16, as the weight says for int8.
+  if constexpr (kBits == 8) {
+    if (p.group_rows == 0)
+      return staged ? cudaLaunchKernelEx(&config, MatvecKernel<8, kChunk, true, false, Out>, p)
+                    : cudaLaunchKernelEx(&config, MatvecKernel<8, kChunk, false, false, Out>, p);
+  }
+  constexpr bool kGrouped = kBits != 16;
+  return staged ? cudaLaunchKernelEx(&config, MatvecKernel<kBits, kChunk, true, kGrouped, Out>, p)
+                : cudaLaunchKernelEx(&config, MatvecKernel<kBits, kChunk, false, kGrouped, Out>, p);
 }
 
 template <int kBits, typename Out>
