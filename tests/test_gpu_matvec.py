@@ -83,6 +83,7 @@ def test_split_rule_for_llama2_7b():
     assert gpu_matvec._split(32, 11008 // 8, 16) == 4    # bf16 down
     assert gpu_matvec._split(16, 4096 // 8, 8) == 8      # int8 o
     assert gpu_matvec._split(48, 2048 // 16, 4) == 4     # int4 q/k/v: 2048 stored rows, chunks of 16
+    assert gpu_matvec._split(86, 2048 // 16, 4) == 2     # int4 gate/up: 172 blocks, one wave (4 parts: 344)
     assert gpu_matvec._split(16, 64, 4) == 4             # few rows: a part of K keeps a chunk a lane
 
 
