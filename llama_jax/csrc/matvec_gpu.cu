@@ -181,8 +181,7 @@ __global__ void __launch_bounds__(kThreads, 2) MatvecKernel(const Params p) {
   const int layer = *p.layer;
   const size_t row_bytes = static_cast<size_t>(w.n) * Scheme<kBits>::kColBytes;
   const uint8_t* codes = w.codes + static_cast<size_t>(layer) * p.rows * row_bytes + col * Scheme<kBits>::kColBytes;
-  constexpr bool grouped = kGrouped;
-  const int n_groups = grouped ? p.rows / p.group_rows : 1;
+  const int n_groups = kGrouped ? p.rows / p.group_rows : 1;
 
   float acc[V];
 #pragma unroll
@@ -202,6 +201,16 @@ __global__ void __launch_bounds__(kThreads, 2) MatvecKernel(const Params p) {
 #pragma unroll
     for (int r = 0; r < kChunk; ++r) v[r] = LoadStream(codes + static_cast<size_t>(c * kChunk + r) * row_bytes);
   };
+  // Adds one row of int8 codes (ws), times its input xk, into sums (acc per channel, the group's partial
+  // sums in groups).
+  auto add_int8_row = [&](float (&sums)[V], float xk, const uint32_t* ws) {
+#pragma unroll
+    for (int i = 0; i < kWords; ++i) {
+      const uint32_t u = ws[i] ^ 0x80808080u;  // the signed code + 128, as an unsigned byte
+#pragma unroll
+      for (int b = 0; b < 4; ++b) sums[4 * i + b] = fmaf(xk, ByteFloat(u, b), sums[4 * i + b]);
+    }
+  };
   // Adds chunk c (its codes in v) into acc.
   auto consume = [&](int c, const Vec* v) {
     const int r0 = c * kChunk;
@@ -219,15 +228,7 @@ __global__ void __launch_bounds__(kThreads, 2) MatvecKernel(const Params p) {
       return;
     } else if constexpr (kBits == 8 && !kGrouped) {  // per-channel int8: the scale multiplies the final sum
 #pragma unroll
-      for (int r = 0; r < kChunk; ++r) {
-        const float xk = input(r0 + r);
-#pragma unroll
-        for (int i = 0; i < kWords; ++i) {
-          const uint32_t u = v[r].w[i] ^ 0x80808080u;  // the signed code + 128, as an unsigned byte
-#pragma unroll
-          for (int b = 0; b < 4; ++b) acc[4 * i + b] = fmaf(xk, ByteFloat(u, b), acc[4 * i + b]);
-        }
-      }
+      for (int r = 0; r < kChunk; ++r) add_int8_row(acc, input(r0 + r), v[r].w);
       return;
     } else {
       // int8 in groups: A = sum_k x_k c_k. int4: A = sum_k x_k f_k and X = sum_k x_k, f_k = NibbleFloat.
@@ -239,13 +240,7 @@ __global__ void __launch_bounds__(kThreads, 2) MatvecKernel(const Params p) {
       for (int r = 0; r < kChunk; ++r) {
         const uint32_t* ws = v[r].w;
         if constexpr (kBits == 8) {
-          const float xk = input(r0 + r);
-#pragma unroll
-          for (int i = 0; i < kWords; ++i) {
-            const uint32_t u = ws[i] ^ 0x80808080u;  // the signed code + 128, as an unsigned byte
-#pragma unroll
-            for (int b = 0; b < 4; ++b) a[4 * i + b] = fmaf(xk, ByteFloat(u, b), a[4 * i + b]);
-          }
+          add_int8_row(a, input(r0 + r), ws);
         } else {
           // Byte j of a group holds code j (low nibble) and code j + group / 2 (high nibble).
           const int k = g * p.group + (r0 + r - g * p.group_rows);
@@ -368,7 +363,7 @@ __global__ void __launch_bounds__(kThreads, 2) MatvecKernel(const Params p) {
   for (int i = 0; i < V; ++i) lanes[lane][t * V + i] = acc[i];
   __syncthreads();
   const int split_parts = gridDim.y, share = kBlockCols / split_parts;
-  const bool per_channel = kBits == 8 && !grouped;
+  const bool per_channel = kBits == 8 && !kGrouped;
   auto finish = [&](int i, float total) {
     const int n = block_col + i;
     if (n >= w.n) return;
