@@ -120,8 +120,12 @@ _NEG = -1e30  # a finite "minus infinity": exp(_NEG - _NEG) stays finite for a b
 _PROGRAMS = 264  # split the cache over programs (flash-decoding) until about two per SM of an H100
 
 
-def _decode_block(max_len: int) -> int | None:
-    return next((b for b in (64, 32, 16) if max_len % b == 0), None)
+def _decode_block(max_len: int, programs: int = 1) -> int | None:
+    """Slots a program reads at a time: 64, or 32 once batch x heads programs fill the GPU without splitting
+    the cache. A program then reads up to its new token's block alone, and a smaller last block wastes
+    fewer slots past the token (a bf16 7B step at batch 16 on an H100: 6.116 ms against 6.314 with 64)."""
+    sizes = (32, 16) if programs >= _PROGRAMS else (64, 32, 16)
+    return next((b for b in sizes if max_len % b == 0), None)
 
 
 def decode_kernel_serves(q: jax.Array, cache_k: jax.Array) -> bool:
@@ -151,7 +155,7 @@ def decode_attention(
     says where it runs. Caches longer than a few blocks are split over programs and combined here."""
     batch, _, heads, head_dim = q.shape
     max_len, kv_heads = cache_k.shape[2], cache_k.shape[3]
-    block = _decode_block(max_len)
+    block = _decode_block(max_len, batch * heads)
     n_blocks = max_len // block
     chunk = pl.cdiv(n_blocks, min(n_blocks, pl.cdiv(_PROGRAMS, batch * heads)))  # blocks per program
     chunks = pl.cdiv(n_blocks, chunk)

@@ -61,7 +61,8 @@ def _decode_mask(kind: str, batch: int, max_len: int, start: int, rng) -> np.nda
 
 
 # batch, heads, kv_heads, head_dim, max_len, layers, layer, start, mask kind, dtype, programs along the cache
-# (min(max_len // block, cdiv(_PROGRAMS, batch * heads)) chunks, block the largest of 64/32/16 dividing max_len)
+# (min(max_len // block, cdiv(_PROGRAMS, batch * heads)) chunks, block the largest of 64/32/16 dividing max_len,
+# or of 32/16 where batch * heads >= _PROGRAMS)
 DECODE_CASES = {
     "mha-1chunk-start0": (2, 4, 4, 32, 64, 2, 0, 0, "all", jnp.bfloat16, 1),
     "mha-1chunk-mid-leftpad": (2, 4, 4, 32, 64, 3, 1, 37, "left_pad", jnp.bfloat16, 1),
@@ -72,6 +73,8 @@ DECODE_CASES = {
     "gqa3-3chunks-mid-holes": (2, 6, 2, 32, 48, 3, 1, 21, "holes", jnp.bfloat16, 3),
     # 16 blocks of 64 over cdiv(264, 24) = 11 programs: 8 chunks of 2 blocks
     "gqa3-8chunks-of-2-blocks-leftpad": (2, 12, 4, 32, 1024, 3, 1, 600, "left_pad", jnp.bfloat16, 8),
+    # 9 x 32 = 288 programs fill the GPU (_PROGRAMS): no split, and blocks of 32 (not 64) up to slot 70
+    "mha-288-programs-blocks-of-32-leftpad": (9, 32, 32, 32, 128, 2, 1, 70, "left_pad", jnp.bfloat16, 1),
 }
 
 
@@ -111,6 +114,8 @@ def test_decode_attention_kernel_equals_xla_rope_cache_write_and_attention(case)
     ref = np.asarray(ref)
     kernel = functools.partial(A.decode_attention, interpret=True)
     assert _grid(kernel, *args) == (batch, heads, chunks)  # the case covers the split it is named for
+    assert A._decode_block(max_len, batch * heads) == (32 if batch * heads >= A._PROGRAMS else
+                                                       next(b for b in (64, 32, 16) if max_len % b == 0))
     out, got_k, got_v = jax.jit(kernel)(*args)
     assert out.shape == q.shape and out.dtype == dtype
     assert got_k.dtype == dtype and got_v.dtype == dtype
