@@ -155,9 +155,10 @@ def decode_attention(
     says where it runs. Caches longer than a few blocks are split over programs and combined here."""
     batch, _, heads, head_dim = q.shape
     max_len, kv_heads = cache_k.shape[2], cache_k.shape[3]
-    block = _decode_block(max_len, batch * heads)
+    programs = batch * heads  # before the cache is split over more
+    block = _decode_block(max_len, programs)
     n_blocks = max_len // block
-    chunk = pl.cdiv(n_blocks, min(n_blocks, pl.cdiv(_PROGRAMS, batch * heads)))  # blocks per program
+    chunk = pl.cdiv(n_blocks, min(n_blocks, pl.cdiv(_PROGRAMS, programs)))  # blocks per program
     chunks = pl.cdiv(n_blocks, chunk)
     kernel = functools.partial(_decode_kernel, block=block, chunk=chunk, rep=heads // kv_heads,
                                scale=1.0 / math.sqrt(head_dim))

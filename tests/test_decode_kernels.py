@@ -114,8 +114,6 @@ def test_decode_attention_kernel_equals_xla_rope_cache_write_and_attention(case)
     ref = np.asarray(ref)
     kernel = functools.partial(A.decode_attention, interpret=True)
     assert _grid(kernel, *args) == (batch, heads, chunks)  # the case covers the split it is named for
-    assert A._decode_block(max_len, batch * heads) == (32 if batch * heads >= A._PROGRAMS else
-                                                       next(b for b in (64, 32, 16) if max_len % b == 0))
     out, got_k, got_v = jax.jit(kernel)(*args)
     assert out.shape == q.shape and out.dtype == dtype
     assert got_k.dtype == dtype and got_v.dtype == dtype
@@ -126,6 +124,19 @@ def test_decode_attention_kernel_equals_xla_rope_cache_write_and_attention(case)
     # no worse than rounding the exact result to the dtype (zero where the output is one slot's v)
     rounding = _rel(ref.astype(dtype), ref)
     assert _rel(out, ref) <= 1.5 * rounding + 1e-7, (_rel(out, ref), rounding)
+
+
+def test_decode_block_is_32_slots_once_the_programs_fill_the_gpu():
+    """Slots a program reads at a time, by cache length and batch x heads: 64 while the cache is split over
+    programs (fewer than _PROGRAMS = 264), 32 once they fill the GPU unsplit; else the largest that divides."""
+    assert A._PROGRAMS == 264
+    assert A._decode_block(256, 32) == 64       # batch 1 of Llama-2-7B
+    assert A._decode_block(256, 263) == 64
+    assert A._decode_block(256, 264) == 32
+    assert A._decode_block(256, 512) == 32      # batch 16
+    assert A._decode_block(96, 32) == 32        # 64 does not divide 96
+    assert A._decode_block(48, 512) == 16
+    assert A._decode_block(40, 1) is None
 
 
 def test_decode_kernel_does_not_serve_on_the_cpu():
