@@ -2,6 +2,7 @@
 
     python bench/decode.py                          # Llama-2-7B shape, bf16, prompt 128, 128 new, batch 1 16 64
     python bench/decode.py --batch 1 --no-peer      # ours only
+    python bench/decode.py --batch 1 --bits 4 --group 128 --symmetric --include-embeddings   # int4, GPTQ-style
 
 Random bf16 weights (timing does not depend on the values). For each batch: prefill seconds, ms per
 decode step, tokens/s, GB/s moved (weights + the KV cache slots attended), compile seconds, and a
@@ -34,12 +35,15 @@ def ours(a) -> None:
 
     cfg = lj.PRESETS[a.preset].replace(param_dtype="bfloat16", compute_dtype="bfloat16")
     params = lj.init_params(cfg, jax.random.key(0))
+    group = zero_points = None
     if a.bits:
         from llama_jax import quantize
 
-        # int8: one scale per output channel unless --group is given; int4: groups (default 64).
+        # int8: one scale per output channel unless --group is given; int4: groups (default 64), with zero
+        # points unless --symmetric.
         group = (a.group or 64) if a.bits == 4 else a.group
-        params = quantize.quantize_params(params, cfg, bits=a.bits, group=group,
+        zero_points = a.bits == 4 and not a.symmetric
+        params = quantize.quantize_params(params, cfg, bits=a.bits, group=group, zero_point=zero_points,
                                           include_embeddings=a.include_embeddings)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     max_len = a.prompt + a.new
@@ -101,7 +105,8 @@ def ours(a) -> None:
         full = jnp.argmax(lj.forward(params, seq, cfg)[:, a.prompt - 1:], axis=-1)
         match = float(jnp.mean(full == tokens))
         print(json.dumps(dict(
-            impl="llama-jax", preset=a.preset, bits=a.bits or 16, embeddings_quantized=a.include_embeddings,
+            impl="llama-jax", preset=a.preset, bits=a.bits or 16, group=group, zero_points=zero_points,
+            embeddings_quantized=a.include_embeddings,
             batch=batch, prompt=a.prompt, new=a.new,
             prefill_s=round(prefill_s, 4), decode_ms_per_step=round(step_s * 1e3, 3),
             decode_tok_s=round(batch / step_s, 1), weight_gb=round(weight_bytes / 1e9, 2),
@@ -206,11 +211,15 @@ def main():
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--bits", type=int, default=0, choices=[0, 4, 8], help="weight-only quantization (0: bf16)")
     p.add_argument("--group", type=int, default=None, help="quantization group (int4 default 64; int8 default per channel)")
+    p.add_argument("--symmetric", action="store_true",
+                   help="with --bits 4: symmetric groups (a scale per group, no zero point), like GPTQ's and Q4_0")
     p.add_argument("--include-embeddings", action="store_true",
                    help="with --bits: quantize the embedding and the lm_head too (gpt-fast quantizes the lm_head)")
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--only-ours", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.symmetric and a.bits != 4:
+        p.error("--symmetric is for --bits 4 (int8 is symmetric already)")
     if a.only_ours:
         ours(a)
         if not a.bits:

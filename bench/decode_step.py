@@ -11,6 +11,7 @@ bf16 weights given to qmatmul.matmul, joined by `+` (default `o`; `none` for XLA
 slices), or `cuda` for the CUDA one-row kernel of gpu_matvec.py on every projection and the lm_head
 (what the model does at batch 1 on a Hopper GPU; any other DENSE switches it off). The switches patch
 `model.decode_kernel_serves`, `model.DENSE_KERNEL_WEIGHTS` and `gpu_matvec.serves` in this process only.
+int4 variants use groups of 64 with zero points unless `--group` or `--symmetric` say otherwise.
 `--trace DIR` also writes a CSV of the GPU kernels of three steps per variant (name, start ns, duration
 ns), read from a jax.profiler trace.
 """
@@ -38,6 +39,8 @@ def main():
     p.add_argument("--variants", nargs="+", default=ABLATION)
     p.add_argument("--cache", type=int, default=256, help="cache slots; the step attends over the first 129")
     p.add_argument("--trace", default="", help="directory prefix for a kernel trace of each variant")
+    p.add_argument("--group", type=int, default=64, help="int4's quantization group")
+    p.add_argument("--symmetric", action="store_true", help="int4 without zero points")
     a = p.parse_args()
     cfg = lj.PRESETS[a.preset].replace(param_dtype="bfloat16", compute_dtype="bfloat16")
     bf16 = lj.init_params(cfg, jax.random.key(0))
@@ -47,7 +50,8 @@ def main():
         bits, batch, attention, dense = (variant.split(":") + ["o"])[:4]
         bits, batch = int(bits), int(batch)
         if bits not in params_of:
-            params_of = {0: bf16, bits: quantize.quantize_params(bf16, cfg, bits=bits, group=64 if bits == 4 else None)}
+            params_of = {0: bf16, bits: quantize.quantize_params(bf16, cfg, bits=bits, group=a.group if bits == 4 else None,
+                                                                 zero_point=bits == 4 and not a.symmetric)}
         model.decode_kernel_serves = serves if attention == "kernels" else (lambda q, c: False)
         model.DENSE_KERNEL_WEIGHTS = tuple(w for w in dense.split("+") if w not in ("none", "cuda"))
         gpu_matvec.serves = matvec_serves if dense == "cuda" else (lambda rows, dtype: False)
@@ -74,7 +78,8 @@ def main():
                 token, position, cache = step(params, token, position, cache)
             token.block_until_ready()
             best = min(best, (time.perf_counter() - t0) / 100)
-        print(json.dumps(dict(variant=variant, preset=a.preset, bits=bits or 16, batch=batch,
+        scheme = dict(group=a.group, zero_points=not a.symmetric) if bits == 4 else {}
+        print(json.dumps(dict(variant=variant, preset=a.preset, bits=bits or 16, **scheme, batch=batch,
                               ms_per_step=round(best * 1e3, 3), tok_s=round(batch / best, 1),
                               first_call_s=round(first_call_s, 1), device=jax.devices()[0].device_kind,
                               jax=jax.__version__)), flush=True)
