@@ -415,9 +415,19 @@ def test_cli_quantize_writes_a_checkpoint_generate_accepts(tmp_path, capsys, sto
     rc, text, err = _cli(capsys, "generate", "--model", str(out), "", "--max-new-tokens", "12")
     assert rc == 0, err
     assert text.startswith("Once upon a time")
+    # --symmetric (the int4 scheme BENCHMARKS.md's fastest GPU figure uses): scales only, as quantize_params.
+    sym = tmp_path / "stories-int4-symmetric"
+    rc, _, err = _cli(capsys, "quantize", str(STORIES_GGUF), str(sym), "--bits", "4", "--group", "32", "--symmetric")
+    assert rc == 0, err
+    down = lj.load(sym).params["layers"]["mlp"]["down"]
+    want = Q.quantize_params(params, cfg, bits=4, group=32, zero_point=False)["layers"]["mlp"]["down"]
+    assert down.zeros is None and want.zeros is None
+    np.testing.assert_array_equal(np.asarray(down.values), np.asarray(want.values))
+    np.testing.assert_array_equal(np.asarray(down.scales), np.asarray(want.scales))
     # Bad input: one line, exit 2.
     for argv in (["quantize", str(out), str(tmp_path / "again"), "--bits", "8"],  # already quantized
                  ["quantize", str(STORIES_GGUF), str(tmp_path / "x"), "--bits", "4", "--group", "48"],
+                 ["quantize", str(STORIES_GGUF), str(tmp_path / "x"), "--bits", "8", "--symmetric"],
                  ["quantize", str(STORIES_GGUF), str(out), "--bits", "8"],  # OUT holds a checkpoint
                  ["quantize", str(tmp_path / "missing"), str(tmp_path / "y"), "--bits", "8"],
                  ["generate", "--keep-quantized", "--model", str(tmp_path), "hi"]):  # not a GGUF
