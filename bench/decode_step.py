@@ -50,8 +50,9 @@ def main():
         bits, batch, attention, dense = (variant.split(":") + ["o"])[:4]
         bits, batch = int(bits), int(batch)
         if bits not in params_of:
-            params_of = {0: bf16, bits: quantize.quantize_params(bf16, cfg, bits=bits, group=a.group if bits == 4 else None,
-                                                                 zero_point=bits == 4 and not a.symmetric)}
+            int4 = bits == 4
+            params_of = {0: bf16, bits: quantize.quantize_params(bf16, cfg, bits=bits, group=a.group if int4 else None,
+                                                                 zero_point=int4 and not a.symmetric)}
         model.decode_kernel_serves = serves if attention == "kernels" else (lambda q, c: False)
         model.DENSE_KERNEL_WEIGHTS = tuple(w for w in dense.split("+") if w not in ("none", "cuda"))
         gpu_matvec.serves = matvec_serves if dense == "cuda" else (lambda rows, dtype: False)
