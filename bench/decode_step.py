@@ -42,6 +42,7 @@ def main():
     p.add_argument("--group", type=int, default=64, help="int4's quantization group")
     p.add_argument("--symmetric", action="store_true", help="int4 without zero points")
     a = p.parse_args()
+    int4 = dict(group=a.group, zero_point=not a.symmetric)  # int4's scheme; int8 keeps one scale a channel
     cfg = lj.PRESETS[a.preset].replace(param_dtype="bfloat16", compute_dtype="bfloat16")
     bf16 = lj.init_params(cfg, jax.random.key(0))
     serves, dense_default, matvec_serves = model.decode_kernel_serves, model.DENSE_KERNEL_WEIGHTS, gpu_matvec.serves
@@ -50,9 +51,7 @@ def main():
         bits, batch, attention, dense = (variant.split(":") + ["o"])[:4]
         bits, batch = int(bits), int(batch)
         if bits not in params_of:
-            int4 = bits == 4
-            params_of = {0: bf16, bits: quantize.quantize_params(bf16, cfg, bits=bits, group=a.group if int4 else None,
-                                                                 zero_point=int4 and not a.symmetric)}
+            params_of = {0: bf16, bits: quantize.quantize_params(bf16, cfg, bits=bits, **(int4 if bits == 4 else {}))}
         model.decode_kernel_serves = serves if attention == "kernels" else (lambda q, c: False)
         model.DENSE_KERNEL_WEIGHTS = tuple(w for w in dense.split("+") if w not in ("none", "cuda"))
         gpu_matvec.serves = matvec_serves if dense == "cuda" else (lambda rows, dtype: False)
@@ -79,7 +78,7 @@ def main():
                 token, position, cache = step(params, token, position, cache)
             token.block_until_ready()
             best = min(best, (time.perf_counter() - t0) / 100)
-        scheme = dict(group=a.group, zero_points=not a.symmetric) if bits == 4 else {}
+        scheme = dict(group=int4["group"], zero_points=int4["zero_point"]) if bits == 4 else {}
         print(json.dumps(dict(variant=variant, preset=a.preset, bits=bits or 16, **scheme, batch=batch,
                               ms_per_step=round(best * 1e3, 3), tok_s=round(batch / best, 1),
                               first_call_s=round(first_call_s, 1), device=jax.devices()[0].device_kind,
