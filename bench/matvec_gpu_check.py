@@ -3,8 +3,16 @@ sums at full precision), on one GPU: every scheme (bf16; int8 per channel and in
 without zero points), every input mode (plain, through the RMSNorm, through the SwiGLU, with the residual
 added), K of 4096 and 11008, three weights a launch. One JSON line each: the relative L2 error.
 
+Then the decoder layer (`decode_layer`: six launches from one call, for quantized weights each a
+programmatic dependent of the one before) against `decode_layer_reference` (the same contract from
+matvec_reference and attention_reference, in XLA), for Llama-2-7B's layer and a grouped-query one with
+head_dim 64, every scheme, four layers run one after the other (each layer's output the next one's input,
+as in a step): the relative L2 error of the last output and of the cache slots written, and how many cache
+elements outside those slots changed (none may).
+
     python bench/matvec_gpu_check.py
 """
+import functools
 import json
 
 import jax
@@ -39,5 +47,50 @@ def main():
                                       rel_l2_vs_reference=err, device=device)), flush=True)
 
 
+# name: dim, heads, kv_heads, head_dim, ffn_dim
+LAYERS = {"llama2-7b": (4096, 32, 32, 128, 11008), "gqa, head_dim 64": (2048, 32, 8, 64, 5632)}
+LAYER_SCHEMES = [(16, None, False), (8, None, False), (4, 128, False), (4, 64, True)]
+
+
+def check_layers():
+    device = jax.devices()[0].device_kind
+    n_layers, max_len, start = 4, 256, 200
+    for name, (d, heads, kv_heads, head_dim, f) in LAYERS.items():
+        keys = iter(jax.random.split(jax.random.key(11), 16))
+        shapes = [(d, heads * head_dim), (d, kv_heads * head_dim), (d, kv_heads * head_dim), (heads * head_dim, d),
+                  (d, f), (d, f), (f, d)]
+        dense = [jax.random.normal(next(keys), (n_layers, *s)) * s[0] ** -0.5 for s in shapes]
+        norms = tuple((1 + 0.1 * jax.random.normal(next(keys), (n_layers, d))).astype(jnp.bfloat16) for _ in range(2))
+        cache = [(jax.random.normal(next(keys), (n_layers, 1, max_len, kv_heads, head_dim))).astype(jnp.bfloat16)
+                 for _ in range(2)]
+        x0 = jax.random.normal(next(keys), (1, d)).astype(jnp.bfloat16)
+        angles = jnp.arange(head_dim // 2, dtype=jnp.float32) * 0.37 * (start + 1) / max_len
+        rope = (jnp.cos(angles).reshape(1, 1, 1, -1), jnp.sin(angles).reshape(1, 1, 1, -1))
+        mask = (jnp.arange(max_len) <= start).reshape(1, 1, max_len)
+        for bits, group, zeros in LAYER_SCHEMES:
+            ws = tuple(w.astype(jnp.bfloat16) if bits == 16 else Q.quantize(w, bits, group, stacked=True,
+                                                                             zero_point=zeros) for w in dense)
+
+            def run(layer_fn, x, ws, norms, ck, cv):  # everything an argument: closed-over arrays would be
+                for i in range(n_layers):          # compiled in as constants (gigabytes of them)
+                    x, ck, cv = layer_fn(x, ws, norms, jnp.int32(i), rope, ck, cv, jnp.int32(start), mask,
+                                         eps=1e-5, head_dim=head_dim)
+                return x, ck, cv
+
+            got = jax.jit(functools.partial(run, gpu_matvec.decode_layer))(x0, ws, norms, *cache)
+            ref = jax.jit(functools.partial(run, gpu_matvec.decode_layer_reference))(x0, ws, norms, *cache)
+            err = float(jnp.linalg.norm(got[0].astype(jnp.float32) - ref[0].astype(jnp.float32))
+                        / jnp.linalg.norm(ref[0].astype(jnp.float32)))
+            slot = lambda c: c[:, :, start].astype(jnp.float32)  # noqa: E731 - the slot each layer wrote
+            slot_err = max(float(jnp.linalg.norm(slot(g) - slot(r)) / jnp.linalg.norm(slot(r)))
+                           for g, r in zip(got[1:], ref[1:]))
+            others = jnp.arange(max_len) != start
+            stray = int(sum(jnp.sum(g[:, :, others] != c[:, :, others]) for g, c in zip(got[1:], cache)))
+            print(json.dumps(dict(layer=name, bits=bits, group=group, zero_points=zeros, layers_in_a_row=n_layers,
+                                  rel_l2_vs_reference=err, written_slots_rel_l2=slot_err,
+                                  other_cache_elements_changed=stray, device=device)), flush=True)
+
+
 if __name__ == "__main__":
     main()
+    check_layers()

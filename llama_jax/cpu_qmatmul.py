@@ -65,7 +65,7 @@ def _build() -> Path:
     if cxx is None:
         raise RuntimeError("no C++ compiler (c++ or g++) on PATH")
     flags = ["-O3", "-shared", "-fPIC", "-std=c++17", *_isa_flags(), "-I", jax.ffi.include_dir()]
-    return native.build([cxx, *flags], SOURCE, "qmatmul_cpu")
+    return native.build([cxx, *flags], [SOURCE], "qmatmul_cpu")
 
 
 def available() -> bool:

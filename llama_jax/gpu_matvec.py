@@ -1,9 +1,12 @@
 """One-row matmuls of batch-1 decoding on Hopper GPUs: a CUDA kernel (csrc/matvec_gpu.cu) called through
-the XLA FFI, for bf16 weights and quantize.py's int8 and int4 QArrays alike.
+the XLA FFI, for bf16 weights and quantize.py's int8 and int4 QArrays alike, and a whole decoder layer
+built from it and a decode-attention kernel (csrc/attention_gpu.cu) in one call.
 
     outs = matvec(x, (wq, wk, wv), layer)   # x [1, K] bf16; layer `layer` of each stacked weight -> [1, N] each
     q, k, v = matvec(x, (wq, wk, wv), layer, norm=attn_norm, eps=1e-5)   # rmsnorm(x) on the way in
     x = matvec(gate, (wdown,), layer, up=up, residual=x)[0]              # silu(gate) * up in, x + h out
+    x, cache_k, cache_v = decode_layer(x, (wq, wk, wv, wo, wgate, wup, wdown), (attn_norm, mlp_norm), layer,
+                                       rope, cache_k, cache_v, start, mask, eps=1e-5, head_dim=128)
 
 At batch 1 a decode step reads every weight once, so its speed is the speed at which the matmuls read
 HBM. XLA's GEMMs read a Llama-2-7B step's bf16 weights at 2.7 TB/s, and the Pallas kernel of qmatmul.py
@@ -17,9 +20,18 @@ It also takes the small steps around the matmuls (model.Block._decode_fused): th
 on the way in, the residual add on the way out, each rounded to bf16 where the model rounds, so a 7B
 decode step runs 204 kernels instead of 363. `matvec_reference` is the same contract in XLA, for tests.
 
+`decode_layer` runs a layer's six launches (q/k/v, attention, o, gate/up, down) from one FFI call. For
+quantized weights each launch after the first is a programmatic dependent of the one before (Hopper's
+programmatic dependent launch): its blocks start while the launch before finishes, issue what does not
+depend on it (the attention's cache loads), and wait for its outputs only where they read them. XLA
+traces each custom call into a node of its own in the step's CUDA graph, so only launches made in one
+call can overlap like this. A Llama-2-7B int4 step took 2.30 ms instead of 2.39; bf16, whose launches
+already read near HBM's rate, got slower with it and runs them in order (bench/BENCHMARKS.md).
+`decode_layer_reference` is its contract in XLA.
+
 The library is compiled on first use with CUDA's nvcc (NVCC, then PATH, CUDA_HOME, /usr/local/cuda) for
 the GPU's architecture, into the cache folder of llama_jax.checkpoint under a name that hashes the
-source, the flags, nvcc's version and jaxlib's. Without nvcc, on a GPU older than Hopper (clusters need
+sources, the flags, nvcc's version and jaxlib's. Without nvcc, on a GPU older than Hopper (clusters need
 compute capability 9.0), when the build fails, or with LLAMA_JAX_NATIVE=0, `serves` says False (after
 one warning where something failed) and the model falls back to qmatmul.py and XLA.
 """
@@ -40,7 +52,10 @@ import numpy as np
 from llama_jax import qmatmul
 
 TARGET = "llama_jax_matvec_gpu"
-SOURCE = Path(__file__).parent / "csrc" / "matvec_gpu.cu"
+LAYER_TARGET = "llama_jax_decode_layer_gpu"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "matvec_gpu.cu", CSRC / "attention_gpu.cu")  # one library
+HEADERS = (CSRC / "attention_gpu.h",)
 MAX_WEIGHTS = 3  # one launch
 ROW_THREADS = 16  # threads across a row in a block, 16 bytes each (the kernel's kRowThreads)
 LANES = 16  # rows a block reads at once (the kernel's kLanes)
@@ -84,7 +99,7 @@ def _build() -> Path:
     if nvcc is None:
         raise RuntimeError("no nvcc (set NVCC or CUDA_HOME, or put it on PATH)")
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-    return native.build([nvcc, *nvcc_flags(_arch())], SOURCE, "matvec_gpu", version)
+    return native.build([nvcc, *nvcc_flags(_arch())], SOURCES, "matvec_gpu", version, HEADERS)
 
 
 def _hopper() -> bool:
@@ -109,7 +124,7 @@ def _load() -> bool:
     from llama_jax import native
 
     try:
-        native.register(_build(), {TARGET: "LlamaJaxMatvecGpu"}, "CUDA")
+        native.register(_build(), {TARGET: "LlamaJaxMatvecGpu", LAYER_TARGET: "LlamaJaxDecodeLayerGpu"}, "CUDA")
     except Exception as e:  # noqa: BLE001 - any failure means: fall back, and say why
         warnings.warn(f"the CUDA one-row matmul is unavailable, so batch-1 decoding uses the Pallas kernel "
                       f"and XLA (slower); LLAMA_JAX_NATIVE=0 silences this. Reason: {e}", RuntimeWarning,
@@ -167,6 +182,27 @@ def _split(blocks: int, chunks: int, bits: int, k: int = 0) -> int:
     return split
 
 
+def _launch_split(ws, staged: int, chunk: int) -> int:
+    """The rule's parts of K for one launch of ws (see _split); staged: the bf16 inputs it stages."""
+    bits = _bits(ws[0])
+    cols = ROW_THREADS * (8 if bits == 16 else 16)  # columns a block: 16 threads x 8 or 16 columns
+    blocks = sum(-(-_stack_shape(w)[2] // cols) for w in ws)
+    return _split(blocks, _stack_shape(ws[0])[1] // chunk, bits, staged)
+
+
+def _operands(ws) -> list:
+    """Each weight as the kernel takes it: codes (or the bf16 stack), scales and zero points (empty where none)."""
+    empty = jnp.zeros((0,), jnp.float32)
+    operands = []
+    for w in ws:
+        if _bits(w) == 16:
+            operands += [w.reshape(_stack_shape(w)), empty, empty]
+        else:
+            q = w.as_stack()
+            operands += [q.values, q.scales, empty if q.zeros is None else q.zeros]
+    return operands
+
+
 @functools.partial(jax.jit, static_argnames=("out_dtype", "eps", "split", "chunk"))
 def matvec(x, ws, layer=None, *, out_dtype=jnp.float32, norm=None, eps=0.0, up=None, residual=None, split=None,
            chunk=None):
@@ -180,26 +216,15 @@ def matvec(x, ws, layer=None, *, out_dtype=jnp.float32, norm=None, eps=0.0, up=N
     if not _load():
         raise RuntimeError("the CUDA one-row matmul is unavailable (see the warning above)")
     bits = _bits(ws[0])
-    operands, ns = [], []
-    empty = jnp.zeros((0,), jnp.float32)
-    for w in ws:
-        if bits == 16:
-            operands += [w.reshape(_stack_shape(w)), empty, empty]
-        else:
-            q = w.as_stack()
-            operands += [q.values, q.scales, empty if q.zeros is None else q.zeros]
-        ns.append(_stack_shape(w)[2])
-    rows = _stack_shape(ws[0])[1]
-    chunk = chunk or CHUNK[bits]
-    cols = ROW_THREADS * (8 if bits == 16 else 16)  # columns a block: 16 threads x 8 or 16 columns
-    blocks = sum(-(-n // cols) for n in ns)
+    operands, ns = _operands(ws), [_stack_shape(w)[2] for w in ws]
     staged = 0 if norm is None and up is None else x.shape[-1] * (2 if norm is not None else 1)  # + the norm's
-    split = split or _split(blocks, rows // chunk, bits, staged)
-    group = 0 if bits == 16 else ws[0].group
+    chunk = chunk or CHUNK[bits]
+    split = split or _launch_split(ws, staged, chunk)
+    empty = jnp.zeros((0,), jnp.float32)
     layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
     extra = [empty if a is None else a for a in (up, norm, residual)]
     call = jax.ffi.ffi_call(TARGET, tuple(jax.ShapeDtypeStruct((1, n), out_dtype) for n in ns))
-    return tuple(call(x.astype(jnp.bfloat16), layer, *extra, *operands, bits=np.int64(bits), group=np.int64(group),
+    return tuple(call(x.astype(jnp.bfloat16), layer, *extra, *operands, bits=np.int64(bits),
                       split=np.int64(split), chunk=np.int64(chunk), eps=np.float32(eps)))
 
 
@@ -227,3 +252,91 @@ def matvec_reference(x, ws, layer=None, *, out_dtype=jnp.float32, norm=None, eps
             out = out.astype(bf16).astype(f32) + residual.astype(f32)
         outs.append(out.astype(out_dtype))
     return tuple(outs)
+
+
+def layer_supported(ws, x, heads: int, head_dim: int, cache_k) -> bool:
+    """Whether `decode_layer` serves a layer: ws (q, k, v, o, gate, up, down) as `supported` takes them,
+    x [1, D] bf16, heads query heads of head_dim 64 or 128, the cache [layers, 1, max_len, kv_heads,
+    head_dim] bf16 with kv_heads dividing heads."""
+    ws = tuple(ws)
+    if len(ws) != 7 or head_dim not in (64, 128) or cache_k.dtype != jnp.bfloat16 or cache_k.ndim != 5:
+        return False
+    kv_heads = cache_k.shape[3]
+    if cache_k.shape[1] != 1 or cache_k.shape[4] != head_dim or heads % kv_heads:
+        return False
+    ns = [_stack_shape(w)[2] for w in ws]
+    if ns[0] != heads * head_dim or ns[1] != ns[2] or ns[1] != kv_heads * head_dim or ns[4] != ns[5]:
+        return False
+    attended = jax.ShapeDtypeStruct((1, heads * head_dim), x.dtype)
+    f = jax.ShapeDtypeStruct((1, ns[4]), x.dtype)
+    return (supported(ws[:3], x) and supported(ws[3:4], attended) and supported(ws[4:6], x)
+            and supported(ws[6:], f) and ns[3] == ns[6] == x.shape[-1])
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "head_dim"))
+def decode_layer(x, ws, norms, layer, rope, cache_k, cache_v, start, mask, *, eps: float, head_dim: int):
+    """A decoder layer for one token, as Block.__call__ computes it, in one call: x [1, D] bf16; ws the
+    layer stacks of q, k, v, o, gate, up and down ([L, K, N] bf16 or QArrays, K of o merged over heads);
+    norms the RMSNorm weights [L, D] (attention, MLP) with epsilon eps; layer an int32 scalar (of the
+    weights and the caches); rope (cos, sin) [1, ..., head_dim / 2]; the caches [L, 1, max_len, kv_heads,
+    head_dim] bf16, written at slot `start` in place (aliased); mask [1, max_len] bool.
+    -> (x [1, D] bf16, cache_k, cache_v). `layer_supported` says where it serves."""
+    if not _load():
+        raise RuntimeError("the CUDA one-row matmul is unavailable (see the warning above)")
+    ws = tuple(ws)
+    bits = _bits(ws[0])
+    d, chunk = x.shape[-1], CHUNK[bits]
+    ns = [_stack_shape(w)[2] for w in ws]
+    bf16, shape = jnp.bfloat16, jax.ShapeDtypeStruct
+    results = (shape((1, d), bf16), shape(cache_k.shape, cache_k.dtype), shape(cache_v.shape, cache_v.dtype),
+               *(shape((1, n), bf16) for n in ns[:3]), shape((1, ns[0]), bf16), shape((1, d), bf16),
+               shape((1, ns[4]), bf16), shape((1, ns[5]), bf16))
+    # operands 6 and 7 (the caches) are results 1 and 2: written in place
+    call = jax.ffi.ffi_call(LAYER_TARGET, results, input_output_aliases={6: 1, 7: 2})
+    cos, sin = (t.reshape(1, head_dim // 2).astype(jnp.float32) for t in rope)
+    scalar = lambda a: jnp.asarray(a, jnp.int32).reshape(1)  # noqa: E731
+    out = call(x.astype(bf16), scalar(layer), scalar(start), cos, sin, mask.reshape(1, -1).astype(bool), cache_k,
+               cache_v, *norms, *_operands(ws), bits=np.int64(bits),
+               split_qkv=np.int64(_launch_split(ws[:3], 2 * d, chunk)),
+               split_o=np.int64(_launch_split(ws[3:4], 0, chunk)),
+               split_gate_up=np.int64(_launch_split(ws[4:6], 2 * d, chunk)),
+               split_down=np.int64(_launch_split(ws[6:], ns[4], chunk)), chunk=np.int64(chunk), eps=np.float32(eps))
+    return out[0], out[1], out[2]
+
+
+def attention_reference(q, k, v, cos, sin, cache_k, cache_v, layer, start, mask):
+    """What the layer's attention kernel computes, in XLA: q [1, heads, head_dim], k and v [1, kv_heads,
+    head_dim] bf16 (q and k before rotary: Hugging Face's half split, rounded to bf16), cos and sin [1,
+    head_dim / 2]; the new k and v written at slot `start` of layer `layer`; a float32 softmax over the
+    slots that mask [1, max_len] allows. -> (out [1, heads, head_dim] bf16, cache_k, cache_v)."""
+    f32, half = jnp.float32, q.shape[-1] // 2
+    c, s = cos[:, None, :].astype(f32), sin[:, None, :].astype(f32)
+
+    def rotate(t):
+        t1, t2 = t[..., :half].astype(f32), t[..., half:].astype(f32)
+        return jnp.concatenate([t1 * c - t2 * s, t2 * c + t1 * s], -1).astype(t.dtype)
+
+    q, k = rotate(q), rotate(k)
+    cache_k = jax.lax.dynamic_update_slice(cache_k, k[None, :, None].astype(cache_k.dtype), (layer, 0, start, 0, 0))
+    cache_v = jax.lax.dynamic_update_slice(cache_v, v[None, :, None].astype(cache_v.dtype), (layer, 0, start, 0, 0))
+    rep = q.shape[1] // k.shape[1]
+    keys = jnp.repeat(cache_k[layer].astype(f32), rep, axis=2)  # [1, slots, heads, head_dim]
+    values = jnp.repeat(cache_v[layer].astype(f32), rep, axis=2)
+    scores = jnp.einsum("bhd,bshd->bhs", q.astype(f32), keys, precision="highest") / np.sqrt(q.shape[-1])
+    scores = jnp.where(mask[:, None, :], scores, -jnp.inf)
+    out = jnp.einsum("bhs,bshd->bhd", jax.nn.softmax(scores, -1), values, precision="highest")
+    return out.astype(q.dtype), cache_k, cache_v
+
+
+def decode_layer_reference(x, ws, norms, layer, rope, cache_k, cache_v, start, mask, *, eps: float, head_dim: int):
+    """What `decode_layer` computes, from `matvec_reference` and `attention_reference`: its contract, for the
+    CPU tests of Block._decode_fused and the GPU check in bench/matvec_gpu_check.py."""
+    bf16 = jnp.bfloat16
+    q, k, v = matvec_reference(x, ws[:3], layer, out_dtype=bf16, norm=norms[0], eps=eps)
+    cos, sin = (t.reshape(1, head_dim // 2) for t in rope)
+    attended, cache_k, cache_v = attention_reference(
+        q.reshape(1, -1, head_dim), k.reshape(1, -1, head_dim), v.reshape(1, -1, head_dim), cos, sin, cache_k, cache_v,
+        layer, start, mask.reshape(1, -1))
+    h = matvec_reference(attended.reshape(1, -1), ws[3:4], layer, out_dtype=bf16, residual=x)[0]
+    gate, up = matvec_reference(h, ws[4:6], layer, out_dtype=bf16, norm=norms[1], eps=eps)
+    return matvec_reference(gate, ws[6:], layer, out_dtype=bf16, up=up, residual=h)[0], cache_k, cache_v

@@ -262,42 +262,30 @@ class Block(nnx.Module):
         return x, kv
 
     def _decode_fused(self, x, rope, layer_cache):
-        """The layer above for one token (batch 1) on a Hopper GPU, in five launches of gpu_matvec's
-        kernel and the decode-attention kernel: the kernel applies each RMSNorm on the way into q/k/v and
-        gate/up, the SwiGLU on the way into down, and the residual adds on the way out of o and down,
-        rounding to bf16 where the code above rounds. A 7B step then runs 204 kernels instead of 363: 0.22
-        ms of small XLA kernels go, and the step gains 0.02 (bf16) to 0.19 ms (int4) once the kernel's own
-        cost is paid (bench/BENCHMARKS.md). None where it does not serve (the caller runs the above)."""
+        """The layer above for one token (batch 1) on a Hopper GPU, as one call of gpu_matvec.decode_layer:
+        five launches of its matmul kernel and one of its attention kernel, which apply each RMSNorm on
+        the way into q/k/v and gate/up, the SwiGLU on the way into down, and the residual adds on the way
+        out of o and down, rounding to bf16 where the code above rounds; for quantized weights each launch
+        starts while the one before finishes (bench/BENCHMARKS.md). None where it does not serve (the
+        caller runs the above)."""
         a, m = self.attn, self.mlp
         views = [a.q[...], a.k[...], a.v[...], a.o[...], m.gate[...], m.up[...], m.down[...]]
         norms = [self.attn_norm.weight[...], self.mlp_norm.weight[...]]
         if not (all(isinstance(w, (StackedLayer, QLayer)) for w in views)
-                and all(isinstance(n, StackedLayer) for n in norms) and x.shape[:2] == (1, 1)):
+                and all(isinstance(n, StackedLayer) for n in norms) and x.shape[:2] == (1, 1)
+                and self.attn_norm.eps == self.mlp_norm.eps):
             return None
         # [layers, K, N] as the kernel reads them: the head axes of q/k/v (N) and o (K) merged
-        mats = [w.stack if isinstance(w, QLayer) else w.matrix(2 if i == 3 else 1) for i, w in enumerate(views)]
+        mats = tuple(w.stack if isinstance(w, QLayer) else w.matrix(2 if i == 3 else 1) for i, w in enumerate(views))
         cache_k, cache_v, layer, start, mask = layer_cache
         q_stack = views[0].stack
         heads, head_dim = (q_stack.tail if isinstance(q_stack, QArray) else q_stack.shape[1:])[-2:]
-        q_like = jax.ShapeDtypeStruct((1, 1, heads, head_dim), x.dtype)
         x2 = x.reshape(1, -1)
-        f = jax.ShapeDtypeStruct((1, mats[6].shape[-2]), x.dtype)  # QArray.shape is the logical [L, F, D]
-        o_in = jax.ShapeDtypeStruct((1, heads * head_dim), x.dtype)
-        if not (decode_kernel_serves(q_like, cache_k) and gpu_matvec.supported(mats[:3], x2)
-                and gpu_matvec.supported(mats[3:4], o_in) and gpu_matvec.supported(mats[4:6], x2)
-                and gpu_matvec.supported(mats[6:], f)):
+        if not gpu_matvec.layer_supported(mats, x2, heads, head_dim, cache_k):
             return None
-        i = views[0].index
-        q, k, v = gpu_matvec.matvec(x2, tuple(mats[:3]), i, out_dtype=x.dtype, norm=norms[0].stack,
-                                    eps=self.attn_norm.eps)
-        kv_heads = k.shape[-1] // head_dim
-        out, cache_k, cache_v = decode_attention(
-            q.reshape(1, 1, heads, head_dim), k.reshape(1, 1, kv_heads, head_dim), v.reshape(1, 1, kv_heads, head_dim),
-            rope, cache_k, cache_v, layer, start, mask)
-        x2 = gpu_matvec.matvec(out.reshape(1, -1), tuple(mats[3:4]), i, out_dtype=x.dtype, residual=x2)[0]
-        gate, up = gpu_matvec.matvec(x2, tuple(mats[4:6]), i, out_dtype=x.dtype, norm=norms[1].stack,
-                                     eps=self.mlp_norm.eps)
-        x2 = gpu_matvec.matvec(gate, tuple(mats[6:]), i, out_dtype=x.dtype, up=up, residual=x2)[0]
+        x2, cache_k, cache_v = gpu_matvec.decode_layer(x2, mats, (norms[0].stack, norms[1].stack), layer, rope,
+                                                       cache_k, cache_v, start, mask, eps=self.attn_norm.eps,
+                                                       head_dim=head_dim)
         return x2.reshape(x.shape), (cache_k, cache_v)
 
 

@@ -1,10 +1,10 @@
 """Building the native kernels' shared libraries on first use (cpu_qmatmul.py with the C++ compiler,
 gpu_matvec.py with nvcc), into the cache folder of llama_jax.checkpoint (LLAMA_JAX_CACHE).
 
-    path = build([cxx, *flags], source, "qmatmul_cpu", compiler_version)   # -> .../native/qmatmul_cpu-<hash>.so
+    path = build([cxx, *flags], [source], "qmatmul_cpu", compiler_version)   # -> .../native/qmatmul_cpu-<hash>.so
 
-The file name hashes the source, the command and `version` (the compiler's and jaxlib's), so a change to
-any of them builds anew. A library is compiled to a temporary name and renamed: an interrupted build never
+The file name hashes the sources (and the headers they include), the command and `version` (the
+compiler's and jaxlib's), so a change to any of them builds anew. A library is compiled to a temporary name and renamed: an interrupted build never
 leaves a half-written one, and two processes building at once each rename a whole one.
 """
 
@@ -14,17 +14,21 @@ import hashlib
 import os
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 
-def build(command: list[str], source: Path, stem: str, version: str = "") -> Path:
-    """The library compiled from `source` by `command` (a compiler and its flags; the source and `-o`
-    are appended), built now unless the cache holds it. Raises RuntimeError with the compiler's errors."""
+def build(command: list[str], sources: Sequence[Path], stem: str, version: str = "",
+          headers: Sequence[Path] = ()) -> Path:
+    """The library compiled from `sources` by `command` (a compiler and its flags; the sources and `-o`
+    are appended), built now unless the cache holds it. `headers` count in the hash only. Raises
+    RuntimeError with the compiler's errors."""
     import jaxlib
 
     from llama_jax.checkpoint import cache_dir
 
-    key = hashlib.sha256(source.read_bytes() + " ".join(command).encode() + version.encode()
+    text = b"".join(f.read_bytes() for f in (*sources, *headers))
+    key = hashlib.sha256(text + " ".join(command).encode() + version.encode()
                          + jaxlib.__version__.encode()).hexdigest()[:16]
     out = cache_dir() / "native" / f"{stem}-{key}.so"
     if out.is_file():
@@ -33,7 +37,7 @@ def build(command: list[str], source: Path, stem: str, version: str = "") -> Pat
     fd, tmp = tempfile.mkstemp(suffix=".so", prefix=f".{stem}-", dir=out.parent)
     os.close(fd)
     try:
-        cmd = [*command, str(source), "-o", tmp]
+        cmd = [*command, *map(str, sources), "-o", tmp]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             errors = [line for line in r.stderr.splitlines() if "error" in line] or r.stderr.splitlines()

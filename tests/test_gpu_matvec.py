@@ -1,8 +1,9 @@
-"""The CUDA one-row matmul (llama_jax/gpu_matvec.py): its source builds, its decoding arithmetic is
+"""The CUDA one-row matmul (llama_jax/gpu_matvec.py): its sources build, its decoding arithmetic is
 exact to the dequantized weights, off a Hopper GPU nothing routes to it, and the model's fused decode
-layer built on it (Block._decode_fused) equals the layer as written. The kernel itself runs only on a
-GPU: bench/matvec_gpu.py checks it there against x @ dequantize(w) in float32, and bench/decode.py the
-whole step against XLA's."""
+layer built on it (Block._decode_fused, one gpu_matvec.decode_layer call) equals the layer as written.
+The kernels themselves run only on a GPU: bench/matvec_gpu_check.py checks the matmul there against
+x @ dequantize(w) in float32 and the layer against its float32 contract, and bench/decode.py the whole
+step against XLA's."""
 import shutil
 import subprocess
 
@@ -18,7 +19,7 @@ from llama_jax import quantize as Q
 def test_cuda_source_builds(tmp_path):
     """The library compiles for Hopper with the flags gpu_matvec uses (no GPU needed to compile)."""
     out = tmp_path / "matvec_gpu.so"
-    r = subprocess.run(["nvcc", *gpu_matvec.nvcc_flags("90"), str(gpu_matvec.SOURCE), "-o", str(out)],
+    r = subprocess.run(["nvcc", *gpu_matvec.nvcc_flags("90"), *map(str, gpu_matvec.SOURCES), "-o", str(out)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert out.stat().st_size > 0
@@ -88,9 +89,11 @@ def test_split_rule_for_llama2_7b():
 
 
 def test_fused_decode_layer_equals_the_layer(monkeypatch):
-    """Block._decode_fused (a decode step's layer as gpu_matvec launches with the RMSNorms, the SwiGLU and
-    the residual adds folded in) gives the logits of the layer as written, step after step: run on the CPU
-    with the kernel's contract (matvec_reference) in its place and the attention kernel interpreted."""
+    """Block._decode_fused (a decode step's layer as one gpu_matvec.decode_layer call, with the RMSNorms, the
+    SwiGLU and the residual adds folded into the matmuls) gives the logits of the layer as written, step
+    after step: run on the CPU with the call's contract (decode_layer_reference: matvec_reference and
+    attention_reference, in XLA) in its place; the layer as written runs the Pallas attention kernel,
+    interpreted."""
     import functools
 
     import jax
@@ -100,37 +103,68 @@ def test_fused_decode_layer_equals_the_layer(monkeypatch):
     from llama_jax import model
     from llama_jax.generate import _step, prefill
 
-    cfg = lj.PRESETS["tiny-gqa"].replace(dim=128, n_heads=4, n_kv_heads=2, head_dim=32, ffn_dim=256,
+    cfg = lj.PRESETS["tiny-gqa"].replace(dim=256, n_heads=4, n_kv_heads=2, head_dim=64, ffn_dim=512,
                                          param_dtype="bfloat16", compute_dtype="bfloat16")
     params = lj.init_params(cfg, jax.random.key(0))
     prompt = jnp.asarray(np.random.default_rng(1).integers(3, cfg.vocab_size, (1, 9)), jnp.int32)
     monkeypatch.setattr(model, "decode_kernel_serves", lambda q, c: q.shape[1] == 1)
     monkeypatch.setattr(model, "decode_attention", functools.partial(A.decode_attention, interpret=True))
-    used = []
+    layers = []
 
-    def reference(*args, **kwargs):
-        used.append(sorted(k for k in ("norm", "up", "residual") if kwargs.get(k) is not None))
-        return gpu_matvec.matvec_reference(*args, **kwargs)
+    def reference(x, ws, norms, layer, *args, **kwargs):
+        layers.append((x.shape, len(ws), len(norms)))
+        return gpu_matvec.decode_layer_reference(x, ws, norms, layer, *args, **kwargs)
 
-    def decode(fused: bool, steps: int = 4):
+    def decode(fused: bool, tokens=None, steps: int = 4):
         monkeypatch.setattr(gpu_matvec, "serves", lambda rows, dtype: fused and rows == 1 and dtype == jnp.bfloat16)
-        monkeypatch.setattr(gpu_matvec, "matvec", reference)
+        monkeypatch.setattr(gpu_matvec, "matvec", gpu_matvec.matvec_reference)  # the lm_head
+        monkeypatch.setattr(gpu_matvec, "decode_layer", reference)
         cache = lj.KVCache.zeros(cfg, 1, 16)
         logits, cache, position = prefill(params, prompt, jnp.ones(prompt.shape, bool), cache, cfg=cfg)
-        out = [logits]
-        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        for _ in range(steps):  # the same tokens for both runs: the first run's greedy choices
+        out, chosen = [logits], []
+        for t in range(steps):  # the same tokens for both runs: the first run's greedy choices
+            token = jnp.argmax(logits, axis=-1).astype(jnp.int32) if tokens is None else tokens[t]
+            chosen.append(token)
             logits, cache = _step(params, token, position, cache, cfg)
             out.append(logits)
-            token, position = jnp.argmax(logits, axis=-1).astype(jnp.int32), position + 1
-        return np.asarray(jnp.stack(out), np.float32)
+            position = position + 1
+        return np.asarray(jnp.stack(out), np.float32), chosen
 
-    plain = decode(False)
-    assert used == []
-    fused = decode(True)
-    assert ["norm"] in used and ["residual", "up"] in used and ["residual"] in used  # the fused path ran
+    plain, tokens = decode(False)
+    assert layers == []
+    fused, _ = decode(True, tokens)
+    assert layers and layers[0] == ((1, cfg.dim), 7, 2)  # the fused path ran
     assert np.abs(fused - plain).max() < 0.01 * np.abs(plain).max()  # 0.6% seen: bf16 roundings
     assert (fused.argmax(-1) == plain.argmax(-1)).mean() >= 0.8
+
+
+def test_layer_supported_refuses_what_the_layer_does_not_take(monkeypatch):
+    """With the GPU taken as served, `layer_supported` accepts Llama-shaped stacks (grouped-query heads too)
+    and refuses what decode_layer's kernels would reject: a head_dim other than 64 or 128, several rows, a
+    float32 cache, query heads not a multiple of the kv heads, q/k/v widths that disagree with the heads."""
+    monkeypatch.setattr(gpu_matvec, "serves", lambda rows, dtype: rows == 1 and dtype == jnp.bfloat16)
+    d, f, layers = 256, 512, 2
+    bf = lambda k, n: jnp.ones((layers, k, n), jnp.bfloat16)  # noqa: E731
+
+    def stacks(heads, kv_heads, head_dim):
+        return (bf(d, heads * head_dim), bf(d, kv_heads * head_dim), bf(d, kv_heads * head_dim),
+                bf(heads * head_dim, d), bf(d, f), bf(d, f), bf(f, d))
+
+    def cache(kv_heads, head_dim, batch=1, dtype=jnp.bfloat16):
+        return jax.ShapeDtypeStruct((layers, batch, 32, kv_heads, head_dim), dtype)
+
+    import jax
+
+    x = jnp.ones((1, d), jnp.bfloat16)
+    assert gpu_matvec.layer_supported(stacks(4, 2, 64), x, 4, 64, cache(2, 64))
+    assert gpu_matvec.layer_supported(stacks(2, 2, 128), x, 2, 128, cache(2, 128))
+    int4 = tuple(Q.quantize(w.astype(jnp.float32), 4, 64, stacked=True) for w in stacks(4, 2, 64))
+    assert gpu_matvec.layer_supported(int4, x, 4, 64, cache(2, 64))
+    assert not gpu_matvec.layer_supported(stacks(8, 4, 32), x, 8, 32, cache(4, 32))  # head_dim 32
+    assert not gpu_matvec.layer_supported(stacks(4, 2, 64), jnp.ones((2, d), jnp.bfloat16), 4, 64, cache(2, 64, 2))
+    assert not gpu_matvec.layer_supported(stacks(4, 2, 64), x, 4, 64, cache(2, 64, dtype=jnp.float32))
+    assert not gpu_matvec.layer_supported(stacks(3, 2, 64), x, 3, 64, cache(2, 64))  # 3 heads, 2 kv heads
+    assert not gpu_matvec.layer_supported(stacks(4, 2, 64), x, 4, 64, cache(1, 64))  # k/v wider than the cache
 
 
 def test_supported_refuses_what_the_kernel_does_not_take(monkeypatch):
