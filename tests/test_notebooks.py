@@ -52,6 +52,10 @@ def run_notebook(name: str, tmp: Path) -> tuple[dict, nbformat.NotebookNode]:
     os.environ["JAX_PLATFORMS"] = "cpu"  # the kernel inherits this process's environment
     os.environ.pop("LLAMA_JAX_SOURCE", None)
     os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+    # The notebooks keep their checkpoints in tempfile.mkdtemp() folders (a Colab user's scratch space): under
+    # pytest's tmp they go with it, instead of leaving a gigabyte in the machine's /tmp every run.
+    (tmp / "tmpdir").mkdir()
+    os.environ["TMPDIR"] = str(tmp / "tmpdir")
     try:
         client = nbclient.NotebookClient(nb, km=_kernel_manager(tmp), timeout=CELL_TIMEOUT,
                                          resources={"metadata": {"path": str(work)}})
@@ -112,6 +116,7 @@ def test_quickstart(tmp_path):
 
 def test_convert_weights(tmp_path):
     results, nb = run_notebook("convert_weights", tmp_path)
+    assert list((tmp_path / "tmpdir").glob("llama-jax-convert-*")), "its scratch folder left pytest's tmp"
     assert results["max_logit_diff"]["hf"] < 1e-4, results
     assert results["max_logit_diff"]["meta"] < 1e-4, results
     # transformers dequantizes the 4-bit GGUF itself; 30 float32 layers in two frameworks (tests/test_convert_gguf.py)
@@ -123,6 +128,7 @@ def test_convert_weights(tmp_path):
 
 def test_finetune_alpaca(tmp_path):
     results, nb = run_notebook("finetune_alpaca", tmp_path)
+    assert list((tmp_path / "tmpdir").glob("llama-jax-finetune-*")), "its scratch folder left pytest's tmp"
     assert results["final_loss"] < 0.5 * results["first_loss"], results
     assert results["before"] != results["after"]
     assert _has_image(nb)
@@ -130,6 +136,7 @@ def test_finetune_alpaca(tmp_path):
 
 def test_sharded_pretraining(tmp_path):
     results, nb = run_notebook("sharded_pretraining", tmp_path)
+    assert list((tmp_path / "tmpdir").glob("llama-jax-pretrain-*")), "its scratch folder left pytest's tmp"
     assert results["resumed_from"] == max(results["checkpoints_first_job"]) and results["resumed_from"] > 0, results
     assert results["first_step_after_resume"] == results["resumed_from"] + 1, results
     assert results["final_step"] == 2 * results["resumed_from"], results
