@@ -182,6 +182,12 @@ def _split(blocks: int, chunks: int, bits: int, k: int = 0) -> int:
     return split
 
 
+def _staged(k: int, *, norm: bool = False, swiglu: bool = False) -> int:
+    """bf16 values a launch of K = k stages in shared memory: x (and the norm's weight beside it) through
+    the RMSNorm or the SwiGLU, none for a plain input."""
+    return 2 * k if norm else k if swiglu else 0
+
+
 def _launch_split(ws, staged: int, chunk: int) -> int:
     """The rule's parts of K for one launch of ws (see _split); staged: the bf16 inputs it stages."""
     bits = _bits(ws[0])
@@ -217,7 +223,7 @@ def matvec(x, ws, layer=None, *, out_dtype=jnp.float32, norm=None, eps=0.0, up=N
         raise RuntimeError("the CUDA one-row matmul is unavailable (see the warning above)")
     bits = _bits(ws[0])
     operands, ns = _operands(ws), [_stack_shape(w)[2] for w in ws]
-    staged = 0 if norm is None and up is None else x.shape[-1] * (2 if norm is not None else 1)  # + the norm's
+    staged = _staged(x.shape[-1], norm=norm is not None, swiglu=up is not None)
     chunk = chunk or CHUNK[bits]
     split = split or _launch_split(ws, staged, chunk)
     empty = jnp.zeros((0,), jnp.float32)
@@ -297,10 +303,11 @@ def decode_layer(x, ws, norms, layer, rope, cache_k, cache_v, start, mask, *, ep
     scalar = lambda a: jnp.asarray(a, jnp.int32).reshape(1)  # noqa: E731
     out = call(x.astype(bf16), scalar(layer), scalar(start), cos, sin, mask.reshape(1, -1).astype(bool), cache_k,
                cache_v, *norms, *_operands(ws), bits=np.int64(bits),
-               split_qkv=np.int64(_launch_split(ws[:3], 2 * d, chunk)),
-               split_o=np.int64(_launch_split(ws[3:4], 0, chunk)),
-               split_gate_up=np.int64(_launch_split(ws[4:6], 2 * d, chunk)),
-               split_down=np.int64(_launch_split(ws[6:], ns[4], chunk)), chunk=np.int64(chunk), eps=np.float32(eps))
+               split_qkv=np.int64(_launch_split(ws[:3], _staged(d, norm=True), chunk)),
+               split_o=np.int64(_launch_split(ws[3:4], _staged(ns[0]), chunk)),
+               split_gate_up=np.int64(_launch_split(ws[4:6], _staged(d, norm=True), chunk)),
+               split_down=np.int64(_launch_split(ws[6:], _staged(ns[4], swiglu=True), chunk)), chunk=np.int64(chunk),
+               eps=np.float32(eps))
     return out[0], out[1], out[2]
 
 
@@ -309,14 +316,11 @@ def attention_reference(q, k, v, cos, sin, cache_k, cache_v, layer, start, mask)
     head_dim] bf16 (q and k before rotary: Hugging Face's half split, rounded to bf16), cos and sin [1,
     head_dim / 2]; the new k and v written at slot `start` of layer `layer`; a float32 softmax over the
     slots that mask [1, max_len] allows. -> (out [1, heads, head_dim] bf16, cache_k, cache_v)."""
-    f32, half = jnp.float32, q.shape[-1] // 2
-    c, s = cos[:, None, :].astype(f32), sin[:, None, :].astype(f32)
+    from llama_jax.model import apply_rope  # the model's rotary (model imports this module)
 
-    def rotate(t):
-        t1, t2 = t[..., :half].astype(f32), t[..., half:].astype(f32)
-        return jnp.concatenate([t1 * c - t2 * s, t2 * c + t1 * s], -1).astype(t.dtype)
-
-    q, k = rotate(q), rotate(k)
+    f32 = jnp.float32
+    rope = (cos[:, None, :].astype(f32), sin[:, None, :].astype(f32))  # over the heads
+    q, k = apply_rope(q, rope), apply_rope(k, rope)
     cache_k = jax.lax.dynamic_update_slice(cache_k, k[None, :, None].astype(cache_k.dtype), (layer, 0, start, 0, 0))
     cache_v = jax.lax.dynamic_update_slice(cache_v, v[None, :, None].astype(cache_v.dtype), (layer, 0, start, 0, 0))
     rep = q.shape[1] // k.shape[1]

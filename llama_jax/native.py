@@ -4,8 +4,9 @@ gpu_matvec.py with nvcc), into the cache folder of llama_jax.checkpoint (LLAMA_J
     path = build([cxx, *flags], [source], "qmatmul_cpu", compiler_version)   # -> .../native/qmatmul_cpu-<hash>.so
 
 The file name hashes the sources (and the headers they include), the command and `version` (the
-compiler's and jaxlib's), so a change to any of them builds anew. A library is compiled to a temporary name and renamed: an interrupted build never
-leaves a half-written one, and two processes building at once each rename a whole one.
+compiler's and jaxlib's), so a change to any of them builds anew. A library is compiled to a temporary
+name and renamed: an interrupted build never leaves a half-written one, and two processes building at
+once each rename a whole one.
 """
 
 from __future__ import annotations

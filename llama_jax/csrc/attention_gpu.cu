@@ -208,13 +208,15 @@ __global__ void __launch_bounds__(kThreads) DecodeAttentionKernel(const DecodeAt
   out[tid] = __bfloat16_as_ushort(__float2bfloat16(all_acc / all_l));
 }
 
-}  // namespace
-
+// Parts of each head's slots (the blocks of one thread-block cluster): doubled until the launch has about
+// two blocks an H100 SM, while each part keeps a step of slots.
 int DecodeAttentionSplit(int batch, int heads, int max_len) {
   int parts = 1;
   while (parts < kMaxSplit && batch * heads * parts < kBlocks && parts * kStepSlots < max_len) parts *= 2;
   return parts;
 }
+
+}  // namespace
 
 cudaError_t LaunchDecodeAttention(cudaStream_t stream, const DecodeAttentionArgs& p, bool dependent) {
   const int split = DecodeAttentionSplit(p.batch, p.heads, p.max_len);

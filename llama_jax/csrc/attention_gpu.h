@@ -22,10 +22,6 @@ struct DecodeAttentionArgs {
   int batch, heads, kv_heads, max_len, head_dim;  // head_dim 64 or 128
 };
 
-// Parts of each head's slots (the blocks of one thread-block cluster): doubled until the launch has about
-// two blocks an H100 SM, while each part keeps a step of slots.
-int DecodeAttentionSplit(int batch, int heads, int max_len);
-
 // One launch on `stream`. `dependent`: launched as a programmatic dependent of the kernel before it, whose
 // outputs (q, k, v) it reads only after its first cache loads are in flight.
 cudaError_t LaunchDecodeAttention(cudaStream_t stream, const DecodeAttentionArgs& args, bool dependent);
