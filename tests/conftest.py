@@ -1,4 +1,4 @@
-"""Shared test fixtures. Tests run on the CPU; references live in ../shared (relative to the repo)."""
+"""Shared test fixtures. Tests run on the CPU; the files they read are in tests/data (see its README)."""
 
 import os
 from pathlib import Path
@@ -10,9 +10,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
-STORIES_GGUF = SHARED / "data" / "stories260K.gguf"
-LLAMA2_TOKENIZER = SHARED / "data" / "llama2-tokenizer.model"
+DATA = Path(__file__).resolve().parent / "data"
+STORIES_GGUF = DATA / "stories260K.gguf"  # llama2.c (MIT)
+LLAMA2_TOKENIZER = DATA / "llama2-tokenizer.model"  # llama2.c (MIT)
 
 
 def smollm2_path() -> Path:
