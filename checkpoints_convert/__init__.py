@@ -18,7 +18,7 @@ expected versus found.
     GGUFReader(path)     llama.cpp's GGUF (gguf.py)
 """
 
-from checkpoints_convert.hf import ConvertError
+from checkpoints_convert.names import ConvertError
 from checkpoints_convert.names import hf_global_keys, hf_layer_keys
 
 __all__ = ["ConvertError", "hf_layer_keys", "hf_global_keys"]

@@ -6,7 +6,7 @@ Two things differ from the Hugging Face layout and are undone here:
 - GGUF lists a tensor's dims fastest-first (ggml order), so `tensor.shape` is reversed; the numpy
   view the `gguf` package gives is already [out, in] like Hugging Face.
 - q and k are stored in Meta's interleaved rotary order (llama.cpp's converter permutes them);
-  `_to_half_split` permutes them back to Hugging Face's half-split order.
+  `names.to_half_split` permutes them back to Hugging Face's half-split order.
 """
 
 from __future__ import annotations
@@ -17,27 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from checkpoints_convert.hf import ConvertError
+from checkpoints_convert import names
+from checkpoints_convert.names import ConvertError
 
 MAGIC = b"GGUF"
 
-# GGUF tensor name -> Hugging Face name ("{i}" = layer index).
-_GLOBAL = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_LAYER = {
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-}
 _IGNORED = {"rope_freqs.weight"}  # checked in __init__, never returned
 
 # Tensor types this reader dequantizes (gguf.quants.dequantize handles them all).
@@ -49,13 +33,6 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "codeshell")  # each digit its own word first
 _LLAMA3 = ("llama-bpe", "llama3", "llama-v3", "smaug-bpe")
-
-
-def _to_half_split(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """[heads * head_dim, in] from interleaved rotary pairs (0,1), (2,3), ... to half split
-    (i, i + head_dim/2): DESIGN.md's permute(w, n)."""
-    out = w.shape[0]
-    return w.reshape(n_heads, out // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _f32_str(x) -> float:
@@ -150,19 +127,16 @@ class GGUFReader:
         return config
 
     def _name_map(self) -> dict[str, str]:
-        """Hugging Face name -> GGUF name, for every tensor a LLaMA of this config has."""
-        names = {hf: g for g, hf in _GLOBAL.items() if g in self._tensors}
-        for i in range(self.config["num_hidden_layers"]):
-            for g, hf in _LAYER.items():
-                names[f"model.layers.{i}.{hf}"] = f"blk.{i}.{g}"
-        missing = [g for g in names.values() if g not in self._tensors]
+        """Hugging Face name -> GGUF name, for every tensor a LLaMA of this config has (names.py)."""
+        found = {hf: row.gguf.format(i=i) for hf, (row, i) in names.names(self.config).items()}
+        missing = [g for g in found.values() if g not in self._tensors]
         if missing:
             raise ConvertError(f"{self.path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        known = set(names.values()) | _IGNORED
+        known = set(found.values()) | _IGNORED
         unknown = sorted(set(self._tensors) - known)
         if unknown:
             raise ConvertError(f"{self.path}: unexpected tensors {unknown[:5]} (not a plain LLaMA)")
-        return names
+        return found
 
     # -- tensors ----------------------------------------------------------------------------------
 
@@ -185,11 +159,8 @@ class GGUFReader:
             w = w.reshape(shape)
         except Exception as e:
             raise ConvertError(f"{self.path}: tensor {t.name} unreadable ({type(e).__name__}: {e})") from None
-        if name.endswith("q_proj.weight"):
-            w = _to_half_split(w, self.config["num_attention_heads"])
-        elif name.endswith("k_proj.weight"):
-            w = _to_half_split(w, self.config["num_key_value_heads"])
-        return w
+        heads = names.rotary_heads(names.names(self.config)[name][0], self.config)
+        return w if heads is None else names.to_half_split(w, heads)
 
     # -- tokenizer --------------------------------------------------------------------------------
 

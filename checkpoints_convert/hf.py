@@ -11,7 +11,7 @@ from typing import Iterable
 
 import numpy as np
 
-from checkpoints_convert.names import IGNORED_SUFFIXES
+from checkpoints_convert.names import IGNORED_SUFFIXES, ConvertError
 
 INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -20,10 +20,6 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 # Memory-mapped pages a reader has touched count as its resident memory until the file is unmapped:
 # readers reopen their files after this many bytes, so resident memory stays near one layer.
 REOPEN_BYTES = 512 * 2**20
-
-
-class ConvertError(ValueError):
-    """Bad input: the message names the file, the key, and what was expected versus found."""
 
 
 def to_numpy(t) -> np.ndarray:

@@ -9,8 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from checkpoints_convert.hf import REOPEN_BYTES, ConvertError, to_numpy
-from checkpoints_convert.names import expected_shapes
+from checkpoints_convert import names
+from checkpoints_convert.hf import REOPEN_BYTES, to_numpy
+from checkpoints_convert.names import ConvertError, expected_shapes
 
 
 def ffn_dim(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None) -> int:
@@ -59,41 +60,12 @@ def hf_config_from_params(params: dict[str, Any] | str | Path, vocab_size: int |
 # ---------------------------------------------------------------------------------------------
 # Reading consolidated.NN.pth shards
 
-# Hugging Face name -> (Meta name, dim the model-parallel shards split it on; None = replicated).
-# fairscale's ColumnParallelLinear splits the output rows (dim 0), RowParallelLinear the input
-# columns (dim 1), ParallelEmbedding the embedding columns (dim 1; Llama 3 splits the vocab, dim 0).
-_GLOBAL = {
-    "model.embed_tokens.weight": ("tok_embeddings.weight", 1),
-    "model.norm.weight": ("norm.weight", None),
-    "lm_head.weight": ("output.weight", 0),
-}
-_LAYER = {
-    "self_attn.q_proj.weight": ("attention.wq.weight", 0),
-    "self_attn.k_proj.weight": ("attention.wk.weight", 0),
-    "self_attn.v_proj.weight": ("attention.wv.weight", 0),
-    "self_attn.o_proj.weight": ("attention.wo.weight", 1),
-    "mlp.gate_proj.weight": ("feed_forward.w1.weight", 0),
-    "mlp.up_proj.weight": ("feed_forward.w3.weight", 0),
-    "mlp.down_proj.weight": ("feed_forward.w2.weight", 1),
-    "input_layernorm.weight": ("attention_norm.weight", None),
-    "post_attention_layernorm.weight": ("ffn_norm.weight", None),
-}
-_IGNORED = ("rope.freqs",)  # rotary frequencies are recomputed from rope_theta (DESIGN.md)
+_IGNORED = ("rope.freqs",)  # rotary frequencies are recomputed from rope_theta
 
 
-def meta_names(n_layers: int) -> dict[str, tuple[str, int | None]]:
-    """Hugging Face name -> (Meta name, shard dim) for every tensor of an n_layers model."""
-    names = dict(_GLOBAL)
-    for i in range(n_layers):
-        names.update({f"model.layers.{i}.{hf}": (f"layers.{i}.{m}", d) for hf, (m, d) in _LAYER.items()})
-    return names
-
-
-def permute(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """q or k rows [n_heads * head_dim, in] from Meta's interleaved rotary pairs (0,1), (2,3), ... to
-    Hugging Face's half split (i, i + head_dim/2): DESIGN.md's permute(w, n)."""
-    out, d_in = w.shape
-    return w.reshape(n_heads, out // n_heads // 2, 2, d_in).swapaxes(1, 2).reshape(out, d_in)
+def meta_names(config: dict) -> dict[str, tuple[str, int | None]]:
+    """Hugging Face name -> (Meta name, shard dim) for every tensor of this config's model (names.py)."""
+    return {hf: (row.meta.format(i=i), row.meta_shard_dim) for hf, (row, i) in names.names(config).items()}
 
 
 def _shard_index(path: Path) -> int | None:
@@ -133,9 +105,8 @@ class MetaReader:
             raise ConvertError(f"{params_path}: missing key {e}") from None
 
         self.paths = self._shard_paths()
-        self._names = meta_names(self.config["num_hidden_layers"])
-        if self.config.get("tie_word_embeddings"):
-            del self._names["lm_head.weight"]
+        self._rows = names.names(self.config)
+        self._names = meta_names(self.config)
         self._open()
         self._check_shards()
 
@@ -257,11 +228,8 @@ class MetaReader:
         except Exception as e:  # a short read from a damaged file
             raise ConvertError(f"{self.location(name)}: key '{key}' unreadable ({type(e).__name__}: {e})") from None
         self._bytes_since_open += w.nbytes
-        if name.endswith("q_proj.weight"):
-            w = permute(w, self.config["num_attention_heads"])
-        elif name.endswith("k_proj.weight"):
-            w = permute(w, self.config["num_key_value_heads"])
-        return w
+        heads = names.rotary_heads(self._rows[name][0], self.config)
+        return w if heads is None else names.to_half_split(w, heads)
 
     def write_tokenizer(self, out_dir: str | Path) -> list[Path]:
         """Copy tokenizer.model (SentencePiece) into `out_dir`, when the folder has one."""

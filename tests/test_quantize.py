@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import llama_jax as lj
-from checkpoints_convert.gguf import GGUFReader, _to_half_split
+from checkpoints_convert.gguf import GGUFReader
+from checkpoints_convert.names import to_half_split as _to_half_split
 from llama_jax import quantize as Q
 from llama_jax.checkpoint import params_from_reader
 from llama_jax.config import from_hf_config
