@@ -40,16 +40,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.config import LlamaConfig
-from llama_jax.model import apply
+from llama_jax.model import apply, param_count
+from llama_jax.ops import Kernels
 
 # ---------------------------------------------------------------------------------------------
 # Scoring core
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def token_logprobs(params, tokens: jax.Array, cfg: LlamaConfig) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("cfg", "kernels"))
+def token_logprobs(params, tokens: jax.Array, cfg: LlamaConfig, kernels: Kernels = Kernels()) -> jax.Array:
     """float32 [batch, seq]: entry t is log p(tokens[t] | tokens[:t]); entry 0 (no context) is 0."""
-    logits = apply(params, tokens, cfg)[0][:, :-1]  # float32
+    logits = apply(params, tokens, cfg, kernels=kernels)[0][:, :-1]  # float32
     picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
     lp = picked - jax.nn.logsumexp(logits, axis=-1)
     return jnp.pad(lp, ((0, 0), (1, 0)))
@@ -66,12 +67,14 @@ def _bucket(n: int, max_len: int) -> int:
 
 
 def row_logprobs(params, cfg: LlamaConfig, rows: Sequence[Sequence[int]], batch_size: int = 8,
-                 buckets: bool = True) -> list[np.ndarray]:
+                 buckets: bool = True, kernels: Kernels | None = None) -> list[np.ndarray]:
     """`token_logprobs` of each row of token ids (rows of any lengths up to cfg.max_seq_len).
 
     Rows are grouped by bucketed length and run in batches of `batch_size`, right-padded to the bucket
     (buckets=True), or each at its own length with no padding at all (buckets=False: slower to
-    compile, and a check that padding changes nothing)."""
+    compile, and a check that padding changes nothing). kernels: the kernel policy (default
+    Kernels.auto(); every function below takes it and passes it here)."""
+    kernels = Kernels.auto() if kernels is None else kernels
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out: list[np.ndarray | None] = [None] * len(rows)
@@ -90,14 +93,14 @@ def row_logprobs(params, cfg: LlamaConfig, rows: Sequence[Sequence[int]], batch_
             batch = np.zeros((per if buckets else len(chunk), length), np.int32)
             for j, i in enumerate(chunk):
                 batch[j, :len(rows[i])] = rows[i]
-            lp = np.asarray(token_logprobs(params, jnp.asarray(batch), cfg))
+            lp = np.asarray(token_logprobs(params, jnp.asarray(batch), cfg, kernels))
             for j, i in enumerate(chunk):
                 out[i] = lp[j, :len(rows[i])]
     return out  # type: ignore[return-value]
 
 
 def loglikelihoods(params, cfg: LlamaConfig, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
-                   batch_size: int = 8, buckets: bool = True) -> np.ndarray:
+                   batch_size: int = 8, buckets: bool = True, kernels: Kernels | None = None) -> np.ndarray:
     """float64 [len(pairs)]: log P(continuation | context) for each (context ids, continuation ids).
 
     The context needs at least one token (the first continuation token is predicted from it). When a
@@ -113,7 +116,7 @@ def loglikelihoods(params, cfg: LlamaConfig, pairs: Sequence[tuple[Sequence[int]
         row = (ctx + cont)[-cfg.max_seq_len:]
         rows.append(row)
         starts.append(len(row) - len(cont))
-    lps = row_logprobs(params, cfg, rows, batch_size, buckets)
+    lps = row_logprobs(params, cfg, rows, batch_size, buckets, kernels)
     return np.array([lp[s:].astype(np.float64).sum() for lp, s in zip(lps, starts)])
 
 
@@ -164,7 +167,8 @@ class Perplexity:
 
 
 def perplexity_tokens(params, cfg: LlamaConfig, docs: Sequence[Sequence[int]], window: int | None = None,
-                      stride: int | None = None, batch_size: int = 8, buckets: bool = True) -> list[tuple[float, int]]:
+                      stride: int | None = None, batch_size: int = 8, buckets: bool = True,
+                      kernels: Kernels | None = None) -> list[tuple[float, int]]:
     """(total NLL in nats, tokens scored) of each document of token ids, by sliding windows. The
     windows of all documents are batched together. window defaults to the model's context (at most
     2048), stride to half the window."""
@@ -178,7 +182,7 @@ def perplexity_tokens(params, cfg: LlamaConfig, docs: Sequence[Sequence[int]], w
             rows.append(ids[begin:end])
             spans.append((d, first - begin))
     totals = [[0.0, 0] for _ in docs]
-    for lp, (d, off) in zip(row_logprobs(params, cfg, rows, batch_size, buckets), spans):
+    for lp, (d, off) in zip(row_logprobs(params, cfg, rows, batch_size, buckets, kernels), spans):
         totals[d][0] -= float(lp[off:].astype(np.float64).sum())
         totals[d][1] += len(lp) - off
     return [(nll, n) for nll, n in totals]
@@ -195,7 +199,8 @@ def _window_and_stride(cfg: LlamaConfig, window, stride) -> tuple[int, int]:
 
 
 def perplexity(model, texts: str | Sequence[str], window: int | None = None, stride: int | None = None,
-               batch_size: int = 8, buckets: bool = True, names: Sequence[str] | None = None):
+               batch_size: int = 8, buckets: bool = True, names: Sequence[str] | None = None,
+               kernels: Kernels | None = None):
     """Perplexity and bits per byte of each text (a `Perplexity`; one text in, one out) under
     `model` (a `Loaded` with a tokenizer).
 
@@ -214,7 +219,7 @@ def perplexity(model, texts: str | Sequence[str], window: int | None = None, str
         docs.append(ids)
         unscored = 0 if ids[0] == tok.bos_id else len(tok.decode(ids[:1]).encode("utf-8"))
         nbytes.append(len(text.encode("utf-8")) - unscored)
-    scores = perplexity_tokens(model.params, model.config, docs, window, stride, batch_size, buckets)
+    scores = perplexity_tokens(model.params, model.config, docs, window, stride, batch_size, buckets, kernels)
     out = [Perplexity(nll, n, b, names[i] if names else "")
            for i, ((nll, n), b) in enumerate(zip(scores, nbytes))]
     return out[0] if single else out
@@ -526,7 +531,7 @@ def _stderr(correct: np.ndarray) -> float:
 
 
 def evaluate_choice(model, task: Task | Sequence[Question], norm: str | None = None, batch_size: int = 8,
-                    buckets: bool = True) -> ChoiceResult:
+                    buckets: bool = True, kernels: Kernels | None = None) -> ChoiceResult:
     """Zero-shot accuracy of `model` (a `Loaded` with a tokenizer) on a task. `norm` (see NORMS)
     defaults to the task's own (the paper's choice for it)."""
     if not isinstance(task, Task):
@@ -546,7 +551,7 @@ def evaluate_choice(model, task: Task | Sequence[Question], norm: str | None = N
     cond = [[request(c, x) for c, x in zip(q.contexts, q.choices)] for q in task.questions]
     uncond = [[request("Answer:", x) for x in q.choices] for q in task.questions] if norm == "answer" else None
     pairs = [completion_tokens(tok, c, x) for c, x in requests]
-    ll = loglikelihoods(model.params, model.config, pairs, batch_size, buckets)
+    ll = loglikelihoods(model.params, model.config, pairs, batch_size, buckets, kernels)
     n_tokens = np.array([len(p[1]) for p in pairs])
 
     scores: dict[str, list[np.ndarray]] = {k: [] for k in ("none", "chars", "tokens")}
@@ -589,8 +594,6 @@ PAPER_SIZES = {"7B": 6.7e9, "13B": 13.0e9, "33B": 32.5e9, "65B": 65.2e9}
 def paper_size(cfg: LlamaConfig) -> str:
     """The paper's model size nearest, in log parameter count, to `cfg`'s (counted from the config,
     not the params, which may be quantized and packed)."""
-    from llama_jax.model import param_count
-
     n = param_count(cfg)
     return min(PAPER_SIZES, key=lambda s: abs(math.log(PAPER_SIZES[s] / n)))
 

@@ -17,8 +17,10 @@ Runners:
   token as it comes (chat). The cache buffers are donated to each call, so XLA updates them in place.
 Both draw the sample for step t from fold_in(key(seed), t), so they give the same tokens.
 
-The decode step runs the layer scan unrolled on GPU/TPU: decode is memory-bound, and a rolled scan
-copies each layer's weight slice (DESIGN.md, Performance). On CPU it stays rolled (DECODE_UNROLL).
+Which kernels run the model is the kernel policy's (ops/policy.py): `kernels=None` takes
+`Kernels.auto(mesh)` once, at the entry point, and passes it down. It also says whether the decode step
+runs the layer scan unrolled (accelerators: decode is memory-bound, and a rolled scan copies each
+layer's weight slice; bench/BENCHMARKS.md) or rolled (CPU, where the unrolled program compiles slowly).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import numpy as np
 
 from llama_jax.config import LlamaConfig
 from llama_jax.model import CACHE_AXES, KVCache, apply
+from llama_jax.ops import Kernels
 from llama_jax.sharding import constrain
 
 
@@ -97,32 +100,24 @@ def _shard_cache(cache: KVCache) -> KVCache:
                    constrain(cache.valid, ("batch", "cache_seq")), cache.index)
 
 
-def _prefill(params, tokens, mask, cache, cfg):
+def _prefill(params, tokens, mask, cache, cfg, kernels):
     """tokens, mask [batch, P] (left-padded; mask False on padding) -> logits [batch, vocab] of each
     row's last token, the cache filled at slots 0..P-1, and each row's next position [batch]."""
     cache = _shard_cache(cache)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)  # real tokens: 0, 1, ...
-    logits, cache = apply(params, tokens, cfg, positions=positions, cache=cache, token_mask=mask)
+    logits, cache = apply(params, tokens, cfg, positions=positions, cache=cache, token_mask=mask, kernels=kernels)
     return logits[:, -1], cache, mask.sum(axis=1).astype(jnp.int32)
 
 
-# Unroll the decode step's layer scan on accelerators (None: all but CPU). There a rolled scan copies
-# each layer's weight slice every step (DESIGN.md: 919 vs ~2600 GB/s on an H100). On CPU the copy is
-# cheap and the unrolled program is not: SmolLM2 (30 layers) compiles in 15 s instead of 1 s and
-# steps 2x slower.
-DECODE_UNROLL: bool | None = None
-
-
-def _step(params, token, position, cache, cfg):
+def _step(params, token, position, cache, cfg, kernels):
     """token, position [batch] -> logits [batch, vocab] for the next token, cache one slot fuller."""
-    unroll = DECODE_UNROLL if DECODE_UNROLL is not None else jax.default_backend() != "cpu"
     logits, cache = apply(params, token[:, None], cfg, positions=position[:, None], cache=cache,
-                          unroll=True if unroll else 1)
+                          unroll=True if kernels.decode_unroll else 1, kernels=kernels)
     return logits[:, 0], cache
 
 
-prefill = jax.jit(_prefill, static_argnames=("cfg",), donate_argnames=("cache",))
-decode_step = jax.jit(_step, static_argnames=("cfg",), donate_argnames=("cache",))
+prefill = jax.jit(_prefill, static_argnames=("cfg", "kernels"), donate_argnames=("cache",))
+decode_step = jax.jit(_step, static_argnames=("cfg", "kernels"), donate_argnames=("cache",))
 
 
 @functools.partial(jax.jit, static_argnames=("sampling",))
@@ -130,16 +125,16 @@ def _sample_jit(logits, key, step, sampling):
     return sample(logits, jax.random.fold_in(key, step), sampling)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "cache_len"))
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "cache_len", "kernels"))
 def decode_loop(params, tokens, mask, key, eos_id, cfg: LlamaConfig, max_new_tokens: int,
-                sampling: Sampling = Sampling(), cache_len: int | None = None):
+                sampling: Sampling = Sampling(), cache_len: int | None = None, kernels: Kernels = Kernels()):
     """The on-device runner, arrays in and out (what a benchmark times):
     tokens int32, mask bool [batch, P] (left-padded), key (jax.random.key), eos_id int32 scalar (-1:
     never stop early) -> new tokens int32 [batch, max_new_tokens] (eos_id after a row's EOS) and each
     row's count of generated tokens before its EOS [batch]. The loop ends when every row is done."""
     batch, P = tokens.shape
     cache = KVCache.zeros(cfg, batch, cache_len or P + max_new_tokens)
-    logits, cache, position = _prefill(params, tokens, mask, cache, cfg)
+    logits, cache, position = _prefill(params, tokens, mask, cache, cfg, kernels)
     out = jnp.full((batch, max_new_tokens), eos_id, jnp.int32)
     done = jnp.zeros((batch,), bool)
 
@@ -156,7 +151,7 @@ def decode_loop(params, tokens, mask, key, eos_id, cfg: LlamaConfig, max_new_tok
     def body(carry):
         step, logits, cache, position, done, out = carry
         token, done, out = pick(step, logits, done, out)
-        logits, cache = _step(params, token, position, cache, cfg)
+        logits, cache = _step(params, token, position, cache, cfg, kernels)
         return step + 1, logits, cache, position + 1, done, out
 
     init = (jnp.zeros((), jnp.int32), logits, cache, position, done, out)
@@ -166,18 +161,19 @@ def decode_loop(params, tokens, mask, key, eos_id, cfg: LlamaConfig, max_new_tok
     return out, lengths
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling"), donate_argnames=("cache",))
-def _pick_and_step(params, logits, key, step, position, cache, done, eos_id, cfg, sampling):
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "kernels"), donate_argnames=("cache",))
+def _pick_and_step(params, logits, key, step, position, cache, done, eos_id, cfg, sampling, kernels):
     """decode_loop's body as one jitted call: sample token `step` (eos_id for finished rows), then
     run it through the model."""
     token = jnp.where(done, eos_id, sample(logits, jax.random.fold_in(key, step), sampling))
     done = done | (token == eos_id)
-    logits, cache = _step(params, token, position, cache, cfg)
+    logits, cache = _step(params, token, position, cache, cfg, kernels)
     return token, logits, cache, position + 1, done
 
 
 def decode_host_loop(params, tokens, mask, key, eos_id, cfg: LlamaConfig, max_new_tokens: int,
-                     sampling: Sampling = Sampling(), cache_len: int | None = None, check_every: int = 16):
+                     sampling: Sampling = Sampling(), cache_len: int | None = None, kernels: Kernels = Kernels(),
+                     check_every: int = 16):
     """decode_loop's steps dispatched one by one from Python, with the same arguments and results.
     Dispatch is asynchronous, so the device never waits on the host; the host asks whether every
     row is done only every `check_every` steps. On an H100 with jax 0.11 this runs the unrolled
@@ -185,12 +181,12 @@ def decode_host_loop(params, tokens, mask, key, eos_id, cfg: LlamaConfig, max_ne
     layer's weights every iteration (bench/BENCHMARKS.md)."""
     batch, P = tokens.shape
     cache = KVCache.zeros(cfg, batch, cache_len or P + max_new_tokens)
-    logits, cache, position = prefill(params, tokens, mask, cache, cfg=cfg)
+    logits, cache, position = prefill(params, tokens, mask, cache, cfg=cfg, kernels=kernels)
     done = jnp.zeros((batch,), bool)
     out = []
     for step in range(max_new_tokens - 1):
         token, logits, cache, position, done = _pick_and_step(
-            params, logits, key, step, position, cache, done, eos_id, cfg=cfg, sampling=sampling)
+            params, logits, key, step, position, cache, done, eos_id, cfg=cfg, sampling=sampling, kernels=kernels)
         out.append(token)
         if step % check_every == check_every - 1 and bool(jnp.all(done)):
             break
@@ -202,9 +198,10 @@ def decode_host_loop(params, tokens, mask, key, eos_id, cfg: LlamaConfig, max_ne
     return out, lengths
 
 
-def throughput_runner():
-    """The faster of the two runners on this backend (measured: bench/BENCHMARKS.md)."""
-    return decode_host_loop if jax.default_backend() == "gpu" else decode_loop
+def throughput_runner(kernels: Kernels):
+    """The faster of the two runners where `kernels` run (measured: bench/BENCHMARKS.md): on a GPU
+    (cuDNN attention chosen) the host loop, elsewhere the on-device loop."""
+    return decode_host_loop if kernels.attention == "cudnn" else decode_loop
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,12 +255,14 @@ def _on(mesh):
 
 def generate_tokens(params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, *,
                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                    eos_id: int | None = None, mesh: jax.sharding.Mesh | None = None) -> list[list[int]]:
+                    eos_id: int | None = None, mesh: jax.sharding.Mesh | None = None,
+                    kernels: Kernels | None = None) -> list[list[int]]:
     """Token ids in, token ids out: each prompt's new tokens, up to (not including) its EOS.
-    The whole batch runs through `throughput_runner()`: one jitted call (prefill + `lax.while_loop`
+    The whole batch runs through `throughput_runner`: one jitted call (prefill + `lax.while_loop`
     of decode steps), or on GPU the same steps dispatched from Python. With `mesh`
     (params sharded on it, e.g. lj.load(path, mesh=mesh)) activations and cache are sharded by the
-    same rules."""
+    same rules. kernels: the kernel policy (default Kernels.auto(mesh))."""
+    kernels = Kernels.auto(mesh) if kernels is None else kernels
     sampling = Sampling(float(temperature), int(top_k), float(top_p))
     _check(cfg, prompts, max_new_tokens)
     if max_new_tokens == 0:
@@ -272,18 +271,20 @@ def generate_tokens(params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], 
     eos = -1 if eos is None else int(eos)  # -1 never matches: run to max_new_tokens
     tokens, mask = _pad_left(prompts)
     with _on(mesh):
-        out, lengths = throughput_runner()(
+        out, lengths = throughput_runner(kernels)(
             params, jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(seed), jnp.int32(eos), cfg,
-            int(max_new_tokens), sampling, _cache_len(tokens.shape[1], max_new_tokens))
+            int(max_new_tokens), sampling, _cache_len(tokens.shape[1], max_new_tokens), kernels)
     out, lengths = np.asarray(out), np.asarray(lengths)
     return [out[i, :lengths[i]].tolist() for i in range(len(prompts))]
 
 
 def stream_tokens(params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, *,
                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                  eos_id: int | None = None, mesh: jax.sharding.Mesh | None = None) -> Iterator[np.ndarray]:
+                  eos_id: int | None = None, mesh: jax.sharding.Mesh | None = None,
+                  kernels: Kernels | None = None) -> Iterator[np.ndarray]:
     """Yields each step's tokens, int32 [batch] (eos_id for rows already finished), until every
-    row has produced EOS or max_new_tokens steps have run."""
+    row has produced EOS or max_new_tokens steps have run. kernels: as in `generate_tokens`."""
+    kernels = Kernels.auto(mesh) if kernels is None else kernels
     sampling = Sampling(float(temperature), int(top_k), float(top_p))
     _check(cfg, prompts, max_new_tokens)
     eos = cfg.eos_id if eos_id is None else eos_id
@@ -296,7 +297,7 @@ def stream_tokens(params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], ma
     for step in range(max_new_tokens):
         if step == 0:
             with _on(mesh):
-                logits, cache, position = prefill(params, jnp.asarray(tokens), jnp.asarray(mask), cache, cfg)
+                logits, cache, position = prefill(params, jnp.asarray(tokens), jnp.asarray(mask), cache, cfg, kernels)
         token = np.asarray(_sample_jit(logits, key, step, sampling))
         token = np.where(done, eos, token).astype(np.int32)
         done |= token == eos
@@ -304,7 +305,7 @@ def stream_tokens(params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], ma
         if done.all() or step + 1 == max_new_tokens:
             return
         with _on(mesh):
-            logits, cache = decode_step(params, jnp.asarray(token), position, cache, cfg)
+            logits, cache = decode_step(params, jnp.asarray(token), position, cache, cfg, kernels)
         position = position + 1
 
 
@@ -345,18 +346,20 @@ def _eos(model) -> int | None:
 
 
 def generate(model, prompts: str | Sequence[str], max_new_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0, top_k: int = 0, seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> list[str]:
+             top_p: float = 1.0, top_k: int = 0, seed: int = 0, mesh: jax.sharding.Mesh | None = None,
+             kernels: Kernels | None = None) -> list[str]:
     """Generated text (without the prompt) for each prompt. `model` is a `Loaded` (lj.load)."""
     if isinstance(prompts, str):
         prompts = [prompts]
     ids = _encode_prompts(model, prompts)
     out = generate_tokens(model.params, model.config, ids, max_new_tokens, temperature=temperature, top_k=top_k,
-                          top_p=top_p, seed=seed, eos_id=_eos(model), mesh=mesh)
+                          top_p=top_p, seed=seed, eos_id=_eos(model), mesh=mesh, kernels=kernels)
     return [_continuation(model.tokenizer, p, row) for p, row in zip(ids, out)]
 
 
 def stream(model, prompt: str | Sequence[int], max_new_tokens: int = 256, temperature: float = 0.0,
-           top_p: float = 1.0, top_k: int = 0, seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> Iterator[str]:
+           top_p: float = 1.0, top_k: int = 0, seed: int = 0, mesh: jax.sharding.Mesh | None = None,
+           kernels: Kernels | None = None) -> Iterator[str]:
     """Yields the text of one prompt (a string, or token ids) piece by piece as tokens arrive.
     Text is released only once it is whole: a character split across byte tokens waits for
     its last byte."""
@@ -365,7 +368,7 @@ def stream(model, prompt: str | Sequence[int], max_new_tokens: int = 256, temper
     new: list[int] = []
     shown = ""
     for token in stream_tokens(model.params, model.config, [ids], max_new_tokens, temperature=temperature,
-                               top_k=top_k, top_p=top_p, seed=seed, eos_id=eos, mesh=mesh):
+                               top_k=top_k, top_p=top_p, seed=seed, eos_id=eos, mesh=mesh, kernels=kernels):
         if int(token[0]) == eos:
             break
         new.append(int(token[0]))

@@ -7,7 +7,7 @@ Three mesh axes, innermost last (so `tensor` stays inside a host's fast intercon
 
 Every parameter and activation names its dimensions with logical axes ("embed", "heads", "batch", ...).
 A rules table maps each logical axis to a mesh axis, a tuple of mesh axes, or None (replicated). One
-table serves parameters and activations (DEFAULT_RULES: DESIGN.md's table, plus norm -> fsdp):
+table serves parameters and activations (DEFAULT_RULES):
 
     mesh = make_mesh(fsdp=-1, tensor=2)                     # -1: the remaining devices
     params = init_params(cfg, key, mesh)                    # each device creates only its shards
@@ -44,6 +44,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+from llama_jax import params as table
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -222,18 +224,34 @@ def specs_for(axes_tree, shapes_tree, mesh, rules: Rules | None = None):
 def param_specs(cfg, rules: Rules | None = None, mesh=None):
     """PartitionSpec for every parameter of `cfg`, in the params layout. Without a mesh, the specs
     the rules name (no size checks)."""
-    from llama_jax.model import abstract_params, logical_axes  # model imports this module
-
-    axes = logical_axes(cfg)
+    axes = table.logical_axes(cfg)
     if mesh is None:
         return jax.tree.map(lambda a: logical_to_spec(a, rules), axes, is_leaf=lambda x: isinstance(x, tuple))
-    return specs_for(axes, abstract_params(cfg), mesh, rules)
+    shapes = table.tree_of(cfg, lambda p: jax.ShapeDtypeStruct(p.full_shape(cfg), cfg.param_jnp_dtype))
+    return specs_for(axes, shapes, mesh, rules)
 
 
-def param_shardings(cfg, mesh: jax.sharding.Mesh, rules: Rules | None = None):
-    """NamedSharding for every parameter of `cfg` on `mesh` (the params layout). Stable API."""
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(cfg, rules, mesh),
-                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+def param_shardings(cfg, mesh: jax.sharding.Mesh, rules: Rules | None = None, params=None):
+    """NamedSharding for every parameter of `cfg` on `mesh`, in the params layout. Stable API.
+
+    `params`: the tree to place, when they are not the model's float arrays (a quantized tree): a leaf
+    that stores its weight in several arrays (a QArray) answers through its `shardings(axes,
+    sharding_for)` method, each of its arrays sharded like the matrix it stores."""
+    if params is None:
+        return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(cfg, rules, mesh),
+                            is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+    def sharding_for(axes, shape):
+        return NamedSharding(mesh, logical_to_spec(axes, rules, mesh, tuple(shape)))
+
+    def one(leaf, axes):
+        if hasattr(leaf, "shardings"):
+            return leaf.shardings(axes, sharding_for)
+        return sharding_for(axes, leaf.shape)
+
+    stored = lambda x: hasattr(x, "shardings") or hasattr(x, "shape")  # noqa: E731
+    return jax.tree.map(lambda axes, leaf: one(leaf, axes), table.logical_axes(cfg), params,
+                        is_leaf=lambda x: isinstance(x, tuple) and not stored(x))
 
 
 def shard_bytes(shape_dtype, sharding) -> int:

@@ -37,10 +37,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from llama_jax import sharding
 from llama_jax.config import LlamaConfig
-from llama_jax.model import apply, init_params, param_count
+from llama_jax.model import REMAT_POLICIES, apply, init_params, param_count
+from llama_jax.ops import Kernels
+from llama_jax.params import BY_PATH
 from llama_jax.sharding import place_batch  # noqa: F401  (re-exported: train.place_batch)
 
-H100_BF16_PEAK_FLOPS = 989e12  # dense bf16, per device (DESIGN.md's MFU denominator)
+H100_BF16_PEAK_FLOPS = 989e12  # dense bf16, per device: the MFU denominator
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,10 +116,11 @@ def init_train_state(cfg: LlamaConfig, optimizer: optax.GradientTransformation, 
 
 
 def _matrices(params):
-    # True for every weight matrix, False for the RMSNorm gains. AdamW's decoupled weight decay applies to
-    # the matrices only, and the train step differentiates them in the compute dtype.
+    # True for every weight matrix, False for the RMSNorm gains: the parameter table's `decay`. AdamW's
+    # decoupled weight decay applies to the matrices only, and the train step differentiates them in the
+    # compute dtype.
     def keep(path, _):
-        return not any("norm" in str(getattr(k, "key", "")) for k in path)
+        return BY_PATH[tuple(k.key for k in path)].decay
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
@@ -183,14 +186,15 @@ head_logits.defvjp(_head_logits_fwd, _head_logits_bwd)
 
 
 def loss_sums(params, batch: dict, cfg: LlamaConfig, *, remat: str = "none", loss_chunk: int | None = None,
-              unroll: int | bool = 1):
+              unroll: int | bool = 1, kernels: Kernels = Kernels()):
     """(summed cross-entropy over counted targets, number of counted targets), both float32 scalars.
 
     The final hidden states [B, S, D] are projected to float32 logits [B, chunk, V]. With several chunks
     (a large vocabulary; `auto_loss_chunk`) each is one step of a rematerialised scan, so neither the
     forward nor the backward pass holds more than one chunk of logits. One chunk is not rematerialised:
     the backward pass starts from the loss, so recomputing its logits would save no peak memory.
-    `unroll`: layers of the layer scan unrolled (True: all), as in `Llama.__call__`."""
+    `unroll`: layers of the layer scan unrolled (True: all), as in `Llama.__call__`; `kernels`: the
+    kernel policy (ops/policy.py)."""
     if "targets" in batch:  # explicit targets: tokens are the inputs, both [B, S]
         inputs, targets = batch["tokens"], batch["targets"]
     else:
@@ -199,7 +203,7 @@ def loss_sums(params, batch: dict, cfg: LlamaConfig, *, remat: str = "none", los
     mask = batch.get("loss_mask")
     mask = jnp.ones((b, s), jnp.float32) if mask is None else mask.astype(jnp.float32)
     hidden, _ = apply(params, inputs, cfg, positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
-                      remat=remat, return_hidden=True, unroll=unroll)  # [B, S, D] compute dtype
+                      remat=remat, return_hidden=True, unroll=unroll, kernels=kernels)  # [B, S, D] compute dtype
     head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]  # [D, V]
     head = head.astype(cfg.compute_jnp_dtype)
     mesh = jax.sharding.get_abstract_mesh()
@@ -247,7 +251,8 @@ def _micro_batches(batch: dict, accum_steps: int) -> dict:
 
 
 def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation, mesh=None, *, accum_steps: int = 1,
-                    remat: str = "none", loss_chunk: int | None = None, unroll: int | bool = 1, rules=None):
+                    remat: str = "none", loss_chunk: int | None = None, unroll: int | bool = 1, rules=None,
+                    kernels: Kernels | None = None):
     """`step(state, batch) -> (state, metrics)`, jitted, the state donated.
 
     With a mesh: params and optimizer state sharded by the rules, the batch split over (data, fsdp).
@@ -260,15 +265,15 @@ def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation, m
     unrolled, the plan of a Llama-2-70B step on 64 devices needs 133 GiB a device, against 24.5 GiB.
     A step whose gradients are not finite changes nothing but the `skipped` and `nonfinite_streak`
     counters. Metrics are float32/int32 scalars: loss, grad_norm (before clipping), lr, tokens (counted
-    targets), skipped (1 if this step was), nonfinite_streak."""
-    from llama_jax.model import REMAT_POLICIES
-
+    targets), skipped (1 if this step was), nonfinite_streak. `kernels`: the kernel policy (default
+    Kernels.auto(mesh))."""
+    kernels = Kernels.auto(mesh) if kernels is None else kernels
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
     if accum_steps < 1:
         raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
     grad_fn = jax.value_and_grad(functools.partial(loss_sums, cfg=cfg, remat=remat, loss_chunk=loss_chunk,
-                                                   unroll=unroll), has_aux=True)
+                                                   unroll=unroll, kernels=kernels), has_aux=True)
 
     def gradients(params, batch):
         # Gradients of the compute-dtype copies: half the bytes of float32 ones, in memory and in the update

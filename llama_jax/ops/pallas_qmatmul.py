@@ -11,9 +11,9 @@ codes and dequantizes it in registers, so the codes are the only weight bytes th
 padded to 16 or more and go through the tensor cores as bf16.
 
 The kernel takes the whole stacked weight and a layer index: handing a custom call a slice of the stack
-would make XLA copy the slice first (the model's decode scan passes `QLayer`s, see quantize.py). `matmul`
-runs the int8 path without scales on bf16 weights: the decode step uses it for the attention output
-projection `o` (model.DENSE_KERNEL_WEIGHTS), whose slice XLA copies before its cuBLAS call.
+would make XLA copy the slice first (the model's decode scan passes layer views, see ops/matmul.py).
+`matmul` runs the int8 path without scales on bf16 weights: the decode step uses it for the attention
+output projection `o` (Kernels.stacked_weights), whose slice XLA copies before its cuBLAS call.
 
 Several weights that multiply the same x (q/k/v, gate/up) can run as one launch, their column blocks
 side by side. `supported` allows it for int4, where a [4096, 4096] weight alone must split K 32 ways to
@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 MAX_ROWS = 64  # larger matmuls (prefill) are compute-bound: XLA's dequantize-then-dot serves them
 _SMS = 132  # H100 SXM; only steers how finely K is split
@@ -142,7 +143,7 @@ def supported(q, x) -> bool:
     bf16 activations, few rows, K grouped along rows, and for a tuple one scheme and K throughout."""
     qs = tuple(q) if isinstance(q, (tuple, list)) else (q,)
     k = qs[0].matrix_shape()[0]
-    if not serves(x.size // k, x.dtype):
+    if not rows_fit(x.size // k, x.dtype):
         return False
 
     def ok(w):
@@ -156,17 +157,17 @@ def supported(q, x) -> bool:
     return len(same) == 1 and one_launch_pays and all(ok(w) for w in qs)
 
 
-def serves(rows: int, dtype) -> bool:
-    """Whether the kernels run products of `rows` rows of `dtype` activations here: one GPU, bf16, at
-    most MAX_ROWS rows. `supported` and `supported_dense` add what each needs of the weights."""
-    return jax.default_backend() == "gpu" and jax.device_count() == 1 and dtype == jnp.bfloat16 and rows <= MAX_ROWS
+def rows_fit(rows: int, dtype) -> bool:
+    """Whether the kernels take products of `rows` rows of `dtype` activations: bf16, at most MAX_ROWS
+    rows. `supported` and `supported_dense` add what each needs of the weights."""
+    return dtype == jnp.bfloat16 and rows <= MAX_ROWS
 
 
 def supported_dense(w, x) -> bool:
     """Whether `matmul` serves x [M, K] @ w (a bf16 weight [(L,) K, N], or a tuple of them sharing K)."""
     ws = tuple(w) if isinstance(w, (tuple, list)) else (w,)
     k = x.shape[-1]
-    return (serves(x.size // k, x.dtype) and k % 16 == 0
+    return (rows_fit(x.size // k, x.dtype) and k % 16 == 0
             and all(a.dtype == jnp.bfloat16 and a.shape[-2] == k and a.shape[-1] % 16 == 0 for a in ws))
 
 
@@ -254,8 +255,6 @@ def _launch(x, args, ns, layer, *, bits, unit, grouped, bn, split, num_warps, nu
                                steps=k // unit // split, grouped=grouped, finish=finish)
     kw = {}
     if not interpret:
-        from jax.experimental.pallas import triton as plgpu
-
         kw["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     flat = [a for w in args for a in w]
     parts = pl.pallas_call(

@@ -1,5 +1,6 @@
 """Building the native kernels' shared libraries on first use (cpu_qmatmul.py with the C++ compiler,
-gpu_matvec.py with nvcc), into the cache folder of llama_jax.checkpoint (LLAMA_JAX_CACHE).
+cuda_matvec.py with nvcc), into llama-jax's cache folder (`cache_dir`: LLAMA_JAX_CACHE, else
+~/.cache/llama-jax; the default model's converted checkpoint lives there too).
 
     path = build([cxx, *flags], [source], "qmatmul_cpu", compiler_version)   # -> .../native/qmatmul_cpu-<hash>.so
 
@@ -11,6 +12,7 @@ once each rename a whole one.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import subprocess
@@ -18,16 +20,20 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import jax
+import jaxlib
+
+
+def cache_dir() -> Path:
+    """llama-jax's cache folder: LLAMA_JAX_CACHE, else ~/.cache/llama-jax."""
+    return Path(os.environ.get("LLAMA_JAX_CACHE") or Path.home() / ".cache" / "llama-jax")
+
 
 def build(command: list[str], sources: Sequence[Path], stem: str, version: str = "",
           headers: Sequence[Path] = ()) -> Path:
     """The library compiled from `sources` by `command` (a compiler and its flags; the sources and `-o`
     are appended), built now unless the cache holds it. `headers` count in the hash only. Raises
     RuntimeError with the compiler's errors."""
-    import jaxlib
-
-    from llama_jax.checkpoint import cache_dir
-
     text = b"".join(f.read_bytes() for f in (*sources, *headers))
     key = hashlib.sha256(text + " ".join(command).encode() + version.encode()
                          + jaxlib.__version__.encode()).hexdigest()[:16]
@@ -53,10 +59,6 @@ def build(command: list[str], sources: Sequence[Path], stem: str, version: str =
 def register(library: Path, targets: dict[str, str], platform: str) -> None:
     """Load `library` and register each of its FFI handlers with XLA: targets maps the target's name to
     the handler's symbol. Raises on any failure (the caller falls back and says why)."""
-    import ctypes
-
-    import jax
-
     lib = ctypes.cdll.LoadLibrary(str(library))
     for name, symbol in targets.items():
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform=platform)

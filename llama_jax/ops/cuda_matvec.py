@@ -9,16 +9,17 @@ built from it and a decode-attention kernel (csrc/attention_gpu.cu) in one call.
                                        rope, cache_k, cache_v, start, mask, eps=1e-5, head_dim=128)
 
 At batch 1 a decode step reads every weight once, so its speed is the speed at which the matmuls read
-HBM. XLA's GEMMs read a Llama-2-7B step's bf16 weights at 2.7 TB/s, and the Pallas kernel of qmatmul.py
+HBM. XLA's GEMMs read a Llama-2-7B step's bf16 weights at 2.7 TB/s, and the Pallas kernel of pallas_qmatmul.py
 reads int8 codes at 1.7-2.1 TB/s and int4 codes at 0.7-1.0 TB/s (bench/BENCHMARKS.md): Triton gives no
 control over how many loads are in flight, and its int4 decoding costs more instructions than the bytes
 allow. The CUDA kernel issues a chunk of 16-byte loads before the first use, decodes codes with byte
 permutes, and reduces the parts of K across a thread-block cluster (Hopper's distributed shared
-memory), so one launch gives the finished product. Like qmatmul.py it takes whole stacks and a layer
+memory), so one launch gives the finished product. Like pallas_qmatmul.py it takes whole stacks and a layer
 index, so that XLA copies no slices; up to three weights that share x run side by side in one launch.
-It also takes the small steps around the matmuls (model.Block._decode_fused): the RMSNorm or the SwiGLU
-on the way in, the residual add on the way out, each rounded to bf16 where the model rounds, so a 7B
-decode step runs 204 kernels instead of 363. `matvec_reference` is the same contract in XLA, for tests.
+It also takes the small steps around the matmuls (the fused decode layer, ops/layer.py): the RMSNorm or
+the SwiGLU on the way in, the residual add on the way out, each rounded to bf16 where the model rounds,
+so a 7B decode step runs 204 kernels instead of 363. `matvec_reference` is the same contract in XLA, for
+tests.
 
 `decode_layer` runs a layer's six launches (q/k/v, attention, o, gate/up, down) from one FFI call. For
 quantized weights each launch after the first is a programmatic dependent of the one before (Hopper's
@@ -27,13 +28,14 @@ depend on it (the attention's cache loads), and wait for its outputs only where 
 traces each custom call into a node of its own in the step's CUDA graph, so only launches made in one
 call can overlap like this. A Llama-2-7B int4 step took 2.30 ms instead of 2.39; bf16, whose launches
 already read near HBM's rate, got slower with it and runs them in order (bench/BENCHMARKS.md).
-`decode_layer_reference` is its contract in XLA.
+Its reference is the model's own layer (model.Block), which the tests and bench/matvec_gpu_check.py
+hold it to.
 
 The library is compiled on first use with CUDA's nvcc (NVCC, then PATH, CUDA_HOME, /usr/local/cuda) for
-the GPU's architecture, into the cache folder of llama_jax.checkpoint under a name that hashes the
-sources, the flags, nvcc's version and jaxlib's. Without nvcc, on a GPU older than Hopper (clusters need
-compute capability 9.0), when the build fails, or with LLAMA_JAX_NATIVE=0, `serves` says False (after
-one warning where something failed) and the model falls back to qmatmul.py and XLA.
+the GPU's architecture, into llama-jax's cache folder (native.py) under a name that hashes the sources,
+the flags, nvcc's version and jaxlib's. The kernel policy (policy.py) chooses it on one Hopper GPU where
+`available()`; without nvcc, on an older GPU (clusters need compute capability 9.0), or when the build
+fails, it is not chosen (after one warning where something failed), and the Pallas kernels and XLA run.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax import qmatmul
+from llama_jax.ops import native
 
 TARGET = "llama_jax_matvec_gpu"
 LAYER_TARGET = "llama_jax_decode_layer_gpu"
@@ -79,8 +81,8 @@ def _nvcc() -> str | None:
     return None
 
 
-def _arch() -> str:
-    major, minor = str(jax.devices()[0].compute_capability).split(".")
+def _arch(device) -> str:
+    major, minor = str(device.compute_capability).split(".")
     return f"{major}{minor}"
 
 
@@ -91,44 +93,35 @@ def nvcc_flags(arch: str) -> list[str]:
             "-I", jax.ffi.include_dir()]
 
 
-def _build() -> Path:
+def _build(device) -> Path:
     """The compiled library (built now unless the cache holds it); raises on failure."""
-    from llama_jax import native
-
     nvcc = _nvcc()
     if nvcc is None:
         raise RuntimeError("no nvcc (set NVCC or CUDA_HOME, or put it on PATH)")
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-    return native.build([nvcc, *nvcc_flags(_arch())], SOURCES, "matvec_gpu", version, HEADERS)
+    return native.build([nvcc, *nvcc_flags(_arch(device))], SOURCES, "matvec_gpu", version, HEADERS)
 
 
-def _hopper() -> bool:
+def is_hopper(device) -> bool:
+    """Whether `device` is a CUDA GPU of compute capability 9.0 or later (thread-block clusters)."""
     try:
-        return float(jax.devices()[0].compute_capability) >= 9.0
+        return float(device.compute_capability) >= 9.0
     except (AttributeError, ValueError):  # not a CUDA device
         return False
 
 
-def serves(rows: int, dtype) -> bool:
-    """Whether the kernel runs products of `rows` rows of `dtype` activations here: one row of bf16 on
-    one Hopper GPU (where qmatmul's kernels serve, and clusters exist), with the library built.
-    `supported` adds what it needs of the weights."""
-    if (rows != 1 or not qmatmul.serves(rows, dtype) or os.environ.get("LLAMA_JAX_NATIVE", "1") == "0"
-            or not _hopper()):
-        return False
-    return _load()
-
-
 @functools.cache
-def _load() -> bool:
-    from llama_jax import native
-
+def available(device=None) -> bool:
+    """Whether the library is built and registered with XLA for `device` (default: the first local
+    device), once per process. When it cannot be, says why once."""
+    device = device or jax.local_devices()[0]
     try:
-        native.register(_build(), {TARGET: "LlamaJaxMatvecGpu", LAYER_TARGET: "LlamaJaxDecodeLayerGpu"}, "CUDA")
+        native.register(_build(device), {TARGET: "LlamaJaxMatvecGpu", LAYER_TARGET: "LlamaJaxDecodeLayerGpu"},
+                        "CUDA")
     except Exception as e:  # noqa: BLE001 - any failure means: fall back, and say why
         warnings.warn(f"the CUDA one-row matmul is unavailable, so batch-1 decoding uses the Pallas kernel "
-                      f"and XLA (slower); LLAMA_JAX_NATIVE=0 silences this. Reason: {e}", RuntimeWarning,
-                      stacklevel=3)
+                      f"and XLA (slower); --kernels xla (Kernels.xla()) silences this. Reason: {e}",
+                      RuntimeWarning, stacklevel=3)
         return False
     return True
 
@@ -150,7 +143,7 @@ def supported(ws, x) -> bool:
     one kind, scheme and K for all, at most three, K a multiple of the chunk, N of 8 (bf16) or 16."""
     ws = tuple(ws) if isinstance(ws, (tuple, list)) else (ws,)
     k = x.shape[-1]
-    if not (1 <= len(ws) <= MAX_WEIGHTS) or not serves(x.size // k, x.dtype):
+    if not (1 <= len(ws) <= MAX_WEIGHTS) or x.size != k or x.dtype != jnp.bfloat16:
         return False
     bits = {_bits(w) for w in ws}
     if len(bits) != 1:
@@ -219,8 +212,6 @@ def matvec(x, ws, layer=None, *, out_dtype=jnp.float32, norm=None, eps=0.0, up=N
     same layer, eps its epsilon) or silu(x) * up (up [1, K] bf16: the SwiGLU); on the way out, `residual`
     [1, N] bf16 can be added (one weight, out_dtype bf16). Each is rounded to bf16 where the model
     rounds. split (parts of K, 1-8) and chunk (rows in flight, 8 or 16): default by shape and scheme."""
-    if not _load():
-        raise RuntimeError("the CUDA one-row matmul is unavailable (see the warning above)")
     bits = _bits(ws[0])
     operands, ns = _operands(ws), [_stack_shape(w)[2] for w in ws]
     staged = _staged(x.shape[-1], norm=norm is not None, swiglu=up is not None)
@@ -236,8 +227,8 @@ def matvec(x, ws, layer=None, *, out_dtype=jnp.float32, norm=None, eps=0.0, up=N
 
 def matvec_reference(x, ws, layer=None, *, out_dtype=jnp.float32, norm=None, eps=0.0, up=None, residual=None,
                      split=None, chunk=None):
-    """What `matvec` computes, in XLA with float32 sums: its contract, for the CPU tests of the model's fused
-    decode path (Block._decode_fused), where the kernel cannot run. split and chunk change nothing here."""
+    """What `matvec` computes, in XLA with float32 sums: its contract, for the tests of the kernel's
+    operands (tests/test_cuda_matvec.py) and bench/matvec_gpu_check.py. split and chunk change nothing here."""
     del split, chunk
     f32, bf16 = jnp.float32, jnp.bfloat16
     i = 0 if layer is None else layer
@@ -287,8 +278,6 @@ def decode_layer(x, ws, norms, layer, rope, cache_k, cache_v, start, mask, *, ep
     weights and the caches); rope (cos, sin) [1, ..., head_dim / 2]; the caches [L, 1, max_len, kv_heads,
     head_dim] bf16, written at slot `start` in place (aliased); mask [1, max_len] bool.
     -> (x [1, D] bf16, cache_k, cache_v). `layer_supported` says where it serves."""
-    if not _load():
-        raise RuntimeError("the CUDA one-row matmul is unavailable (see the warning above)")
     ws = tuple(ws)
     bits = _bits(ws[0])
     d, chunk = x.shape[-1], CHUNK[bits]
@@ -309,38 +298,3 @@ def decode_layer(x, ws, norms, layer, rope, cache_k, cache_v, start, mask, *, ep
                split_down=np.int64(_launch_split(ws[6:], _staged(ns[4], swiglu=True), chunk)), chunk=np.int64(chunk),
                eps=np.float32(eps))
     return out[0], out[1], out[2]
-
-
-def attention_reference(q, k, v, cos, sin, cache_k, cache_v, layer, start, mask):
-    """What the layer's attention kernel computes, in XLA: q [1, heads, head_dim], k and v [1, kv_heads,
-    head_dim] bf16 (q and k before rotary: Hugging Face's half split, rounded to bf16), cos and sin [1,
-    head_dim / 2]; the new k and v written at slot `start` of layer `layer`; a float32 softmax over the
-    slots that mask [1, max_len] allows. -> (out [1, heads, head_dim] bf16, cache_k, cache_v)."""
-    from llama_jax.model import apply_rope  # the model's rotary (model imports this module)
-
-    f32 = jnp.float32
-    rope = (cos[:, None, :].astype(f32), sin[:, None, :].astype(f32))  # over the heads
-    q, k = apply_rope(q, rope), apply_rope(k, rope)
-    cache_k = jax.lax.dynamic_update_slice(cache_k, k[None, :, None].astype(cache_k.dtype), (layer, 0, start, 0, 0))
-    cache_v = jax.lax.dynamic_update_slice(cache_v, v[None, :, None].astype(cache_v.dtype), (layer, 0, start, 0, 0))
-    rep = q.shape[1] // k.shape[1]
-    keys = jnp.repeat(cache_k[layer].astype(f32), rep, axis=2)  # [1, slots, heads, head_dim]
-    values = jnp.repeat(cache_v[layer].astype(f32), rep, axis=2)
-    scores = jnp.einsum("bhd,bshd->bhs", q.astype(f32), keys, precision="highest") / np.sqrt(q.shape[-1])
-    scores = jnp.where(mask[:, None, :], scores, -jnp.inf)
-    out = jnp.einsum("bhs,bshd->bhd", jax.nn.softmax(scores, -1), values, precision="highest")
-    return out.astype(q.dtype), cache_k, cache_v
-
-
-def decode_layer_reference(x, ws, norms, layer, rope, cache_k, cache_v, start, mask, *, eps: float, head_dim: int):
-    """What `decode_layer` computes, from `matvec_reference` and `attention_reference`: its contract, for the
-    CPU tests of Block._decode_fused and the GPU check in bench/matvec_gpu_check.py."""
-    bf16 = jnp.bfloat16
-    q, k, v = matvec_reference(x, ws[:3], layer, out_dtype=bf16, norm=norms[0], eps=eps)
-    cos, sin = (t.reshape(1, head_dim // 2) for t in rope)
-    attended, cache_k, cache_v = attention_reference(
-        q.reshape(1, -1, head_dim), k.reshape(1, -1, head_dim), v.reshape(1, -1, head_dim), cos, sin, cache_k, cache_v,
-        layer, start, mask.reshape(1, -1))
-    h = matvec_reference(attended.reshape(1, -1), ws[3:4], layer, out_dtype=bf16, residual=x)[0]
-    gate, up = matvec_reference(h, ws[4:6], layer, out_dtype=bf16, norm=norms[1], eps=eps)
-    return matvec_reference(gate, ws[6:], layer, out_dtype=bf16, up=up, residual=h)[0], cache_k, cache_v

@@ -1,7 +1,7 @@
-"""Attention, in one place: `attention` for training and prefill (cuDNN's fused flash attention on GPU,
-XLA elsewhere) and `decode_attention` for a decode step on one GPU (a Pallas kernel that also applies
-rotary and writes the KV cache). The model calls `decode_attention` where `decode_kernel_serves`, and
-otherwise rotary, a cache write and `attention` in XLA, with the same results."""
+"""A decode step's attention for one layer as one Pallas (Triton) kernel for GPUs: rotary on the new
+query and key, the new key and value written into the cache in place, and attention over the cache's
+slots read where they lie. XLA spends about ten small kernels on the same (ops/attention.py holds that
+reference, and chooses this kernel where the kernel policy says "pallas" and `supported`)."""
 
 from __future__ import annotations
 
@@ -11,45 +11,9 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 
-def _implementation(q: jax.Array, masked: bool) -> str:
-    # cuDNN's fused kernel needs a GPU, 16-bit inputs and a head_dim it supports; an explicit mask
-    # (segments, left padding, a KV cache) goes through XLA, which is also what decode wants:
-    # a single query row is a memory-bound matrix-vector product.
-    if (
-        jax.default_backend() == "gpu"
-        and q.dtype in (jnp.bfloat16, jnp.float16)
-        and q.shape[-1] in (64, 128, 256)
-        and not masked
-        and q.shape[1] > 1
-    ):
-        return "cudnn"
-    return "xla"
-
-
-def attention(
-    q: jax.Array,  # [batch, q_len, heads, head_dim]
-    k: jax.Array,  # [batch, kv_len, kv_heads, head_dim]
-    v: jax.Array,  # [batch, kv_len, kv_heads, head_dim]
-    *,
-    causal: bool = True,
-    segment_ids: jax.Array | None = None,  # [batch, q_len]: attend only within a segment (packing)
-    mask: jax.Array | None = None,  # [batch, q_len, kv_len] bool, True = may attend
-) -> jax.Array:  # [batch, q_len, heads, head_dim]
-    """Scaled dot-product attention with grouped-query heads (heads % kv_heads == 0: query head j
-    reads kv head j // (heads // kv_heads)). Softmax runs in float32 whatever the input dtype."""
-    if segment_ids is not None:
-        same = segment_ids[:, :, None] == segment_ids[:, None, :]
-        mask = same if mask is None else mask & same
-    if mask is not None:
-        mask = mask[:, None, :, :]  # broadcast over heads
-    impl = _implementation(q, mask is not None)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=impl)
-
-
-# ---------------------------------------------------------------------------------------------
-# Decoding: one new token per row, its rotary, cache write and attention in one kernel
 
 
 def _decode_kernel(layer_ref, start_ref, q_ref, k_ref, v_ref, cos_ref, sin_ref, mask_ref, cache_k_in, cache_v_in,
@@ -128,10 +92,10 @@ def _decode_block(max_len: int, programs: int = 1) -> int | None:
     return next((b for b in sizes if max_len % b == 0), None)
 
 
-def decode_kernel_serves(q: jax.Array, cache_k: jax.Array) -> bool:
-    """Whether `decode_attention` runs here: one GPU, one 16-bit query per row, a cache of the same
-    dtype whose length a block (16 slots or more) divides, head_dim a multiple of 32."""
-    return (jax.default_backend() == "gpu" and jax.device_count() == 1 and q.shape[1] == 1
+def supported(q: jax.Array, cache_k: jax.Array) -> bool:
+    """Whether `decode_attention` takes these: one 16-bit query per row, a cache of the same dtype whose
+    length a block (16 slots or more) divides, head_dim a multiple of 32."""
+    return (q.shape[1] == 1
             and q.dtype in (jnp.bfloat16, jnp.float16) and cache_k.dtype == q.dtype
             and _decode_block(cache_k.shape[2]) is not None and q.shape[-1] % 32 == 0)
 
@@ -151,8 +115,8 @@ def decode_attention(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:  # out [batch, 1, heads, head_dim], cache_k, cache_v
     """One decode step's attention for one layer, as one Pallas kernel (see `_decode_kernel`): rotary
     on q and k, the new k and v written into the cache in place, attention over the layer's slots up
-    to `start` read where they lie. XLA spends about ten small kernels on this; `decode_kernel_serves`
-    says where it runs. Caches longer than a few blocks are split over programs and combined here."""
+    to `start` read where they lie. XLA spends about ten small kernels on this; `supported` says which
+    shapes it takes. Caches longer than a few blocks are split over programs and combined here."""
     batch, _, heads, head_dim = q.shape
     max_len, kv_heads = cache_k.shape[2], cache_k.shape[3]
     programs = batch * heads  # before the cache is split over more
@@ -173,8 +137,6 @@ def decode_attention(
     n_out = len(out_shape)
     kw = {}
     if not interpret:
-        from jax.experimental.pallas import triton as plgpu
-
         kw["compiler_params"] = plgpu.CompilerParams(num_warps=4, num_stages=2)
     cos, sin = (t.reshape(batch, head_dim // 2) for t in rope)
     scalars = (jnp.asarray(layer, jnp.int32).reshape(1), jnp.asarray(start, jnp.int32).reshape(1))

@@ -1,0 +1,73 @@
+"""Attention, chosen by the kernel policy, each kernel beside its XLA reference.
+
+    out = attention(kernels, q, k, v, causal=True, segment_ids=None)             # training and prefill
+    out, cache_k, cache_v = cached_attention(kernels, q, k, v, rope, cache, rotate)   # with a KV cache
+
+`attention` runs cuDNN's fused flash attention (Kernels.attention "cudnn") where it takes the call: a
+GPU, 16-bit inputs, a head_dim it supports, no explicit mask. Everything else, and the reference, is
+`jax.nn.dot_product_attention` in XLA. Grouped-query heads: query head j reads kv head j // (heads /
+kv_heads); the softmax runs in float32 whatever the input dtype.
+
+`cached_attention` takes q and k before rotary: a decode step on one GPU (Kernels.decode_attention
+"pallas") rotates them, writes the cache and attends in one Pallas kernel (pallas_decode_attention.py);
+the reference rotates with the model's own `rotate`, writes the new keys and values into the cache in
+place, and attends in XLA.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from llama_jax.ops import pallas_decode_attention
+from llama_jax.ops.policy import Kernels
+
+
+def attention(
+    kernels: Kernels,
+    q: jax.Array,  # [batch, q_len, heads, head_dim]
+    k: jax.Array,  # [batch, kv_len, kv_heads, head_dim]
+    v: jax.Array,  # [batch, kv_len, kv_heads, head_dim]
+    *,
+    causal: bool = True,
+    segment_ids: jax.Array | None = None,  # [batch, q_len]: attend only within a segment (packing)
+    mask: jax.Array | None = None,  # [batch, q_len, kv_len] bool, True = may attend
+) -> jax.Array:  # [batch, q_len, heads, head_dim]
+    """Scaled dot-product attention with grouped-query heads."""
+    if segment_ids is not None:
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]
+        mask = same if mask is None else mask & same
+    if mask is not None:
+        mask = mask[:, None, :, :]  # broadcast over heads
+    fused = (kernels.attention == "cudnn" and mask is None and q.shape[1] > 1
+             and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] in (64, 128, 256))
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
+                                        implementation="cudnn" if fused else "xla")
+
+
+def cached_attention(
+    kernels: Kernels,
+    q: jax.Array,  # [batch, seq, heads, head_dim], before rotary
+    k: jax.Array,  # [batch, seq, kv_heads, head_dim], before rotary
+    v: jax.Array,  # [batch, seq, kv_heads, head_dim]
+    rope: tuple[jax.Array, jax.Array],  # cos, sin [batch, seq, 1, head_dim / 2] float32
+    cache_k: jax.Array,  # [layers, batch, max_len, kv_heads, head_dim]
+    cache_v: jax.Array,  # like cache_k
+    layer: jax.Array,  # int32 scalar
+    start: jax.Array,  # int32 scalar: the slot of the first new token
+    mask: jax.Array,  # [batch, seq, max_len] bool, True = may attend
+    rotate: Callable[[jax.Array, tuple[jax.Array, jax.Array]], jax.Array],  # the model's rotary
+) -> tuple[jax.Array, jax.Array, jax.Array]:  # out [batch, seq, heads, head_dim], cache_k, cache_v
+    """The new tokens' keys and values written into layer `layer` of the cache at slot `start`, and their
+    queries' attention over that layer's slots under `mask`. Writing only the new tokens keeps a decode
+    step's cache traffic to one read of the layer."""
+    if kernels.decode_attention == "pallas" and pallas_decode_attention.supported(q, cache_k):
+        return pallas_decode_attention.decode_attention(q, k, v, rope, cache_k, cache_v, layer, start, mask)
+    q, k = rotate(q, rope), rotate(k, rope)
+    cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), (layer, 0, start, 0, 0))
+    cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), (layer, 0, start, 0, 0))
+    out = attention(Kernels.xla(), q, cache_k[layer].astype(q.dtype), cache_v[layer].astype(q.dtype),
+                    causal=False, mask=mask)
+    return out, cache_k, cache_v

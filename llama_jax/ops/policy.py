@@ -1,0 +1,91 @@
+"""The kernel policy: which implementation runs each op, as one explicit, hashable value.
+
+    kernels = Kernels.auto(mesh)     # derived once, from the devices the call runs on
+    kernels = Kernels.xla()          # XLA everywhere: the reference every kernel is tested against
+    logits = forward(params, tokens, cfg, kernels=kernels)
+
+The model and the loops around it pass this value down; no op looks at global device state or the
+environment to choose. `auto` decides from the devices it is given (a mesh's, or the first local
+device), so a one-device run on a many-GPU host still gets the one-GPU kernels, and a sharded run never
+gets a kernel that cannot be partitioned. It is a frozen dataclass, so it is a static argument of jit.
+
+Fields and their choices (the first is always the XLA reference):
+  attention         training and prefill attention: "xla" | "cudnn" (fused flash attention, GPUs)
+  decode_attention  a decode step's rotary, cache write and attention: "xla" | "pallas" (one GPU)
+  matmul            few-row matmuls of quantized weights and of stacked bf16 weights read in place:
+                    "xla" | "pallas" (one GPU; Triton) | "native" (the CPU's C++ kernel, float32)
+  matvec            one-row matmuls and the whole decode layer in one call: "xla" | "cuda" (one
+                    Hopper GPU, its library built with nvcc)
+  stacked_weights   bf16 weights a few-row decode step reads from the layer stack through the matmul
+                    kernel instead of XLA's slice-then-dot ("o": XLA copies that slice before cuBLAS)
+  decode_unroll     unroll the decode step's layer scan (accelerators: a rolled scan copies each layer's
+                    weights; on CPU the unrolled program compiles slowly and runs slower)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+
+from llama_jax.ops import cpu_qmatmul, cuda_matvec
+
+CHOICES = {
+    "attention": ("xla", "cudnn"),
+    "decode_attention": ("xla", "pallas"),
+    "matmul": ("xla", "pallas", "native"),
+    "matvec": ("xla", "cuda"),
+}
+NAMES = ("auto", "xla")  # what --kernels takes
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+    attention: str = "xla"
+    decode_attention: str = "xla"
+    matmul: str = "xla"
+    matvec: str = "xla"
+    stacked_weights: tuple[str, ...] = ()
+    decode_unroll: bool = False
+
+    def __post_init__(self):
+        for field, allowed in CHOICES.items():
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"Kernels.{field}={getattr(self, field)!r}: expected one of {', '.join(allowed)}")
+
+    @classmethod
+    def xla(cls) -> "Kernels":
+        return cls()
+
+    @classmethod
+    def auto(cls, mesh: jax.sharding.Mesh | None = None,
+             devices: Sequence[jax.Device] | None = None) -> "Kernels":
+        """The fastest kernels for the devices a call runs on: `mesh`'s, else `devices`, else the first
+        local device. Builds (once, cached on disk) the native libraries it chooses; one that cannot be
+        built is not chosen, with one warning saying why."""
+        if mesh is not None:
+            devices = list(mesh.devices.flat)
+        devices = list(devices or jax.local_devices()[:1])
+        platform = devices[0].platform
+        one = len(devices) == 1
+        if platform == "gpu":
+            hopper = one and cuda_matvec.is_hopper(devices[0]) and cuda_matvec.available()
+            return cls(attention="cudnn", decode_attention="pallas" if one else "xla",
+                       matmul="pallas" if one else "xla", matvec="cuda" if hopper else "xla",
+                       stacked_weights=("o",) if one else (), decode_unroll=True)
+        if platform == "cpu":
+            return cls(matmul="native" if one and cpu_qmatmul.available() else "xla")
+        return cls(decode_unroll=True)  # TPU: XLA
+
+    @classmethod
+    def named(cls, name: str, mesh: jax.sharding.Mesh | None = None) -> "Kernels":
+        """`--kernels NAME`: "auto" (Kernels.auto for `mesh`) or "xla"."""
+        if name == "auto":
+            return cls.auto(mesh)
+        if name == "xla":
+            return cls.xla()
+        raise ValueError(f"--kernels {name!r}: expected one of {', '.join(NAMES)}")
+
+    def describe(self) -> str:
+        return ", ".join(f"{f}={getattr(self, f)}" for f in CHOICES)
