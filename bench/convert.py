@@ -33,9 +33,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-TOKENIZER = REPO.parent / "shared" / "data" / "llama2-tokenizer.model"
+TOKENIZER = REPO / "tests" / "data" / "llama2-tokenizer.model"
 
-# DESIGN.md's released hyper-parameters (vocab_size -1: from tokenizer.model, as Meta ships it).
+# Released hyper-parameters (vocab_size -1: from tokenizer.model, as Meta ships it).
 MODELS = {
     "llama2-7b": dict(params={"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-05,
                               "vocab_size": -1}, shards=1, dtype="bfloat16", ffn=11008),

@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ANCHORS = Path(os.environ.get("LLAMA_JAX_ANCHORS", HERE.parent.parent / "shared" / "anchors"))
+PEERS = HERE / "peers"  # the Hugging Face peer's scripts
 
 
 def ours(a) -> None:
@@ -32,7 +31,9 @@ def ours(a) -> None:
 
     import llama_jax as lj
     from llama_jax.generate import Sampling, _step, decode_loop, prefill
+    from llama_jax.ops import Kernels
 
+    kernels = Kernels.named(a.kernels)
     cfg = lj.PRESETS[a.preset].replace(param_dtype="bfloat16", compute_dtype="bfloat16")
     params = lj.init_params(cfg, jax.random.key(0))
     group = zero_points = None
@@ -53,7 +54,7 @@ def ours(a) -> None:
 
     @functools.partial(jax.jit, donate_argnums=(3,))
     def greedy_step(params, token, position, cache):  # the decode step with greedy sampling fused in
-        logits, cache = _step(params, token, position, cache, cfg)
+        logits, cache = _step(params, token, position, cache, cfg, kernels)
         return jnp.argmax(logits, axis=-1).astype(jnp.int32), position + 1, cache
 
     for batch in a.batch:
@@ -63,15 +64,16 @@ def ours(a) -> None:
         key, never = jax.random.key(0), jnp.int32(-1)  # eos -1: every row runs all `new` steps
 
         def generate_all():  # prefill + `new` decode steps in one on-device loop
-            return decode_loop(params, prompt, mask, key, never, cfg, a.new, greedy, cache_len=max_len)[0]
+            return decode_loop(params, prompt, mask, key, never, cfg, a.new, greedy, cache_len=max_len,
+                               kernels=kernels)[0]
 
         def prefill_only():
             cache = lj.KVCache.zeros(cfg, batch, max_len)
-            return prefill(params, prompt, mask, cache, cfg=cfg)[0]
+            return prefill(params, prompt, mask, cache, cfg=cfg, kernels=kernels)[0]
 
         def host_loop():  # the same steps dispatched one by one from Python (the streaming path)
             cache = lj.KVCache.zeros(cfg, batch, max_len)
-            logits, cache, position = prefill(params, prompt, mask, cache, cfg=cfg)
+            logits, cache, position = prefill(params, prompt, mask, cache, cfg=cfg, kernels=kernels)
             token, out = jnp.argmax(logits, axis=-1).astype(jnp.int32), []
             for _ in range(a.new):
                 out.append(token)
@@ -80,7 +82,7 @@ def ours(a) -> None:
 
         # The step's own first call (compile + one step), apart from prefill's: the compile-time target.
         cache = lj.KVCache.zeros(cfg, batch, max_len)
-        logits, cache, position = prefill(params, prompt, mask, cache, cfg=cfg)
+        logits, cache, position = prefill(params, prompt, mask, cache, cfg=cfg, kernels=kernels)
         token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         token.block_until_ready()
         t0 = time.perf_counter()
@@ -115,7 +117,8 @@ def ours(a) -> None:
             first_call_s=round(compile_s, 1), greedy_match_full_forward=round(match, 4),
             host_loop_ms_per_step=round(host_step_s * 1e3, 3), host_loop_tok_s=round(batch / host_step_s, 1),
             host_loop_weight_gbps=round(weight_bytes / host_step_s / 1e9, 1), host_loop_first_call_s=round(host_compile_s, 1),
-            step_first_call_s=round(step_first_call_s, 1), device=device, jax=jax.__version__)), flush=True)
+            step_first_call_s=round(step_first_call_s, 1), kernels=kernels.describe(), device=device,
+            jax=jax.__version__)), flush=True)
 
 
 def check_small(a) -> None:
@@ -127,7 +130,7 @@ def check_small(a) -> None:
     import numpy as np
 
     import llama_jax as lj
-    from llama_jax.generate import Sampling, decode_loop, prefill
+    from llama_jax.generate import decode_loop
 
     cfg = lj.PRESETS["tiny-gqa"]
     params = lj.init_params(cfg, jax.random.key(1))
@@ -155,45 +158,40 @@ def check_small(a) -> None:
 
 
 def _kernels_vs_xla(prompt, mask) -> dict:
-    """One bf16 decode step's logits with the GPU decode kernels (at batch 1 on a Hopper GPU each layer as one
-    gpu_matvec.decode_layer call and the lm_head through gpu_matvec's matmul; elsewhere
-    attention.decode_attention, and qmatmul.matmul for `o`)
-    and the same step in XLA, each against the step in float32 (relative L2), on a small model whose
-    head_dim the attention kernel takes; and whether the kernels were in the first step and not in the
-    second. Switching the kernels off patches the three dispatch checks, here only."""
+    """One bf16 decode step's logits with the GPU decode kernels (Kernels.auto(): at batch 1 on a Hopper GPU
+    each layer as one cuda_matvec.decode_layer call and the lm_head through its matmul; elsewhere the Pallas
+    decode attention, and the Pallas matmul for `o`) and the same step with Kernels.xla(), each against the
+    step in float32 (relative L2), on a small model whose head_dim the attention kernel takes; and whether
+    the kernels were in the first step and not in the second."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     import llama_jax as lj
-    from llama_jax import gpu_matvec, model, qmatmul
     from llama_jax.generate import _step, prefill
+    from llama_jax.ops import Kernels, cuda_matvec
 
     cfg = lj.PRESETS["tiny-gqa"].replace(dim=256, n_heads=4, n_kv_heads=2, head_dim=64, ffn_dim=512,
                                          param_dtype="bfloat16", compute_dtype="bfloat16")
     params = lj.init_params(cfg, jax.random.key(2))
 
-    def logits_and_hlo(params, cfg):  # a new function each call: jax reuses a traced jaxpr for the same one
+    def logits_and_hlo(params, cfg, kernels):
         cache = lj.KVCache.zeros(cfg, prompt.shape[0], 128)
-        logits, cache, position = prefill(params, prompt, mask, cache, cfg=cfg)
+        logits, cache, position = prefill(params, prompt, mask, cache, cfg=cfg, kernels=kernels)
         token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        step = jax.jit(lambda params, token, position, cache: _step(params, token, position, cache, cfg))
+        step = jax.jit(lambda params, token, position, cache: _step(params, token, position, cache, cfg, kernels))
         hlo = step.lower(params, token, position, cache).as_text()
         return np.asarray(step(params, token, position, cache)[0], np.float32), hlo
 
-    with_kernels, hlo = logits_and_hlo(params, cfg)
-    serves = (model.decode_kernel_serves, qmatmul.serves, gpu_matvec.serves)
-    model.decode_kernel_serves = qmatmul.serves = gpu_matvec.serves = lambda *_: False
-    try:
-        xla, xla_hlo = logits_and_hlo(params, cfg)
-    finally:
-        model.decode_kernel_serves, qmatmul.serves, gpu_matvec.serves = serves
+    auto = Kernels.auto()
+    with_kernels, hlo = logits_and_hlo(params, cfg, auto)
+    xla, xla_hlo = logits_and_hlo(params, cfg, Kernels.xla())
     f32 = logits_and_hlo(jax.tree.map(lambda x: x.astype(jnp.float32), params),
-                         cfg.replace(param_dtype="float32", compute_dtype="float32"))[0]
+                         cfg.replace(param_dtype="float32", compute_dtype="float32"), Kernels.xla())[0]
     rel = lambda a: float(np.linalg.norm(a - f32) / np.linalg.norm(f32))  # noqa: E731
-    # The kernels are custom calls (gpu_matvec's FFI targets on a Hopper GPU, else Triton's): in the first
-    # step's program, never in the second.
-    names = (gpu_matvec.LAYER_TARGET, gpu_matvec.TARGET) if gpu_matvec.serves(1, jnp.bfloat16) else ("triton",)
+    # The kernels are custom calls (the CUDA library's FFI targets on a Hopper GPU, else Triton's): in the
+    # first step's program, never in the second.
+    names = (cuda_matvec.LAYER_TARGET, cuda_matvec.TARGET) if auto.matvec == "cuda" else ("triton",)
     ran = {name: name in hlo and name not in xla_hlo for name in names}
     return dict(ran=all(ran.values()), kernels_vs_f32=rel(with_kernels), xla_vs_f32=rel(xla))
 
@@ -217,6 +215,7 @@ def main():
                    help="with --bits 4: symmetric groups (a scale per group, no zero point), like GPTQ's and Q4_0")
     p.add_argument("--include-embeddings", action="store_true",
                    help="with --bits: quantize the embedding and the lm_head too (gpt-fast quantizes the lm_head)")
+    p.add_argument("--kernels", default="auto", choices=["auto", "xla"], help="the kernel policy (ops/policy.py)")
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--only-ours", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -230,7 +229,7 @@ def main():
     subprocess.run([sys.executable, __file__, "--only-ours"] + [x for x in sys.argv[1:] if x != "--no-peer"])
     if not a.no_peer and not a.bits:
         batches = [str(b) for b in a.batch]
-        base = [sys.executable, str(ANCHORS / "hf_llama_decode.py"), "--size", a.preset, "--batch", *batches,
+        base = [sys.executable, str(PEERS / "hf_llama_decode.py"), "--size", a.preset, "--batch", *batches,
                 "--prompt", str(a.prompt), "--new", str(a.new)]
         subprocess.run(base)
         subprocess.run(base + ["--compile"])

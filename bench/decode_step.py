@@ -7,10 +7,10 @@ steps, cache index reset to 128 before each) and the step's first call (compile 
 
 A variant is BITS:BATCH:ATTENTION[:DENSE] with BITS 0 (bf16), 8 or 4, ATTENTION `kernels` (the decode
 attention kernel where it serves) or `xla` (rotary, cache write and attention in XLA), and DENSE the
-bf16 weights given to qmatmul.matmul, joined by `+` (default `o`; `none` for XLA's matmuls on scan
-slices), or `cuda` for the CUDA one-row kernel of gpu_matvec.py on every projection and the lm_head
-(what the model does at batch 1 on a Hopper GPU; any other DENSE switches it off). The switches patch
-`model.decode_kernel_serves`, `model.DENSE_KERNEL_WEIGHTS` and `gpu_matvec.serves` in this process only.
+bf16 weights the Pallas matmul reads from the stack, joined by `+` (default `o`; `none` for XLA's
+matmuls on scan slices), or `cuda` for the CUDA one-row kernel of cuda_matvec.py on every projection and
+the lm_head (what Kernels.auto() chooses at batch 1 on a Hopper GPU; any other DENSE switches it off).
+Each variant is a Kernels value (ops/policy.py) passed to the step.
 int4 variants use groups of 64 with zero points unless `--group` or `--symmetric` say otherwise.
 `--trace DIR` also writes a CSV of the GPU kernels of three steps per variant (name, start ns, duration
 ns), read from a jax.profiler trace.
@@ -25,8 +25,9 @@ import jax
 import jax.numpy as jnp
 
 import llama_jax as lj
-from llama_jax import gpu_matvec, model, quantize
+from llama_jax import quantize
 from llama_jax.generate import _step
+from llama_jax.ops import Kernels
 
 from kernel_trace import trace_kernels
 
@@ -45,20 +46,21 @@ def main():
     int4 = dict(group=a.group, zero_point=not a.symmetric)  # int4's scheme; int8 keeps one scale a channel
     cfg = lj.PRESETS[a.preset].replace(param_dtype="bfloat16", compute_dtype="bfloat16")
     bf16 = lj.init_params(cfg, jax.random.key(0))
-    serves, dense_default, matvec_serves = model.decode_kernel_serves, model.DENSE_KERNEL_WEIGHTS, gpu_matvec.serves
+    auto = Kernels.auto()
     params_of = {0: bf16}
     for variant in a.variants:
         bits, batch, attention, dense = (variant.split(":") + ["o"])[:4]
         bits, batch = int(bits), int(batch)
         if bits not in params_of:
             params_of = {0: bf16, bits: quantize.quantize_params(bf16, cfg, bits=bits, **(int4 if bits == 4 else {}))}
-        model.decode_kernel_serves = serves if attention == "kernels" else (lambda q, c: False)
-        model.DENSE_KERNEL_WEIGHTS = tuple(w for w in dense.split("+") if w not in ("none", "cuda"))
-        gpu_matvec.serves = matvec_serves if dense == "cuda" else (lambda rows, dtype: False)
+        kernels = dataclasses.replace(
+            auto, decode_attention=auto.decode_attention if attention == "kernels" else "xla",
+            stacked_weights=tuple(w for w in dense.split("+") if w not in ("none", "cuda")),
+            matvec=auto.matvec if dense == "cuda" else "xla")
 
         @functools.partial(jax.jit, donate_argnums=(3,))
-        def step(params, token, position, cache):
-            logits, cache = _step(params, token, position, cache, cfg)
+        def step(params, token, position, cache, kernels=kernels):
+            logits, cache = _step(params, token, position, cache, cfg, kernels)
             return jnp.argmax(logits, -1).astype(jnp.int32), position + 1, cache
 
         params = params_of[bits]
@@ -91,7 +93,6 @@ def main():
                 token.block_until_ready()
 
             trace_kernels(three_steps, f"{a.trace}-{variant.replace(':', '_').replace('+', '-')}")
-    model.decode_kernel_serves, model.DENSE_KERNEL_WEIGHTS, gpu_matvec.serves = serves, dense_default, matvec_serves
 
 
 if __name__ == "__main__":

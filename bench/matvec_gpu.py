@@ -1,5 +1,5 @@
-"""The CUDA one-row matmul (llama_jax/gpu_matvec.py) on the Llama-2-7B decode weights, beside XLA's bf16
-GEMM and the Pallas kernel of qmatmul.py, on one GPU. One JSON line per figure: ms for the 32 layers of
+"""The CUDA one-row matmul (llama_jax/ops/cuda_matvec.py) on the Llama-2-7B decode weights, beside XLA's bf16
+GEMM and the Pallas kernel of ops/pallas_qmatmul.py, on one GPU. One JSON line per figure: ms for the 32 layers of
 a weight (one launch each, as in a decode step) and GB/s of stored bytes (codes and scales).
 
     python bench/matvec_gpu.py [--sweep]
@@ -12,10 +12,10 @@ import json
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from llama_jax import gpu_matvec, qmatmul
-from llama_jax import quantize as Q
+from llama_jax.ops import cuda_matvec as gpu_matvec
+from llama_jax.ops import pallas_qmatmul as qmatmul
+from llama_jax import qarray
 
 from quantize_matvec import timed  # the median of 20 calls
 
@@ -28,7 +28,7 @@ def make(scheme, k, n, layers, key):
     if scheme == "bf16":
         return w.astype(jnp.bfloat16)
     bits, group, zp = {"int8": (8, None, False), "int4_g64": (4, 64, False), "int4_g64_zp": (4, 64, True)}[scheme]
-    return Q.quantize(w, bits, group, stacked=True, zero_point=zp)
+    return qarray.quantize(w, bits, group, stacked=True, zero_point=zp)
 
 
 def dense_of(w, layer):

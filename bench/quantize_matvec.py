@@ -1,5 +1,5 @@
 """Few-row matmuls over 32 stacked Llama-2-7B weights: bf16 (XLA), XLA's dequantize-then-dot on
-QArrays, and the fused kernel of llama_jax/qmatmul.py with a sweep of its block settings. One JSON
+QArrays, and the fused kernel of llama_jax/ops/pallas_qmatmul.py with a sweep of its block settings. One JSON
 line per figure: ms for all 32 matrices and GB/s of stored bytes read.
 
     python bench/quantize_matvec.py [--rows 1] [--shape 4096 11008] [--sweep]   # GPU; on CPU it only checks
@@ -16,8 +16,9 @@ import time
 import jax
 import jax.numpy as jnp
 
+from llama_jax import qarray
 from llama_jax import quantize as Q
-from llama_jax.qmatmul import matmul, qmatmul
+from llama_jax.ops.pallas_qmatmul import matmul, qmatmul
 
 INTERPRET = jax.default_backend() == "cpu"
 
@@ -42,8 +43,8 @@ def main():
     a = p.parse_args()
     L, (K, N) = (2, (512, 256)) if INTERPRET else (32, a.shape)
     w = jax.random.normal(jax.random.key(0), (L, K, N), jnp.float32) * 0.02
-    variants = {"int8": Q.quantize(w, 8, None, stacked=True), "int4_g64": Q.quantize(w, 4, 64, stacked=True),
-                "int4_g32_zp": Q.quantize(w, 4, 32, stacked=True, zero_point=True)}
+    variants = {"int8": qarray.quantize(w, 8, None, stacked=True), "int4_g64": qarray.quantize(w, 4, 64, stacked=True),
+                "int4_g32_zp": qarray.quantize(w, 4, 32, stacked=True, zero_point=True)}
     dense = w.astype(jnp.bfloat16)
     variants["bf16_kernel"] = dense  # qmatmul.matmul, as the decode step runs `o`
     del w

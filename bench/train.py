@@ -5,7 +5,7 @@
                                                                  # full 7B on two GPUs, fsdp
     python bench/train.py --remat save_matmuls --trace /tmp/t    # + a kernel profile of two steps (kernel_trace.py)
 
-One JSON line per figure: tokens/s, MFU (DESIGN.md: tokens/s * (6N + 12*L*d*seq) / peak, N without the
+One JSON line per figure: tokens/s, MFU (tokens/s * (6N + 12*L*d*seq) / peak, N without the
 embedding table), compile seconds, step seconds, peak device memory. Each side runs in its own process so
 the two frameworks never share the GPU's memory.
 """
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ANCHORS = Path(os.environ.get("LLAMA_JAX_ANCHORS", HERE.parent.parent / "shared" / "anchors"))
+PEERS = HERE / "peers"  # the Hugging Face peer's scripts
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -36,11 +36,11 @@ def ours(a) -> dict:
     # JAX reserves 75% of a GPU's memory by default; a full 7B on two 80 GB cards needs more of it.
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     import llama_jax as lj
     from llama_jax import train
+    from llama_jax.ops import Kernels
     from llama_jax.sharding import make_mesh, place_batch
 
     if a.preset:
@@ -53,7 +53,8 @@ def ours(a) -> dict:
     optimizer = train.make_optimizer(lr=1e-4, warmup_steps=10, total_steps=1000)
     state = train.init_train_state(cfg, optimizer, jax.random.key(0), mesh)
     step = train.make_train_step(cfg, optimizer, mesh, accum_steps=a.accum, remat=a.remat,
-                                 loss_chunk=a.loss_chunk, unroll=a.unroll_layers)
+                                 loss_chunk=a.loss_chunk, unroll=a.unroll_layers,
+                                 kernels=Kernels.named(a.kernels, mesh))
     rng = np.random.default_rng(0)
     batch = place_batch({"tokens": rng.integers(0, cfg.vocab_size, (a.batch, a.seq + 1), dtype=np.int32)}, mesh)
 
@@ -112,6 +113,7 @@ def main():
     p.add_argument("--trace", default="", help="also profile two steps: kernel CSV at TRACE.csv, summary in the JSON")
     p.add_argument("--mesh", default="", help="e.g. fsdp=2 (default: every device on fsdp)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per card (H100 SXM: 989)")
+    p.add_argument("--kernels", default="auto", choices=["auto", "xla"], help="the kernel policy (ops/policy.py)")
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--only-ours", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -121,7 +123,7 @@ def main():
     cmd = [sys.executable, __file__, "--only-ours"] + [x for x in sys.argv[1:] if x != "--no-peer"]
     subprocess.run(cmd, check=False)
     if not a.no_peer and not a.preset:
-        subprocess.run([sys.executable, str(ANCHORS / "hf_llama_train.py"), "--width", str(a.width),
+        subprocess.run([sys.executable, str(PEERS / "hf_llama_train.py"), "--width", str(a.width),
                         "--ffn", str(a.ffn), "--layers", str(a.layers), "--heads", str(a.heads),
                         "--kv-heads", str(a.kv_heads), "--seq", str(a.seq), "--batch", str(a.batch),
                         "--peak-tflops", str(a.peak_tflops)], check=False)

@@ -220,7 +220,7 @@ def _llama(dim, n_layers, n_heads, norm_eps, max_seq_len, n_kv_heads=None, multi
         ffn_dim=ffn_dim(dim, multiple_of, mult), norm_eps=norm_eps, max_seq_len=max_seq_len)
 
 
-# Released hyper-parameters (DESIGN.md), and tiny configs for tests and CPU experiments.
+# Released hyper-parameters (each release's params.json or config.json), and tiny configs for tests and CPU experiments.
 PRESETS: dict[str, LlamaConfig] = {
     "llama-7b": _llama(4096, 32, 32, 1e-6, 2048),
     "llama-13b": _llama(5120, 40, 40, 1e-6, 2048),

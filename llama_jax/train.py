@@ -343,7 +343,7 @@ def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation, m
 
 
 def flops_per_token(cfg: LlamaConfig, seq: int) -> float:
-    """Training FLOPs per token (DESIGN.md): 6N + 12 L d seq, N = parameters without the embedding table."""
+    """Training FLOPs per token (the MFU convention): 6N + 12 L d seq, N = parameters without the embedding table."""
     n = param_count(cfg) - cfg.vocab_size * cfg.dim
     return 6.0 * n + 12.0 * cfg.n_layers * cfg.dim * seq
 

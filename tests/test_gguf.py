@@ -10,7 +10,7 @@ import torch
 
 import llama_jax as lj
 from checkpoints_convert.gguf import GGUFReader
-from llama_jax.checkpoint import params_from_reader
+from llama_jax.checkpoints import params_from_reader
 from llama_jax.config import from_hf_config
 from conftest import LLAMA2_TOKENIZER, STORIES_GGUF, smollm2_path
 from hf_reference import hf_from_gguf, hf_model
@@ -43,7 +43,7 @@ def test_smollm2_prompt_logits_match_transformers():
     cfg, params = ours(path)
     assert cfg.tie_embeddings and "lm_head" not in params
     assert (cfg.n_heads, cfg.n_kv_heads, cfg.rope_theta, cfg.vocab_size) == (9, 3, 100000.0, 49152)
-    ids = [504, 3575, 282, 4649, 314]  # "The capital of France is" (DESIGN.md)
+    ids = [504, 3575, 282, 4649, 314]  # "The capital of France is" (the ids llama.cpp gives)
     ref = hf_from_gguf(path)
     with torch.no_grad():
         theirs = ref(torch.tensor([ids])).logits.numpy()

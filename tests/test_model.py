@@ -64,7 +64,7 @@ def test_param_count(name):
     assert lj.param_count(lj.PRESETS[name]) == PARAM_COUNTS[name]
 
 
-RELEASED = {  # DESIGN.md: dim, layers, heads, kv heads, ffn, norm eps, context
+RELEASED = {  # the releases' params.json / config.json: dim, layers, heads, kv heads, ffn, norm eps, context
     "llama-7b": (4096, 32, 32, 32, 11008, 1e-6, 2048),
     "llama-13b": (5120, 40, 40, 40, 13824, 1e-6, 2048),
     "llama-33b": (6656, 60, 52, 52, 17920, 1e-6, 2048),
