@@ -30,7 +30,7 @@ def ours(a) -> None:
     import numpy as np
 
     import llama_jax as lj
-    from llama_jax.generate import Sampling, _step, decode_loop, prefill
+    from llama_jax.generate import Sampling, decode_loop, next_logits, prefill
     from llama_jax.ops import Kernels
 
     kernels = Kernels.named(a.kernels)
@@ -54,7 +54,7 @@ def ours(a) -> None:
 
     @functools.partial(jax.jit, donate_argnums=(3,))
     def greedy_step(params, token, position, cache):  # the decode step with greedy sampling fused in
-        logits, cache = _step(params, token, position, cache, cfg, kernels)
+        logits, cache = next_logits(params, token, position, cache, cfg, kernels)
         return jnp.argmax(logits, axis=-1).astype(jnp.int32), position + 1, cache
 
     for batch in a.batch:
@@ -168,7 +168,7 @@ def _kernels_vs_xla(prompt, mask) -> dict:
     import numpy as np
 
     import llama_jax as lj
-    from llama_jax.generate import _step, prefill
+    from llama_jax.generate import next_logits, prefill
     from llama_jax.ops import Kernels, cuda_matvec
 
     cfg = lj.PRESETS["tiny-gqa"].replace(dim=256, n_heads=4, n_kv_heads=2, head_dim=64, ffn_dim=512,
@@ -179,7 +179,8 @@ def _kernels_vs_xla(prompt, mask) -> dict:
         cache = lj.KVCache.zeros(cfg, prompt.shape[0], 128)
         logits, cache, position = prefill(params, prompt, mask, cache, cfg=cfg, kernels=kernels)
         token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        step = jax.jit(lambda params, token, position, cache: _step(params, token, position, cache, cfg, kernels))
+        step = jax.jit(lambda params, token, position, cache:
+                       next_logits(params, token, position, cache, cfg, kernels))
         hlo = step.lower(params, token, position, cache).as_text()
         return np.asarray(step(params, token, position, cache)[0], np.float32), hlo
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 import llama_jax as lj
 from llama_jax import quantize
-from llama_jax.generate import _step
+from llama_jax.generate import next_logits
 from llama_jax.ops import Kernels
 
 from kernel_trace import trace_kernels
@@ -60,7 +60,7 @@ def main():
 
         @functools.partial(jax.jit, donate_argnums=(3,))
         def step(params, token, position, cache, kernels=kernels):
-            logits, cache = _step(params, token, position, cache, cfg, kernels)
+            logits, cache = next_logits(params, token, position, cache, cfg, kernels)
             return jnp.argmax(logits, -1).astype(jnp.int32), position + 1, cache
 
         params = params_of[bits]

@@ -109,7 +109,7 @@ def _prefill(params, tokens, mask, cache, cfg, kernels):
     return logits[:, -1], cache, mask.sum(axis=1).astype(jnp.int32)
 
 
-def _step(params, token, position, cache, cfg, kernels):
+def next_logits(params, token, position, cache, cfg, kernels):
     """token, position [batch] -> logits [batch, vocab] for the next token, cache one slot fuller."""
     logits, cache = apply(params, token[:, None], cfg, positions=position[:, None], cache=cache,
                           unroll=True if kernels.decode_unroll else 1, kernels=kernels)
@@ -117,7 +117,7 @@ def _step(params, token, position, cache, cfg, kernels):
 
 
 prefill = jax.jit(_prefill, static_argnames=("cfg", "kernels"), donate_argnames=("cache",))
-decode_step = jax.jit(_step, static_argnames=("cfg", "kernels"), donate_argnames=("cache",))
+decode_step = jax.jit(next_logits, static_argnames=("cfg", "kernels"), donate_argnames=("cache",))
 
 
 @functools.partial(jax.jit, static_argnames=("sampling",))
@@ -151,7 +151,7 @@ def decode_loop(params, tokens, mask, key, eos_id, cfg: LlamaConfig, max_new_tok
     def body(carry):
         step, logits, cache, position, done, out = carry
         token, done, out = pick(step, logits, done, out)
-        logits, cache = _step(params, token, position, cache, cfg, kernels)
+        logits, cache = next_logits(params, token, position, cache, cfg, kernels)
         return step + 1, logits, cache, position + 1, done, out
 
     init = (jnp.zeros((), jnp.int32), logits, cache, position, done, out)
@@ -167,7 +167,7 @@ def _pick_and_step(params, logits, key, step, position, cache, done, eos_id, cfg
     run it through the model."""
     token = jnp.where(done, eos_id, sample(logits, jax.random.fold_in(key, step), sampling))
     done = done | (token == eos_id)
-    logits, cache = _step(params, token, position, cache, cfg, kernels)
+    logits, cache = next_logits(params, token, position, cache, cfg, kernels)
     return token, logits, cache, position + 1, done
 
 

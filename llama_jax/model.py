@@ -171,10 +171,8 @@ class Block(nnx.Module):
 
     def __call__(self, x, rope, kernels: Kernels, segment_ids=None, layer_cache=None):
         if layer_cache is not None:  # a kernel may run the whole layer for one token; this is its reference
-            weights = {n: getattr(self.attn, n)[...] for n in "qkvo"}
-            weights |= {n: getattr(self.mlp, n)[...] for n in ("gate", "up", "down")}
-            fused = ops.decode_layer(kernels, weights, (self.attn_norm.weight[...], self.mlp_norm.weight[...]),
-                                     self.attn_norm.eps, x, rope, layer_cache, self.cfg.n_heads, self.cfg.head_dim)
+            weights = {path: v[...] for path, v in nnx.to_flat_state(nnx.state(self, nnx.Param))}
+            fused = ops.decode_layer(kernels, weights, self.cfg, x, rope, layer_cache)
             if fused is not None:
                 return fused
         h, kv = self.attn(self.attn_norm(x), rope, kernels, segment_ids, layer_cache)
@@ -184,11 +182,11 @@ class Block(nnx.Module):
 
 
 def _save_matmuls(prim, *args, **params) -> bool:
-    # The projections' outputs, and those of cuDNN's fused attention: it is a custom call, not a dot, so
-    # without this the backward pass would run its forward kernel again for the softmax statistics
+    # The projections' outputs, and those of a fused attention kernel: it is not a dot, so without this
+    # the backward pass would run its forward kernel again for the softmax statistics
     # (bench/BENCHMARKS.md). Its output and statistics are small beside the rest.
     return (jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params)
-            or prim.name.startswith("dot_product_attention_fwd"))
+            or ops.is_fused_attention(prim))
 
 
 REMAT_POLICIES = {

@@ -8,10 +8,10 @@ its XLA reference, which is also the kernel's test oracle.
     decode_layer                     layer.py      (a whole decoder layer in one CUDA call)
 """
 
-from llama_jax.ops.attention import attention, cached_attention
+from llama_jax.ops.attention import attention, cached_attention, is_fused_attention
 from llama_jax.ops.layer import decode_layer
 from llama_jax.ops.matmul import LayerView, decode_views, embed, head, layer_views, project, project_many
 from llama_jax.ops.policy import Kernels
 
-__all__ = ["Kernels", "attention", "cached_attention", "decode_layer", "LayerView", "decode_views", "embed",
+__all__ = ["Kernels", "attention", "cached_attention", "is_fused_attention", "decode_layer", "LayerView", "decode_views", "embed",
            "head", "layer_views", "project", "project_many"]

@@ -47,6 +47,12 @@ def attention(
                                         implementation="cudnn" if fused else "xla")
 
 
+def is_fused_attention(prim) -> bool:
+    """Whether a primitive is a fused attention kernel's forward pass (cuDNN's), whose outputs a remat
+    policy keeps: the backward pass would otherwise run the kernel again for its softmax statistics."""
+    return prim.name.startswith("dot_product_attention_fwd")
+
+
 def cached_attention(
     kernels: Kernels,
     q: jax.Array,  # [batch, seq, heads, head_dim], before rotary

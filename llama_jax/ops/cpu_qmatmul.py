@@ -5,15 +5,15 @@
 
 Left to XLA, `x @ q.dequantize()` writes every weight out as float32 and then runs a float matvec; the
 kernel decodes the codes in registers instead (per int4 group: s * x . (codes - 8) + (z + 8 s) * sum(x)),
-on XLA's intra-op thread pool. Like qmatmul.py (the GPU kernel) it takes the whole stacked weight and a layer
+on XLA's intra-op thread pool. Like pallas_qmatmul.py (the GPU kernel) it takes the whole stacked weight and a layer
 index, so the decode scan's layer views (ops/matmul.py) reach it without a copy. The second form is the
 tied lm_head: the embedding [V, D] is grouped along D (params.py), so each logit is x times one contiguous row of codes;
 a transpose would have XLA copy every code on every call.
 
 The library is compiled on first use with the system C++ compiler (c++ or g++) against jaxlib's FFI
 headers, for the CPU's vector ISA (x86-64-v4 with AVX-512, v3 with AVX2 + FMA, else the compiler's
-default; never -march=native, which may pick extensions a sandbox forbids), into the cache folder of
-llama_jax.checkpoint (LLAMA_JAX_CACHE, ~/.cache/llama-jax) under a name that hashes the source, the
+default; never -march=native, which may pick extensions a sandbox forbids), into llama-jax's cache folder
+(native.py: LLAMA_JAX_CACHE, ~/.cache/llama-jax) under a name that hashes the source, the
 flags and the jaxlib version. The kernel policy (policy.py) chooses it where `available()`; without a
 compiler, or when the build fails, it is not chosen (after one warning) and ops/matmul.py dequantizes
 next to an XLA dot instead.
@@ -85,7 +85,7 @@ def available() -> bool:
 
 def _serves(q, x, k: int) -> bool:
     """What both forms need: float32 activations, few rows of length k (the contraction),
-    a weight that is not tiny, scales of a dtype the kernel reads, and K not padded (quantize.py)."""
+    a weight that is not tiny, scales of a dtype the kernel reads, and K not padded (qarray.py)."""
     return (x.dtype == jnp.float32 and x.size // max(k, 1) <= MAX_ROWS
             and math.prod(q.matrix_shape()) >= MIN_WEIGHTS and k % q.group == 0
             and q.values.shape[q.axis] * 8 // q.bits == k

@@ -1,5 +1,5 @@
 """One-row matmuls of batch-1 decoding on Hopper GPUs: a CUDA kernel (csrc/matvec_gpu.cu) called through
-the XLA FFI, for bf16 weights and quantize.py's int8 and int4 QArrays alike, and a whole decoder layer
+the XLA FFI, for bf16 weights and qarray.py's int8 and int4 QArrays alike, and a whole decoder layer
 built from it and a decode-attention kernel (csrc/attention_gpu.cu) in one call.
 
     outs = matvec(x, (wq, wk, wv), layer)   # x [1, K] bf16; layer `layer` of each stacked weight -> [1, N] each

@@ -17,13 +17,13 @@ output projection `o` (Kernels.stacked_weights), whose slice XLA copies before i
 
 Several weights that multiply the same x (q/k/v, gate/up) can run as one launch, their column blocks
 side by side. `supported` allows it for int4, where a [4096, 4096] weight alone must split K 32 ways to
-fill 132 SMs; for int8 one launch per weight measured faster (BENCHMARKS.md).
+fill 132 SMs; for int8 one launch per weight measured faster (bench/BENCHMARKS.md).
 
 Grid: (sum of N) / bn column blocks x `split` parts of K (so that a [4096, 4096] weight still spreads over
 every SM); each program loops over its K part one `unit` of rows at a time (a scale group, or for per-channel
 int8 a fixed tile). With split 1 a program's sum is final (per-channel scale applied in the kernel);
 otherwise each part is written as float32 [split, M, N] and XLA adds the parts up and scales them.
-Per group of g codes with scale s (and zero point z, else -8 s for symmetric int4; quantize.py):
+Per group of g codes with scale s (and zero point z, else -8 s for symmetric int4; qarray.py):
     x . w = s * (x . codes) + z * sum(x)
 """
 
@@ -48,7 +48,7 @@ def _dot(a, b):
 def _biased(nibbles):
     """uint8 values 0..15 -> bfloat16 128 + value, exactly: the value OR-ed into the mantissa of 128.0
     (0x4300), two bit operations instead of a conversion through float32. An int4 decode step at
-    batch 16 went from 5.75 to 5.59 ms on an H100 (BENCHMARKS.md)."""
+    batch 16 went from 5.75 to 5.59 ms on an H100 (bench/BENCHMARKS.md)."""
     return jax.lax.bitcast_convert_type(nibbles.astype(jnp.uint16) | jnp.uint16(0x4300), jnp.bfloat16)
 
 
@@ -152,7 +152,7 @@ def supported(q, x) -> bool:
 
     same = {(w.bits, w.group, w.zeros is None, w.values.ndim) for w in qs}
     # Several int8 weights in one launch measured slower than one launch each (a 7B decode step on an
-    # H100: 4.37 against 4.22 ms), int4 faster (3.95 against 4.63 ms): BENCHMARKS.md.
+    # H100: 4.37 against 4.22 ms), int4 faster (3.95 against 4.63 ms): bench/BENCHMARKS.md.
     one_launch_pays = len(qs) == 1 or qs[0].bits == 4
     return len(same) == 1 and one_launch_pays and all(ok(w) for w in qs)
 
@@ -199,7 +199,7 @@ def qmatmul(x, q, layer=None, *, bn=None, split=None, rows=None, num_warps=None,
     returned as a tuple. bn, split, rows (K rows per step, per-channel int8), num_warps, num_stages:
     block settings; tensor_cores: pad one row to 16 rows for the tensor cores (slower on an H100, kept
     for the sweep). The defaults are the best of a sweep on an H100 (bench/quantize_matvec.py --sweep,
-    BENCHMARKS.md)."""
+    bench/BENCHMARKS.md)."""
     many = isinstance(q, (tuple, list))
     qs = tuple(w.as_stack() for w in (q if many else (q,)))
     q0 = qs[0]

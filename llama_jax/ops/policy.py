@@ -70,7 +70,7 @@ class Kernels:
         platform = devices[0].platform
         one = len(devices) == 1
         if platform == "gpu":
-            hopper = one and cuda_matvec.is_hopper(devices[0]) and cuda_matvec.available()
+            hopper = one and cuda_matvec.is_hopper(devices[0]) and cuda_matvec.available(devices[0])
             return cls(attention="cudnn", decode_attention="pallas" if one else "xla",
                        matmul="pallas" if one else "xla", matvec="cuda" if hopper else "xla",
                        stacked_weights=("o",) if one else (), decode_unroll=True)
