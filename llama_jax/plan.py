@@ -64,7 +64,7 @@ def load_config(model: str):
     folder, a GGUF file, a Hugging Face or Meta folder. Only metadata is read, never weights."""
     from pathlib import Path
 
-    from llama_jax import checkpoint
+    from llama_jax import checkpoints as checkpoint
     from llama_jax.config import PRESETS, LlamaConfig, from_hf_config
 
     if model in PRESETS:
@@ -75,10 +75,7 @@ def load_config(model: str):
     if checkpoint.is_checkpoint(path):
         return LlamaConfig.from_dict(checkpoint.read_checkpoint_info(path)["config"])
     if checkpoint.is_train_checkpoint(path):
-        saved = checkpoint.TrainCheckpointer(path).read_meta().get("config")
-        if saved is None:
-            raise ValueError(f"--model {model!r}: training checkpoint without a saved config")
-        return LlamaConfig.from_dict(saved)
+        return checkpoint.run_config(path)
     if (path / "config.json").is_file() or path.suffix == ".json":  # a Hugging Face config suffices
         return from_hf_config(path)
     reader = checkpoint.reader_for(path)  # GGUF metadata, Meta params.json

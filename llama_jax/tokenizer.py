@@ -66,6 +66,23 @@ class Tokenizer:
     def _token_to_id(self, token: str) -> int | None:
         raise NotImplementedError
 
+    def save(self, folder: str | Path) -> list[Path]:
+        """Write this tokenizer into `folder` as load_tokenizer reads it back: its model file
+        (tokenizer.model or tokenizer.json) and a tokenizer_config.json of the settings above. A
+        training run keeps its tokenizer this way, so its folder is a model on its own."""
+        folder = Path(folder)
+        files = [self._save_model(folder)]
+        config = {"add_bos_token": self.add_bos, "bos_token": self.bos_token, "eos_token": self.eos_token,
+                  "bos_token_id": self.bos_id, "eos_token_id": self.eos_id}
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
+        files.append(folder / "tokenizer_config.json")
+        files[-1].write_text(json.dumps(config, indent=1))
+        return files
+
+    def _save_model(self, folder: Path) -> Path:
+        raise NotImplementedError
+
 
 class SentencePieceTokenizer(Tokenizer):
     def __init__(self, model: str | Path | bytes, config: dict[str, Any] | None = None):
@@ -93,6 +110,10 @@ class SentencePieceTokenizer(Tokenizer):
     def _decode(self, ids):
         return self.sp.DecodeIds(ids)  # control pieces (BOS/EOS) decode to ""
 
+    def _save_model(self, folder):
+        (folder / "tokenizer.model").write_bytes(self.sp.serialized_model_proto())
+        return folder / "tokenizer.model"
+
     def _token_to_id(self, token):
         i = self.sp.PieceToId(token)
         return None if i == self.sp.unk_id() and token != self.sp.IdToPiece(i) else i
@@ -105,7 +126,8 @@ class BPETokenizer(Tokenizer):
         from tokenizers import Tokenizer as HFTokenizer
 
         try:
-            self.tk = HFTokenizer.from_str(tokenizer_json) if from_string else HFTokenizer.from_file(str(tokenizer_json))
+            self.json = tokenizer_json if from_string else Path(tokenizer_json).read_text()  # for save()
+            self.tk = HFTokenizer.from_str(self.json)
         except Exception as e:
             where = "tokenizer.json" if from_string else str(tokenizer_json)
             raise ValueError(f"{where}: not a tokenizers tokenizer.json ({e})") from None
@@ -127,6 +149,10 @@ class BPETokenizer(Tokenizer):
 
     def _decode(self, ids):
         return self.tk.decode(ids, skip_special_tokens=True)
+
+    def _save_model(self, folder):
+        (folder / "tokenizer.json").write_text(self.json)
+        return folder / "tokenizer.json"
 
     def _token_to_id(self, token):
         return self.tk.token_to_id(token)

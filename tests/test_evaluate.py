@@ -12,7 +12,7 @@ import torch
 
 import llama_jax as lj
 from llama_jax import evaluate as ev
-from llama_jax.cli import load_for_generation, main
+from llama_jax.cli import main
 from conftest import STORIES_GGUF, smollm2_path
 from hf_reference import hf_model
 from hf_reference import hf_from_gguf
@@ -24,7 +24,7 @@ QUESTIONS = DATA / "mc_questions.jsonl"
 
 @pytest.fixture(scope="module")
 def stories():
-    return load_for_generation(STORIES_GGUF, compute_dtype="float32")
+    return lj.load(STORIES_GGUF, compute_dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_answer_normalisation_subtracts_the_unconditional_likelihood(stories):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return load_for_generation(smollm2_path())
+    return lj.load(smollm2_path())
 
 
 def test_smollm2_beats_chance_on_hand_written_questions(smollm2):

@@ -12,12 +12,13 @@ import torch
 
 import llama_jax as lj
 from checkpoints_convert.gguf import GGUFReader
-from llama_jax.checkpoint import Loaded, params_from_reader
-from llama_jax.cli import load_for_generation, main
+from llama_jax.checkpoints import Loaded, params_from_reader
+from llama_jax.cli import main
 from llama_jax.config import from_hf_config
 from llama_jax.generate import (
     Sampling, decode_step, filter_logits, generate, generate_tokens, prefill, sample, stream, stream_tokens)
 from llama_jax.model import KVCache
+from llama_jax.ops import Kernels
 from llama_jax.tokenizer import load_tokenizer
 from conftest import REPO, STORIES_GGUF, smollm2_path
 from hf_reference import hf_from_gguf
@@ -62,13 +63,11 @@ def test_smollm2_first_greedy_token_is_paris():
 
 
 @pytest.mark.parametrize("preset, unroll", [("tiny", False), ("tiny-gqa", False), ("tiny-gqa", True)])
-def test_cached_decoding_equals_full_forward(preset, unroll, monkeypatch):
+def test_cached_decoding_equals_full_forward(preset, unroll):
     """Prefill a left-padded batch of unequal prompts, then decode 12 steps; at every step each
     row's logits equal lj.forward on that row's whole sequence so far (no padding, no cache).
-    unroll=True is the decode step accelerators run (CPU runs the rolled scan)."""
-    gen = sys.modules["llama_jax.generate"]
-    monkeypatch.setattr(gen, "DECODE_UNROLL", unroll)
-    jax.clear_caches()  # the setting is read at trace time
+    unroll=True (Kernels.decode_unroll) is the decode step accelerators run (CPU runs the rolled scan)."""
+    kernels = Kernels(decode_unroll=unroll)
     cfg = lj.PRESETS[preset]
     params = lj.init_params(cfg, jax.random.key(1))
     rng = np.random.default_rng(0)
@@ -79,7 +78,7 @@ def test_cached_decoding_equals_full_forward(preset, unroll, monkeypatch):
     for i, p in enumerate(prompts):
         tokens[i, P - len(p):], mask[i, P - len(p):] = p, True
     cache = KVCache.zeros(cfg, 3, P + steps)
-    logits, cache, position = prefill(params, jnp.asarray(tokens), jnp.asarray(mask), cache, cfg)
+    logits, cache, position = prefill(params, jnp.asarray(tokens), jnp.asarray(mask), cache, cfg, kernels)
     seqs, seen = [list(p) for p in prompts], [[] for _ in prompts]
     for step in range(steps):
         for i in range(3):
@@ -87,13 +86,12 @@ def test_cached_decoding_equals_full_forward(preset, unroll, monkeypatch):
         nxt = rng.integers(3, cfg.vocab_size, 3).astype(np.int32)  # any tokens will do
         for i in range(3):
             seqs[i].append(int(nxt[i]))
-        logits, cache = decode_step(params, jnp.asarray(nxt), position, cache, cfg)
+        logits, cache = decode_step(params, jnp.asarray(nxt), position, cache, cfg, kernels)
         position = position + 1
     # The model is causal: the full forward's logits at t are those after the first t + 1 tokens.
     for i, (p, seq) in enumerate(zip(prompts, seqs)):
         full = np.asarray(lj.forward(params, jnp.asarray([seq[:-1]], jnp.int32), cfg))[0, len(p) - 1:]
         np.testing.assert_allclose(np.stack(seen[i]), full, atol=2e-5, rtol=0, err_msg=f"row {i}")
-    jax.clear_caches()
     assert int(cache.index) == P + steps
 
 
@@ -278,7 +276,7 @@ def test_cli_chat_keeps_the_conversation(capsys, monkeypatch, stories):
     assert rc == 0, err
     replies = out.splitlines()
     assert len(replies) == 2
-    model = load_for_generation(STORIES_GGUF)  # as the command loads it (bfloat16 compute)
+    model = lj.load(STORIES_GGUF)  # as the command loads it
     tok, cfg = model.tokenizer, model.config
     turns = [{"role": "user", "content": "Tell me a story."}]
     first = generate_tokens(model.params, cfg, [chat_tokens(tok, turns)], 12)[0]
@@ -309,6 +307,6 @@ def test_sharded_generation_equals_single_device():
     assert streamed.tolist() == expected
     with jax.set_mesh(mesh):
         tokens = jnp.asarray([[0, 0, 5, 6, 7]] * 4, jnp.int32)
-        _, cache, _ = prefill(sharded, tokens, tokens > 0, KVCache.zeros(cfg, 4, 8), cfg)
+        _, cache, _ = prefill(sharded, tokens, tokens > 0, KVCache.zeros(cfg, 4, 8), cfg, Kernels.auto(mesh))
     spec = cache.k.sharding.spec  # [layers, batch, slots, kv_heads, head_dim]
     assert spec[1] in ("fsdp", ("data", "fsdp"), ("fsdp",)) and spec[3] in ("tensor", ("tensor",))

@@ -145,7 +145,7 @@ def test_model_from_checkpoints(tmp_path):
     import jax
 
     from hf_reference import hf_model
-    from llama_jax.checkpoint import TrainCheckpointer, convert, open_reader
+    from llama_jax.checkpoints import TrainCheckpointer, convert, open_reader
     from llama_jax.plan import load_config
     from llama_jax.train import init_train_state, make_optimizer
 

@@ -13,12 +13,16 @@ import pytest
 import llama_jax as lj
 from checkpoints_convert.gguf import GGUFReader
 from checkpoints_convert.names import to_half_split as _to_half_split
+from llama_jax import params as params_table
+from llama_jax import ops, qarray
 from llama_jax import quantize as Q
-from llama_jax.checkpoint import params_from_reader
+from llama_jax.checkpoints import params_from_reader
 from llama_jax.config import from_hf_config
-from llama_jax.generate import _step, decode_step, prefill
+from llama_jax.generate import decode_step, next_logits, prefill
 from llama_jax.model import KVCache
-from llama_jax.sharding import make_mesh
+from llama_jax.ops import Kernels, pallas_qmatmul
+from llama_jax.ops.matmul import LayerView
+from llama_jax.sharding import make_mesh, param_shardings
 from llama_jax.tokenizer import load_tokenizer
 from conftest import STORIES_GGUF, smollm2_path
 
@@ -60,7 +64,7 @@ def _weights(shape, seed=0):
 
 def test_int8_per_channel_error_is_at_most_half_a_step():
     w = _weights((3, 96, 80))
-    q = Q.quantize(w, 8, None, stacked=True)
+    q = qarray.quantize(w, 8, None, stacked=True)
     assert q.values.dtype == jnp.int8 and q.values.shape == (3, 96, 80)
     assert q.scales.shape == (3, 1, 80)  # one scale per output channel of each layer
     assert int(jnp.max(jnp.abs(q.values.astype(jnp.int32)))) == 127  # each channel's largest weight uses the range
@@ -75,7 +79,7 @@ def test_int8_per_channel_error_is_at_most_half_a_step():
 def test_group_error_is_at_most_half_a_step(bits, group, zero_point):
     k = 320  # not a multiple of 64 or 128: the last group is padded
     w = _weights((2, k, 48), seed=group + zero_point)
-    q = Q.quantize(w, bits, group, stacked=True, zero_point=zero_point)
+    q = qarray.quantize(w, bits, group, stacked=True, zero_point=zero_point)
     groups = -(-k // group)
     assert q.scales.shape == (2, groups, 48)
     assert q.values.shape == (2, groups * group * bits // 8, 48)  # int4: two codes a byte
@@ -91,18 +95,18 @@ def test_group_error_is_at_most_half_a_step(bits, group, zero_point):
 
 def test_zero_point_fits_one_sided_groups_better():
     w = jnp.abs(_weights((1, 128, 64), seed=3)) + 1.0  # every weight positive: symmetric wastes half the codes
-    sym = Q.quantize(w, 4, 32, stacked=True)
-    asym = Q.quantize(w, 4, 32, stacked=True, zero_point=True)
+    sym = qarray.quantize(w, 4, 32, stacked=True)
+    asym = qarray.quantize(w, 4, 32, stacked=True, zero_point=True)
     e_sym = float(jnp.linalg.norm(sym.dequantize() - w))
     e_asym = float(jnp.linalg.norm(asym.dequantize() - w))
     assert e_asym < 0.6 * e_sym
 
 
 def test_all_zero_weights_and_embedding_transpose():
-    z = Q.quantize(jnp.zeros((64, 32)), 4, 32)
+    z = qarray.quantize(jnp.zeros((64, 32)), 4, 32)
     assert bool(jnp.all(z.dequantize() == 0))
     e = _weights((40, 64), seed=5)  # an embedding [V, D], grouped along D
-    q = Q.quantize(e, 4, 32, axis=-1)
+    q = qarray.quantize(e, 4, 32, axis=-1)
     assert q.scales.shape == (40, 2) and q.shape == (40, 64)
     np.testing.assert_array_equal(np.asarray(q.T.dequantize()), np.asarray(q.dequantize()).T)
     assert q.T.shape == (64, 40)
@@ -111,15 +115,15 @@ def test_all_zero_weights_and_embedding_transpose():
 def test_bad_arguments_are_refused():
     w = jnp.ones((64, 32))
     with pytest.raises(ValueError, match="bits"):
-        Q.quantize(w, 3, 32)
+        qarray.quantize(w, 3, 32)
     with pytest.raises(ValueError, match="group"):
-        Q.quantize(w, 4, 48)
+        qarray.quantize(w, 4, 48)
     with pytest.raises(ValueError, match="int4 needs a group"):
-        Q.quantize(w, 4, None)
+        qarray.quantize(w, 4, None)
     with pytest.raises(ValueError, match="zero point"):
-        Q.quantize(w, 8, None, zero_point=True)
+        qarray.quantize(w, 8, None, zero_point=True)
     with pytest.raises(TypeError, match="only"):
-        Q.quantize(w, 8)[0]
+        qarray.quantize(w, 8)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,11 +166,11 @@ def test_smollm2_gguf_kept_quantized_decodes_like_gguf(smollm2):
     cfg, ref, kept, _ = smollm2
     for name in ("q", "k", "v", "o"):
         a = kept["layers"]["attn"][name]
-        assert isinstance(a, Q.QArray) and a.bits == 4 and a.zeros is not None and a.group == 32
-    assert isinstance(kept["embed"], Q.QArray) and kept["embed"].bits == 8 and kept["embed"].axis == -1
-    for path, leaf in Q._walk(kept):
-        want = np.asarray(Q._get(ref, path))
-        got = np.asarray(leaf.dequantize() if isinstance(leaf, Q.QArray) else leaf)
+        assert isinstance(a, qarray.QArray) and a.bits == 4 and a.zeros is not None and a.group == 32
+    assert isinstance(kept["embed"], qarray.QArray) and kept["embed"].bits == 8 and kept["embed"].axis == -1
+    for path, leaf in params_table.leaves(kept):
+        want = np.asarray(params_table.get(ref, path))
+        got = np.asarray(leaf.dequantize() if isinstance(leaf, qarray.QArray) else leaf)
         np.testing.assert_array_equal(got, want, err_msg="/".join(path))
     assert Q.param_bytes(kept) < 0.2 * Q.param_bytes(ref)
 
@@ -239,12 +243,12 @@ def test_quantized_decode_equals_dequantized_float_decode(stories):
     fp = Q.dequantize_params(qp)
     tokens = jnp.asarray([[0, 0, 1, 403, 407, 261], [1, 300, 261, 305, 311, 330]], jnp.int32)
     mask = tokens > 0  # the first row is left-padded
-    runs = []
+    runs, kernels = [], Kernels.auto()  # what a run on this CPU chooses: the native quantized matmul
     for p in (qp, fp):
-        logits, cache, pos = prefill(p, tokens, mask, KVCache.zeros(cfg, 2, 24, jnp.float32), cfg)
+        logits, cache, pos = prefill(p, tokens, mask, KVCache.zeros(cfg, 2, 24, jnp.float32), cfg, kernels)
         steps = [logits]
         for _ in range(12):
-            logits, cache = decode_step(p, jnp.argmax(steps[-1], -1).astype(jnp.int32), pos, cache, cfg)
+            logits, cache = decode_step(p, jnp.argmax(steps[-1], -1).astype(jnp.int32), pos, cache, cfg, kernels)
             pos = pos + 1
             steps.append(logits)
         runs.append(np.stack(steps))
@@ -259,7 +263,7 @@ def test_int8_forward_equals_dequantized_forward():
     cfg = lj.PRESETS["tiny-gqa"]
     params = lj.init_params(cfg, jax.random.key(0))
     qp = Q.quantize_params(params, cfg, bits=8, include_embeddings=True)
-    assert all(isinstance(Q._get(qp, p), Q.QArray) for p in list(Q.LINEAR) + [Q.EMBED, Q.LM_HEAD])
+    assert all(isinstance(params_table.get(qp, p), qarray.QArray) for p in list(Q.LINEAR) + [Q.EMBED, Q.LM_HEAD])
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 16)), jnp.int32)
     np.testing.assert_allclose(np.asarray(lj.forward(qp, tokens, cfg)),
                                np.asarray(lj.forward(Q.dequantize_params(qp), tokens, cfg)), rtol=1e-5, atol=1e-5)
@@ -268,14 +272,13 @@ def test_int8_forward_equals_dequantized_forward():
 @pytest.mark.parametrize("rows", [1, 3, 16])
 @pytest.mark.parametrize("bits,group,zero_point", [(8, None, False), (8, 32, False), (4, 32, False), (4, 64, True)])
 def test_fused_gpu_kernel_equals_dequantized_matmul(rows, bits, group, zero_point):
-    """The Pallas kernel of qmatmul.py, run by Pallas' interpreter here: x times one layer of a stacked
-    QArray, for each K split and both row paths (one row on the CUDA cores, padded rows on the tensor
-    cores), equals x @ dequantize(layer) in float32."""
-    from llama_jax.qmatmul import qmatmul
-
+    """The Pallas kernel of ops/pallas_qmatmul.py, run by Pallas' interpreter here: x times one layer of a
+    stacked QArray, for each K split and both row paths (one row on the CUDA cores, padded rows on the
+    tensor cores), equals x @ dequantize(layer) in float32."""
+    qmatmul = pallas_qmatmul.qmatmul
     k, n = 256, 128
     w = jax.random.normal(jax.random.key(rows + bits), (3, k, n)) * 0.02
-    q = Q.quantize(w, bits, group, stacked=True, zero_point=zero_point)
+    q = qarray.quantize(w, bits, group, stacked=True, zero_point=zero_point)
     x = jax.random.normal(jax.random.key(100 + rows), (rows, k)).astype(jnp.bfloat16)
     for layer in (0, 2):
         ref = np.asarray(x.astype(jnp.float32) @ jax.tree.map(lambda a: a[layer], q).dequantize())
@@ -287,12 +290,10 @@ def test_fused_gpu_kernel_equals_dequantized_matmul(rows, bits, group, zero_poin
 
 
 def test_int4_codes_reach_the_tensor_cores_as_128_plus_code_exactly():
-    """qmatmul._biased ORs a nibble into the mantissa of 128.0: every code 0..15 becomes 128 + code."""
-    from llama_jax import qmatmul
-
+    """pallas_qmatmul._biased ORs a nibble into the mantissa of 128.0: every code 0..15 becomes 128 + code."""
     codes = jnp.arange(256, dtype=jnp.uint8)
     for nibbles in (codes & 0x0F, codes >> 4):
-        got = qmatmul._biased(nibbles)
+        got = pallas_qmatmul._biased(nibbles)
         assert got.dtype == jnp.bfloat16
         np.testing.assert_array_equal(np.asarray(got, np.float32), 128.0 + np.asarray(nibbles, np.float32))
 
@@ -302,10 +303,9 @@ def test_int4_codes_reach_the_tensor_cores_as_128_plus_code_exactly():
 def test_fused_gpu_kernel_runs_several_weights_in_one_launch(rows, bits, group, zero_point):
     """q/k/v-like weights of different widths, given as a tuple: each output equals x @ dequantize(its
     layer), whether K is split or not."""
-    from llama_jax.qmatmul import qmatmul
-
+    qmatmul = pallas_qmatmul.qmatmul
     k = 128
-    ws = [Q.quantize(jax.random.normal(jax.random.key(i), (2, k, n)) * 0.02, bits, group, stacked=True,
+    ws = [qarray.quantize(jax.random.normal(jax.random.key(i), (2, k, n)) * 0.02, bits, group, stacked=True,
                      zero_point=zero_point) for i, n in enumerate((64, 32, 48))]
     x = jax.random.normal(jax.random.key(9), (rows, k)).astype(jnp.bfloat16)
     for split in (None, 1):
@@ -320,23 +320,23 @@ def test_fused_gpu_kernel_runs_several_weights_in_one_launch(rows, bits, group, 
 
 
 def test_decode_step_through_the_gpu_kernel_equals_dequantized_decode(monkeypatch):
-    """The model's decode step with the GPU kernel's dispatch taken (interpreted here): q/k/v and
-    gate/up in one launch each, o and down alone, every layer read from the stack. Its logits equal
-    the step on the dequantized float weights, up to the kernel's bf16 activations."""
-    from llama_jax import qmatmul
-
+    """The model's bf16 decode step with the GPU kernel chosen (Kernels(matmul="pallas"); interpreted
+    here): int4 q/k/v and gate/up in one launch each, o and down alone, every layer read from the stack.
+    Its logits equal the Kernels.xla() step on the dequantized weights, up to bf16 rounding."""
     calls = []
-    real = qmatmul.qmatmul
-    monkeypatch.setattr(qmatmul, "supported", lambda q, x: True)
-    monkeypatch.setattr(qmatmul, "qmatmul", lambda x, q, layer=None: calls.append(q) or real(x, q, layer, interpret=True))
-    cfg = lj.PRESETS["tiny-gqa"].replace(ffn_dim=176)  # N a multiple of 16, as the kernel needs
+    real = pallas_qmatmul.qmatmul
+    monkeypatch.setattr(pallas_qmatmul, "qmatmul",
+                        lambda x, q, layer=None: calls.append(q) or real(x, q, layer, interpret=True))
+    # N a multiple of 16 and K of the group, as the kernel needs
+    cfg = lj.PRESETS["tiny-gqa"].replace(ffn_dim=192, compute_dtype="bfloat16")
     params = lj.init_params(cfg, jax.random.key(3))
-    qp = Q.quantize_params(params, cfg, bits=8)
+    qp = Q.quantize_params(params, cfg, bits=4, group=32)
     token, pos = jnp.asarray([5, 9], jnp.int32), jnp.asarray([3, 3], jnp.int32)
-    cache = KVCache.zeros(cfg, 2, 8, jnp.float32)
+    cache = KVCache.zeros(cfg, 2, 8)
     cache = dataclasses.replace(cache, index=jnp.int32(3), valid=cache.valid.at[:, :3].set(True))
-    got, _ = _step(qp, token, pos, cache, cfg)  # not jitted: traced here, with the dispatch patched
-    ref, _ = _step(Q.dequantize_params(qp), token, pos, cache, cfg)
+    # not jitted: traced here, with the kernel patched
+    got, _ = next_logits(qp, token, pos, cache, cfg, Kernels(matmul="pallas"))
+    ref, _ = next_logits(Q.dequantize_params(qp), token, pos, cache, cfg, Kernels.xla())
     # one trace of the scan body: (q, k, v) and (gate, up) as tuples, o and down alone
     assert [len(q) if isinstance(q, tuple) else 1 for q in calls] == [3, 1, 2, 1]
     scale = np.abs(np.asarray(ref)).max()
@@ -344,14 +344,17 @@ def test_decode_step_through_the_gpu_kernel_equals_dequantized_decode(monkeypatc
 
 
 def test_quantized_matmul_of_a_layer_of_the_stack():
-    """QArray.matmul and QLayer (the decode scan's unsliced layer) contract the weight's leading axes, like
-    the model's einsum on the dequantized weight, and `astype` of a QLayer dequantizes that layer."""
+    """ops.project of a QArray and of a LayerView of one (the decode scan's unsliced layer) contracts the
+    weight's leading axes, like the model's einsum on the dequantized weight, and `astype` of a LayerView
+    dequantizes that layer."""
     w = jax.random.normal(jax.random.key(0), (3, 4, 8, 32)) * 0.02  # [layers, heads, head_dim, dim], like `o`
-    q = Q.quantize(w, 4, 32, split=2, stacked=True)
+    q = qarray.quantize(w, 4, 32, split=2, stacked=True)
     x = jax.random.normal(jax.random.key(1), (2, 5, 4, 8))
-    view = Q.QLayer(q, jnp.int32(1))
+    view = LayerView(q, jnp.int32(1))
     expected = jnp.einsum("btnh,nhd->btd", x, q.dequantize()[1])
-    np.testing.assert_allclose(np.asarray(view.matmul(x)), np.asarray(expected), rtol=1e-5, atol=1e-6)
+    for weight in (view, q.take(1)):
+        got = ops.project(Kernels.xla(), "btnh,nhd->btd", x, weight)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(view[...].astype(jnp.float32)), np.asarray(q.dequantize()[1]))
 
 
@@ -377,7 +380,7 @@ def test_sharded_quantized_forward_matches_one_device():
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 16)), jnp.int32)
     ref = lj.forward(qp, tokens, cfg)
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
-    shardings = Q.param_shardings(qp, cfg, mesh)
+    shardings = param_shardings(cfg, mesh, params=qp)
     sharded = jax.device_put(qp, shardings)
     gate = sharded["layers"]["mlp"]["gate"]  # [layers, embed -> fsdp, mlp -> tensor]
     assert gate.values.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
@@ -407,12 +410,19 @@ def test_cli_quantize_writes_a_checkpoint_generate_accepts(tmp_path, capsys, sto
     assert rc == 0, err
     assert Q.is_quantized_checkpoint(out)
     model = lj.load(out)  # the public loader keeps the weights quantized
-    assert isinstance(model.params["layers"]["mlp"]["down"], Q.QArray)
+    assert isinstance(model.params["layers"]["mlp"]["down"], qarray.QArray)
     assert model.tokenizer is not None and model.config.dim == cfg.dim
     # What was stored is exactly quantize_params of the float model.
     want = Q.quantize_params(params, cfg, bits=4, group=32)
-    for p, leaf in Q._walk(Q._as_dicts(want)):
-        np.testing.assert_array_equal(np.asarray(Q._get(Q._as_dicts(model.params), p)), np.asarray(leaf))
+    for p, leaf in params_table.leaves(want):
+        got = params_table.get(model.params, p)
+        for field in ("values", "scales", "zeros") if isinstance(leaf, qarray.QArray) else ():
+            a, b = getattr(got, field), getattr(leaf, field)
+            assert (a is None) == (b is None), (p, field)
+            if b is not None:
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        if not isinstance(leaf, qarray.QArray):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(leaf))
     rc, text, err = _cli(capsys, "generate", "--model", str(out), "", "--max-new-tokens", "12")
     assert rc == 0, err
     assert text.startswith("Once upon a time")
@@ -449,5 +459,5 @@ def test_embedding_rows_decode_only_the_looked_up_rows():
     w = jax.random.normal(jax.random.key(3), (96, 64), jnp.float32)
     tokens = jnp.array([[0, 5, 95], [7, 7, 1]], jnp.int32)
     for bits, group, zp in ((8, 32, False), (4, 32, False), (4, 64, True)):
-        q = Q.quantize(w, bits, group, axis=-1, zero_point=zp)
+        q = qarray.quantize(w, bits, group, axis=-1, zero_point=zp)
         np.testing.assert_array_equal(np.asarray(q.rows(tokens)), np.asarray(q.dequantize()[tokens]))

@@ -15,7 +15,7 @@ import pytest
 
 import llama_jax as lj
 from llama_jax import train
-from llama_jax.checkpoint import TrainCheckpointer
+from llama_jax.checkpoints import TrainCheckpointer
 from conftest import REPO, STORIES_GGUF
 
 # Runs `llama-jax train` and signals itself with KILL_SIG right after step KILL_AT is logged: a kill at
@@ -96,8 +96,9 @@ def test_sigkill_between_checkpoints_resumes_with_identical_losses(corpus, refer
     assert resumed.returncode == 0, resumed.stderr
     start = max(complete)
     assert f"resuming from step {start}" in resumed.stderr
-    after = _metrics(out, skip=len(before))
-    assert [m["step"] for m in after] == list(range(start + 1, 11))
+    # The steps after `start` ran twice; metrics.jsonl keeps one row per step, the resumed run's.
+    after = _metrics(out)
+    assert [m["step"] for m in after] == list(range(1, 11))
     for m in after:
         assert m["loss"] == reference[m["step"]], (m["step"], m["loss"], reference[m["step"]])
     for m in before:  # the killed run itself followed the reference too
@@ -126,6 +127,10 @@ def test_sigterm_saves_then_exits_cleanly_and_resumes(corpus, reference, tmp_pat
     after = _metrics(out, skip=5)
     assert [m["step"] for m in after] == list(range(6, 11))
     assert all(m["loss"] == reference[m["step"]] for m in after)
+    # A finished run given more --steps goes on, and says that its schedule is re-planned.
+    longer = _train(out, corpus, steps=11)
+    assert longer.returncode == 0 and "planned for 10 steps, now 11" in longer.stderr
+    assert [m["step"] for m in _metrics(out)] == list(range(1, 12))
 
 
 def test_resume_restores_params_optimizer_rng_and_data_position(tmp_path):
@@ -152,7 +157,7 @@ CRASH_IN_SAVE = textwrap.dedent("""
     import jax
     import llama_jax as lj
     from llama_jax import train
-    from llama_jax.checkpoint import TrainCheckpointer
+    from llama_jax.checkpoints import TrainCheckpointer
     from orbax.checkpoint._src.path import atomicity
 
     cfg = lj.PRESETS["tiny"]

@@ -238,7 +238,7 @@ def test_bfloat16_compute_keeps_float32_master_params():
 
 
 def test_mfu_reproduces_design_figure():
-    """DESIGN.md: 7B width x 8 layers, seq 2048, 41.8k tokens/s on one H100 is MFU 47.8%."""
+    """The MFU convention: 7B width x 8 layers, seq 2048, 41.8k tokens/s on one H100 is MFU 47.8%."""
     cfg = lj.LlamaConfig(vocab_size=32000, dim=4096, n_layers=8, n_heads=32, n_kv_heads=32, ffn_dim=11008,
                          max_seq_len=2048)
     assert train.mfu(41.8e3, cfg, 2048) == pytest.approx(0.478, abs=5e-4)
@@ -318,9 +318,8 @@ INSTRUCTIONS = [
 
 @functools.lru_cache(maxsize=1)
 def _stories():
-    from llama_jax.cli import load_for_generation
 
-    model = load_for_generation(STORIES_GGUF)
+    model = lj.load(STORIES_GGUF)
     return model.config.replace(compute_dtype="float32"), model.params, model.tokenizer
 
 
@@ -378,7 +377,7 @@ def test_finetune_cli_writes_metrics_checkpoints_and_resumes(tmp_path, capsys):
     import json
 
     from llama_jax import cli
-    from llama_jax.checkpoint import TrainCheckpointer
+    from llama_jax.checkpoints import TrainCheckpointer
 
     data = tmp_path / "alpaca.json"
     data.write_text(json.dumps(INSTRUCTIONS))

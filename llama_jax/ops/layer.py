@@ -1,7 +1,7 @@
 """The fused decode layer: a whole decoder layer for one token in one call, where the kernel policy has a
 kernel for it (Kernels.matvec "cuda": cuda_matvec.decode_layer, six launches of which the quantized ones
 overlap). Its reference is the model's own layer (model.Block): `decode_layer` returns None wherever the
-kernel does not take the layer, and the model then runs its layer as written. tests/test_decode_kernels.py
+kernel does not take the layer, and the model then runs its layer as written. tests/test_cuda_matvec.py
 and bench/matvec_gpu_check.py hold the two to each other.
 """
 
@@ -26,7 +26,7 @@ def decode_layer(kernels: Kernels, weights: dict, cfg: LlamaConfig, x: jax.Array
     decode scan hands them (LayerViews where kept whole); a layer with any other parameter than the
     kernel knows is declined. layer_cache: (cache_k, cache_v, layer, start, mask)."""
     known = [path for path, _ in WEIGHTS] + list(NORMS)
-    if kernels.matvec != "cuda" or x.shape[:2] != (1, 1) or set(weights) != set(known):
+    if kernels.matvec != "cuda" or x.shape[:2] != (1, 1) or set(weights) != set(known) or not cuda_matvec.available():
         return None
     if not all(isinstance(weights[path], LayerView) for path in known):
         return None

@@ -126,21 +126,30 @@ def _kernel_products(kernels: Kernels, x2: jax.Array, ws, n_in: int, out_dtype=N
     layer = _weight(ws[0])[1]
     quantized = [isinstance(s, QArray) for s in stored]
     if all(quantized):
-        if kernels.matvec == "cuda" and cuda_matvec.supported(stored, x2):
+        if _cuda(kernels) and cuda_matvec.supported(stored, x2):
             return list(cuda_matvec.matvec(x2, tuple(stored), layer, out_dtype=out_dtype))
         if kernels.matmul == "pallas" and pallas_qmatmul.supported(tuple(stored), x2):
             return list(pallas_qmatmul.qmatmul(x2, tuple(stored), layer))
-        if kernels.matmul == "native" and all(cpu_qmatmul.supported(s, x2) for s in stored):
+        if _native(kernels) and all(cpu_qmatmul.supported(s, x2) for s in stored):
             return [cpu_qmatmul.qmatmul_cpu(x2, s, layer) for s in stored]
         return None
     if any(quantized) or layer is None:  # whole float weights: XLA's dot is the fastest there is
         return None
     mats = tuple(w.matrix(n_in) for w in ws)  # float views of the stack
-    if kernels.matvec == "cuda" and cuda_matvec.supported(mats, x2):
+    if _cuda(kernels) and cuda_matvec.supported(mats, x2):
         return list(cuda_matvec.matvec(x2, mats, layer, out_dtype=out_dtype))
     if kernels.matmul == "pallas" and pallas_qmatmul.supported_dense(mats, x2):
         return list(pallas_qmatmul.matmul(x2, mats, layer))
     return None
+
+
+def _cuda(kernels: Kernels) -> bool:
+    # The native libraries register with XLA on first use (a policy chosen by hand may not have built them).
+    return kernels.matvec == "cuda" and cuda_matvec.available()
+
+
+def _native(kernels: Kernels) -> bool:
+    return kernels.matmul == "native" and cpu_qmatmul.available()
 
 
 def head(kernels: Kernels, x: jax.Array, w, tied: bool) -> jax.Array:
@@ -149,14 +158,14 @@ def head(kernels: Kernels, x: jax.Array, w, tied: bool) -> jax.Array:
     batch, seq, dim = x.shape
     x2 = x.reshape(-1, dim)
     if isinstance(w, QArray) and tied:
-        if kernels.matmul == "native" and cpu_qmatmul.supported_rows(w, x2):
+        if _native(kernels) and cpu_qmatmul.supported_rows(w, x2):
             out = cpu_qmatmul.qmatmul_rows_cpu(x2, w)
         else:
             out = jnp.dot(x2, w.dequantize(x.dtype).T, preferred_element_type=jnp.float32)
     elif isinstance(w, QArray):
         out = _kernel_products(kernels, x2, (w,), 1, jnp.float32)
         out = out[0] if out is not None else _reference_product(x2, w, 1)
-    elif not tied and kernels.matvec == "cuda" and cuda_matvec.supported((w,), x2):
+    elif not tied and _cuda(kernels) and cuda_matvec.supported((w,), x2):
         out = cuda_matvec.matvec(x2, (w,))[0]
     else:
         w = w.T if tied else w

@@ -1,5 +1,5 @@
 // A decode step's attention for one layer on Hopper GPUs, launched by matvec_gpu.cu's decoder layer
-// (llama_jax/gpu_matvec.py); the contract of attention.decode_attention's Pallas kernel, in one launch:
+// (llama_jax/ops/cuda_matvec.py); the contract of attention.decode_attention's Pallas kernel, in one launch:
 //
 //   q, k (the new token's) rotated (Hugging Face's half split) and rounded to bf16; the new k and v
 //   written into the cache at slot `start` in place; out = softmax(q . K / sqrt(D)) V over the layer's

@@ -1,5 +1,5 @@
 // One-row matmuls of decoding (x [1, K] bf16 @ a weight [K, N]) for Hopper GPUs, called through the
-// XLA FFI (llama_jax/gpu_matvec.py):
+// XLA FFI (llama_jax/ops/cuda_matvec.py):
 //
 //   out[N] = x @ layer `layer` of W    W: bf16 [L, K, N], or quantize.py's int8 / int4 codes [L, Kstored, N]
 //
