@@ -39,6 +39,8 @@ def to_torch(a: np.ndarray):
     import torch
 
     a = np.ascontiguousarray(a)
+    if not a.flags.writeable:  # torch.from_numpy warns on read-only arrays (memory-mapped files)
+        a = a.copy()
     if a.dtype == ml_dtypes.bfloat16:
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(a)

@@ -132,7 +132,7 @@ class Attention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
         self.q, self.k, self.v, self.o = (_param(cfg, rngs, "layers", "attn", n) for n in "qkvo")
 
-    def __call__(self, x, rope, kernels: Kernels, segment_ids=None, layer_cache=None):
+    def __call__(self, x, rope, kernels: Kernels = Kernels(), segment_ids=None, layer_cache=None):
         """Without a cache: causal self-attention over x. With `layer_cache` = (k, v, layer, start,
         mask), k and v being every layer's cache [layers, batch, max_len, kv_heads, head_dim]: the new
         keys and values go into the cache at (layer, slot `start`), the queries attend over that
@@ -153,7 +153,7 @@ class MLP(nnx.Module):
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
         self.gate, self.up, self.down = (_param(cfg, rngs, "layers", "mlp", n) for n in ("gate", "up", "down"))
 
-    def __call__(self, x, kernels: Kernels):
+    def __call__(self, x, kernels: Kernels = Kernels()):
         gate, up = ops.project_many(kernels, "btd,df->btf", x, (self.gate[...], self.up[...]))
         h = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
         return ops.project(kernels, "btf,fd->btd", h, self.down[...])
@@ -169,7 +169,7 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg, "layers", "mlp_norm")
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, rope, kernels: Kernels, segment_ids=None, layer_cache=None):
+    def __call__(self, x, rope, kernels: Kernels = Kernels(), segment_ids=None, layer_cache=None):
         if layer_cache is not None:  # a kernel may run the whole layer for one token; this is its reference
             weights = {path: v[...] for path, v in nnx.to_flat_state(nnx.state(self, nnx.Param))}
             fused = ops.decode_layer(kernels, weights, self.cfg, x, rope, layer_cache)

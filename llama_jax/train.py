@@ -401,7 +401,7 @@ def fit(state: TrainState, step_fn: Callable, batches: Iterator[dict], *, steps:
         max_nonfinite: int = 10, peak_flops: float = H100_BF16_PEAK_FLOPS, progress: bool = True) -> FitResult:
     """Run `step_fn` over `batches` (host numpy dicts, the global batch) until `state.step` reaches `steps`.
 
-    `checkpoints` (checkpoint.TrainCheckpointer): saved every N steps as configured there, at the end,
+    `checkpoints` (checkpoints.TrainCheckpointer): saved every N steps as configured there, at the end,
     and on SIGTERM (then returns with status "preempted"); `data_state()` gives the data position to
     save beside the state. `log(metrics)` hears every step's metrics (with step, tokens_per_s, mfu).
     More than `max_nonfinite` consecutive non-finite steps raise TrainingStopped."""

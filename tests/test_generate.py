@@ -271,7 +271,7 @@ def test_cli_chat_keeps_the_conversation(capsys, monkeypatch, stories):
 
     from llama_jax.tokenizer import chat_tokens
 
-    monkeypatch.setattr(sys, "stdin", io.StringIO("Tell me a story.\nWhat happened next?\n\n"))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"Tell me a story.\nWhat happened next?\n\n")))
     rc, out, err = run_cli(capsys, "chat", "--model", str(STORIES_GGUF), "--max-new-tokens", "12")
     assert rc == 0, err
     replies = out.splitlines()

@@ -13,8 +13,8 @@ import pytest
 import llama_jax as lj
 from checkpoints_convert.gguf import GGUFReader
 from checkpoints_convert.names import to_half_split as _to_half_split
+from llama_jax import checkpoints, ops, qarray
 from llama_jax import params as params_table
-from llama_jax import ops, qarray
 from llama_jax import quantize as Q
 from llama_jax.checkpoints import params_from_reader
 from llama_jax.config import from_hf_config
@@ -408,7 +408,7 @@ def test_cli_quantize_writes_a_checkpoint_generate_accepts(tmp_path, capsys, sto
     out = tmp_path / "stories-int4"
     rc, _, err = _cli(capsys, "quantize", str(STORIES_GGUF), str(out), "--bits", "4", "--group", "32")
     assert rc == 0, err
-    assert Q.is_quantized_checkpoint(out)
+    assert checkpoints.is_quantized_checkpoint(out)
     model = lj.load(out)  # the public loader keeps the weights quantized
     assert isinstance(model.params["layers"]["mlp"]["down"], qarray.QArray)
     assert model.tokenizer is not None and model.config.dim == cfg.dim

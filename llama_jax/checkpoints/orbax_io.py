@@ -101,6 +101,7 @@ def restore_tree(folder: Path, target, what: str = "checkpoint", partial: bool =
     """The PyTree checkpoint at `folder` restored into `target` (ShapeDtypeStructs with shardings:
     each device reads only its own shards; `partial`: only the leaves `target` names). A damaged
     file raises one ValueError naming the folder."""
+    folder = Path(folder).absolute()  # Orbax takes absolute paths only
     try:
         with quiet_logs():
             return ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
