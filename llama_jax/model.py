@@ -186,7 +186,7 @@ def _save_matmuls(prim, *args, **params) -> bool:
     # the backward pass would run its forward kernel again for the softmax statistics
     # (bench/BENCHMARKS.md). Its output and statistics are small beside the rest.
     return (jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params)
-            or ops.is_fused_attention(prim))
+            or ops.is_fused_attention(prim, *args, **params))
 
 
 REMAT_POLICIES = {

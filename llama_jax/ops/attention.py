@@ -3,9 +3,12 @@
     out = attention(kernels, q, k, v, causal=True, segment_ids=None)             # training and prefill
     out, cache_k, cache_v = cached_attention(kernels, q, k, v, rope, cache, rotate)   # with a KV cache
 
-`attention` runs cuDNN's fused flash attention (Kernels.attention "cudnn") where it takes the call: a
-GPU, 16-bit inputs, a head_dim it supports, no explicit mask. Everything else, and the reference, is
-`jax.nn.dot_product_attention` in XLA. Grouped-query heads: query head j reads kv head j // (heads /
+`attention` runs causal self-attention through a fused kernel where the policy names one and it takes
+the call: over whole rows cuDNN's flash attention on GPUs (Kernels.attention "cudnn"), within packed
+documents our Pallas flash kernel (Kernels.masked_attention "pallas", pallas_flash_attention.py: blocks
+that the segments leave empty cost nothing), and Splash attention on TPUs for both ("splash",
+splash_attention.py). The Pallas kernels run on each device's shard of the mesh in context (sharded.py).
+Everything else, and the reference, is `jax.nn.dot_product_attention` in XLA. Grouped-query heads: query head j reads kv head j // (heads /
 kv_heads); the softmax runs in float32 whatever the input dtype.
 
 `cached_attention` takes q and k before rotary: a decode step on one GPU (Kernels.decode_attention
@@ -21,7 +24,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from llama_jax.ops import pallas_decode_attention
+from llama_jax.ops import pallas_decode_attention, pallas_flash_attention, sharded, splash_attention
 from llama_jax.ops.policy import Kernels
 
 
@@ -32,25 +35,48 @@ def attention(
     v: jax.Array,  # [batch, kv_len, kv_heads, head_dim]
     *,
     causal: bool = True,
-    segment_ids: jax.Array | None = None,  # [batch, q_len]: attend only within a segment (packing)
+    segment_ids: jax.Array | None = None,  # [batch, q_len]: contiguous runs (packed documents)
     mask: jax.Array | None = None,  # [batch, q_len, kv_len] bool, True = may attend
 ) -> jax.Array:  # [batch, q_len, heads, head_dim]
-    """Scaled dot-product attention with grouped-query heads."""
+    """Scaled dot-product attention with grouped-query heads. With `segment_ids` a query attends only
+    to keys of its own segment; the fused kernels take segments as contiguous runs of one id (what
+    packing makes), the reference any ids."""
+    if causal and mask is None and q.shape[1] == k.shape[1] > 1:
+        fused = _fused(kernels, q, k, v, segment_ids)
+        if fused is not None:
+            return fused
     if segment_ids is not None:
         same = segment_ids[:, :, None] == segment_ids[:, None, :]
         mask = same if mask is None else mask & same
     if mask is not None:
         mask = mask[:, None, :, :]  # broadcast over heads
-    fused = (kernels.attention == "cudnn" and mask is None and q.shape[1] > 1
-             and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] in (64, 128, 256))
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
-                                        implementation="cudnn" if fused else "xla")
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="xla")
 
 
-def is_fused_attention(prim) -> bool:
-    """Whether a primitive is a fused attention kernel's forward pass (cuDNN's), whose outputs a remat
-    policy keeps: the backward pass would otherwise run the kernel again for its softmax statistics."""
-    return prim.name.startswith("dot_product_attention_fwd")
+def _fused(kernels: Kernels, q, k, v, segment_ids) -> jax.Array | None:
+    """Causal self-attention through the kernel the policy names for it, or None where none takes it."""
+    choice = kernels.attention if segment_ids is None else kernels.masked_attention
+    if choice == "cudnn" and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] in (64, 128, 256):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    if choice == "splash" and splash_attention.supported(q, k, interpret=kernels.interpret):
+        return splash_attention.splash_attention(q, k, v, segment_ids, mesh=sharded.context_mesh(),
+                                                 interpret=kernels.interpret)
+    if choice == "pallas" and pallas_flash_attention.supported(q, k):
+        def kernel(q, k, v, *segments):
+            k_start = pallas_flash_attention.segment_starts(segments[0]) if segments else None
+            return pallas_flash_attention.flash_attention(q, k, v, k_start, interpret=kernels.interpret)
+
+        return sharded.per_shard(kernel, q, k, v, () if segment_ids is None else (segment_ids,))
+    return None
+
+
+def is_fused_attention(prim, *args, **params) -> bool:
+    """Whether a primitive holds a fused attention kernel's forward results, which a remat policy keeps:
+    the backward pass would otherwise run the kernel again for its softmax statistics. cuDNN's forward
+    is a primitive of its own; the Pallas kernels tag their output and log-sum-exp by name."""
+    return (prim.name.startswith("dot_product_attention_fwd")
+            or pallas_flash_attention.is_residual(prim, *args, **params)
+            or splash_attention.is_splash_residual(prim, *args, **params))
 
 
 def cached_attention(

@@ -47,9 +47,12 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+# The name the forward pass gives its residuals (output and log-sum-exp) through checkpoint_name.
+RESIDUAL_NAME = "flash_attention_residual"
 _LOG2_E = math.log2(math.e)
 _M_INIT = -1e30  # the running max before any key: finite, so rows of masked keys (-inf) never see inf - inf
 _EMPTY_LSE = 1e30  # the log-sum-exp stored for a query that reads no key: exp2(score - _EMPTY_LSE) = 0
@@ -369,6 +372,8 @@ def _flash(q, k, v, k_start, cfg: _Config):
 
 def _flash_fwd(q, k, v, k_start, cfg: _Config):
     out, lse = _forward(q, k, v, k_start, cfg)
+    # Tagged so that a remat policy can keep them (`is_residual`) instead of running the forward again.
+    out, lse = checkpoint_name(out, RESIDUAL_NAME), checkpoint_name(lse, RESIDUAL_NAME)
     return out, (q, k, v, k_start, out, lse)
 
 
@@ -383,6 +388,12 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 # ---------------------------------------------------------------------------------------------
 # Public entry
+
+
+def is_residual(prim, *_, **params) -> bool:
+    """Whether a remat policy's primitive is one of the forward pass's tagged residuals (its output and
+    log-sum-exp): a `name` primitive (checkpoint_name) carrying RESIDUAL_NAME."""
+    return prim.name == "name" and params.get("name") == RESIDUAL_NAME
 
 
 def _block(size: int, seq: int) -> int:

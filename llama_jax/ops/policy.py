@@ -10,7 +10,10 @@ device), so a one-device run on a many-GPU host still gets the one-GPU kernels, 
 gets a kernel that cannot be partitioned. It is a frozen dataclass, so it is a static argument of jit.
 
 Fields and their choices (the first is always the XLA reference):
-  attention         training and prefill attention: "xla" | "cudnn" (fused flash attention, GPUs)
+  attention         causal attention over whole rows (training, prefill): "xla" | "cudnn" (GPUs) |
+                    "splash" (TPUs, Splash attention)
+  masked_attention  causal attention within segments (packed rows): "xla" | "pallas" (GPUs: our flash
+                    kernel, pallas_flash_attention.py) | "splash" (TPUs)
   decode_attention  a decode step's rotary, cache write and attention: "xla" | "pallas" (one GPU)
   matmul            few-row matmuls of quantized weights and of stacked bf16 weights read in place:
                     "xla" | "pallas" (one GPU; Triton) | "native" (the CPU's C++ kernel, float32)
@@ -20,6 +23,10 @@ Fields and their choices (the first is always the XLA reference):
                     kernel instead of XLA's slice-then-dot ("o": XLA copies that slice before cuBLAS)
   decode_unroll     unroll the decode step's layer scan (accelerators: a rolled scan copies each layer's
                     weights; on CPU the unrolled program compiles slowly and runs slower)
+  interpret         run the Pallas kernels in Pallas' interpreter (how the CPU tests run GPU and TPU kernels)
+
+Under a mesh the Pallas attention kernels run on each device's shard (sharded.py); cuDNN's partitions
+through XLA.
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ import jax
 from llama_jax.ops import cpu_qmatmul, cuda_matvec
 
 CHOICES = {
-    "attention": ("xla", "cudnn"),
+    "attention": ("xla", "cudnn", "splash"),
+    "masked_attention": ("xla", "pallas", "splash"),
     "decode_attention": ("xla", "pallas"),
     "matmul": ("xla", "pallas", "native"),
     "matvec": ("xla", "cuda"),
@@ -43,11 +51,13 @@ NAMES = ("auto", "xla")  # what --kernels takes
 @dataclasses.dataclass(frozen=True)
 class Kernels:
     attention: str = "xla"
+    masked_attention: str = "xla"
     decode_attention: str = "xla"
     matmul: str = "xla"
     matvec: str = "xla"
     stacked_weights: tuple[str, ...] = ()
     decode_unroll: bool = False
+    interpret: bool = False
 
     def __post_init__(self):
         for field, allowed in CHOICES.items():
@@ -71,12 +81,12 @@ class Kernels:
         one = len(devices) == 1
         if platform == "gpu":
             hopper = one and cuda_matvec.is_hopper(devices[0]) and cuda_matvec.available(devices[0])
-            return cls(attention="cudnn", decode_attention="pallas" if one else "xla",
+            return cls(attention="cudnn", masked_attention="pallas", decode_attention="pallas" if one else "xla",
                        matmul="pallas" if one else "xla", matvec="cuda" if hopper else "xla",
                        stacked_weights=("o",) if one else (), decode_unroll=True)
         if platform == "cpu":
             return cls(matmul="native" if one and cpu_qmatmul.available() else "xla")
-        return cls(decode_unroll=True)  # TPU: XLA
+        return cls(attention="splash", masked_attention="splash", decode_unroll=True)  # TPU
 
     @classmethod
     def named(cls, name: str, mesh: jax.sharding.Mesh | None = None) -> "Kernels":

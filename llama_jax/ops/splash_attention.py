@@ -13,10 +13,7 @@ kv head h // (heads / kv_heads) for query head h (grouped-query heads, as the mo
 This op transposes into the kernel's layout, vmaps the kernel over the batch, and transposes back. The
 softmax scale 1/sqrt(head_dim) is applied to q, since the kernel applies none.
 
-Under a mesh the kernel runs inside `shard_map`: each device gets its rows of the batch (split over the
-mesh's batch axes that divide it) and its heads (split over `head_axis` when that axis divides both heads
-and kv_heads, else every device takes all heads), and runs the kernel on them alone. Attention does not
-mix examples or kv groups, so no collective is needed.
+Under a mesh the kernel runs on each device's shard (sharded.py: its rows of the batch and its heads).
 
 Remat. The kernel's forward pass tags its two residuals, the output and the softmax's logsumexp, with
 `checkpoint_name(RESIDUAL_NAME)`. A remat policy that keeps what `is_splash_residual` accepts saves them,
@@ -36,21 +33,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
-from jax.sharding import PartitionSpec as P
+
+from llama_jax.ops.sharded import BATCH_AXES, HEAD_AXIS, per_shard
 
 # The name the kernel's forward pass gives its residuals (output and logsumexp) through checkpoint_name.
 RESIDUAL_NAME = "splash_attention_residual"
 
 LANES = 128  # every Splash block is a multiple of this
-
-
-def _shard_map(f, mesh, in_specs, out_specs):
-    """`jax.shard_map` without replication checks (the Pallas call is opaque to them); older JAX has it
-    only as jax.experimental.shard_map.shard_map, whose flag is check_rep."""
-    if hasattr(jax, "shard_map"):
-        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-    from jax.experimental.shard_map import shard_map
-    return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
 
 
 def _block(size: int, seq: int) -> int:
@@ -106,21 +95,6 @@ def _local(q, k, v, segment_ids, *, causal, block_sizes, interpret):
     return out.transpose(0, 2, 1, 3)  # [batch, seq, heads, head_dim]
 
 
-def _batch_spec(batch: int, mesh, batch_axes: Sequence[str]):
-    """The mesh's batch axes (in order) while their product divides the batch: a batch that an axis
-    does not divide is replicated along it and the axes after it."""
-    axes, size = [], 1
-    for name in batch_axes:
-        n = mesh.shape.get(name, 1)
-        if n == 1:
-            continue
-        if batch % (size * n):
-            break
-        axes.append(name)
-        size *= n
-    return tuple(axes) if axes else None
-
-
 def splash_attention(
     q: jax.Array,  # [batch, seq, heads, head_dim]
     k: jax.Array,  # [batch, seq, kv_heads, head_dim]
@@ -129,8 +103,8 @@ def splash_attention(
     *,
     causal: bool = True,
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
-    batch_axes: Sequence[str] = ("data", "fsdp"),
-    head_axis: str | None = "tensor",
+    batch_axes: Sequence[str] = BATCH_AXES,
+    head_axis: str | None = HEAD_AXIS,
     interpret: bool = False,
     block_q: int = 512,
     block_kv: int = 512,
@@ -141,8 +115,7 @@ def splash_attention(
 ) -> jax.Array:  # [batch, seq, heads, head_dim], q's dtype
     """Scaled dot-product attention with grouped-query heads, causal and segment masks, in Splash
     attention; under `mesh` in shard_map over its batch axes and `head_axis`. Blocks are clipped to seq."""
-    batch, seq, heads, _ = q.shape
-    kv_heads = k.shape[2]
+    seq = q.shape[1]
     if not supported(q, k, block_q=block_q, block_kv=block_kv, interpret=True):
         raise ValueError(f"splash_attention does not take q {q.shape} {q.dtype}, k {k.shape} "
                          f"with blocks {block_q}x{block_kv} (see supported)")
@@ -157,13 +130,7 @@ def splash_attention(
     def local(q, k, v, segment_ids=None):
         return _local(q, k, v, segment_ids, causal=causal, block_sizes=block_sizes, interpret=interpret)
 
-    args = (q, k, v) if segment_ids is None else (q, k, v, segment_ids.astype(jnp.int32))
+    rows = () if segment_ids is None else (segment_ids.astype(jnp.int32),)
     if mesh is None:
-        return local(*args)
-
-    rows = _batch_spec(batch, mesh, batch_axes)
-    n = mesh.shape.get(head_axis, 1) if head_axis else 1
-    head = head_axis if n > 1 and heads % n == 0 and kv_heads % n == 0 else None
-    spec = P(rows, None, head, None)  # q, k, v and the output
-    in_specs = (spec, spec, spec) if segment_ids is None else (spec, spec, spec, P(rows, None))
-    return _shard_map(local, mesh, in_specs, spec)(*args)
+        return local(q, k, v, *rows)
+    return per_shard(local, q, k, v, rows, mesh=mesh, batch_axes=batch_axes, head_axis=head_axis)
