@@ -24,6 +24,8 @@ SCHEMES = [(8, None, False), (8, 64, False), (4, 64, True), (4, 32, False), (16,
 
 
 def main():
+    if not cuda_matvec.available():
+        raise SystemExit("the CUDA library did not build (see the warning above)")
     device = jax.devices()[0].device_kind
     x = jax.random.normal(jax.random.key(1), (1, 11008)).astype(jnp.bfloat16)
     norm = (1 + 0.1 * jax.random.normal(jax.random.key(7), (4, 4096))).astype(jnp.bfloat16)

@@ -5,6 +5,13 @@
                                                                  # full 7B on two GPUs, fsdp
     python bench/train.py --remat save_matmuls --trace /tmp/t    # + a kernel profile of two steps (kernel_trace.py)
 
+    python bench/train.py --packed --seq 8192 --batch 1 --remat save_matmuls --unroll-layers
+                                                                 # packed rows (documents of 300-1500 tokens)
+
+`--packed` feeds rows as `llama-jax train` packs them (data.PackedText: segment ids, restarting positions,
+the targets across documents masked). The Hugging Face peer runs unpacked rows of the same shape:
+transformers' packed layout (position_ids) needs the flash-attn package, which the GPU image lacks.
+
 One JSON line per figure: tokens/s, MFU (tokens/s * (6N + 12*L*d*seq) / peak, N without the
 embedding table), compile seconds, step seconds, peak device memory. Each side runs in its own process so
 the two frameworks never share the GPU's memory.
@@ -40,6 +47,7 @@ def ours(a) -> dict:
 
     import llama_jax as lj
     from llama_jax import train
+    from llama_jax.data import PackedText
     from llama_jax.ops import Kernels
     from llama_jax.sharding import make_mesh, place_batch
 
@@ -51,12 +59,21 @@ def ours(a) -> dict:
     cfg = cfg.replace(param_dtype="float32", compute_dtype="bfloat16", max_seq_len=max(a.seq, cfg.max_seq_len))
     mesh = make_mesh(**parse_mesh(a.mesh)) if a.mesh else make_mesh(data=1, fsdp=-1, tensor=1)
     optimizer = train.make_optimizer(lr=1e-4, warmup_steps=10, total_steps=1000)
+    step_kernels = Kernels.named(a.kernels, mesh)
     state = train.init_train_state(cfg, optimizer, jax.random.key(0), mesh)
     step = train.make_train_step(cfg, optimizer, mesh, accum_steps=a.accum, remat=a.remat,
                                  loss_chunk=a.loss_chunk, unroll=a.unroll_layers,
-                                 kernels=Kernels.named(a.kernels, mesh))
+                                 kernels=step_kernels)
     rng = np.random.default_rng(0)
-    batch = place_batch({"tokens": rng.integers(0, cfg.vocab_size, (a.batch, a.seq + 1), dtype=np.int32)}, mesh)
+    if a.packed:  # rows as `llama-jax train` packs them: documents of 300-1500 tokens, segments, positions
+        lengths = rng.integers(a.doc_min, a.doc_max + 1, 4 * a.batch * a.seq // a.doc_min)
+        docs = [rng.integers(0, cfg.vocab_size, n, dtype=np.int32) for n in lengths]
+        rows = PackedText(docs, a.seq).epoch(0)
+        host = {k: v[:a.batch] for k, v in rows.items()}
+        docs_per_row = float(np.mean([len(np.unique(r[r > 0])) for r in host["segment_ids"]]))
+    else:
+        host = {"tokens": rng.integers(0, cfg.vocab_size, (a.batch, a.seq + 1), dtype=np.int32)}
+    batch = place_batch(host, mesh)
 
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
@@ -88,6 +105,9 @@ def ours(a) -> dict:
     tok_s = a.batch * a.seq / dt
     mem = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in mesh.devices.flat)
     return dict(impl="llama-jax", preset=a.preset, width=cfg.dim, layers=cfg.n_layers, seq=a.seq, batch=a.batch,
+                rows="packed" if a.packed else "unpacked",
+                **({"docs_per_row": round(docs_per_row, 1), "doc_tokens": [a.doc_min, a.doc_max]} if a.packed else {}),
+                kernels=step_kernels.describe(),
                 mesh=dict(mesh.shape), remat=a.remat, accum_steps=a.accum, unroll_layers=a.unroll_layers,
                 step_s=round(dt, 4), compile_s=round(compile_s, 1),
                 tokens_per_s=round(tok_s), mfu=round(tok_s * flops_tok / (a.peak_tflops * 1e12 * n_dev), 4),
@@ -113,6 +133,10 @@ def main():
     p.add_argument("--trace", default="", help="also profile two steps: kernel CSV at TRACE.csv, summary in the JSON")
     p.add_argument("--mesh", default="", help="e.g. fsdp=2 (default: every device on fsdp)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per card (H100 SXM: 989)")
+    p.add_argument("--packed", action="store_true",
+                   help="packed rows (documents of --doc-min to --doc-max tokens, segment ids, restarting positions)")
+    p.add_argument("--doc-min", type=int, default=300)
+    p.add_argument("--doc-max", type=int, default=1500)
     p.add_argument("--kernels", default="auto", choices=["auto", "xla"], help="the kernel policy (ops/policy.py)")
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--only-ours", action="store_true", help=argparse.SUPPRESS)

@@ -87,31 +87,34 @@ def project_many(kernels: Kernels, spec: str, x: jax.Array, ws) -> list[jax.Arra
     """x times several weights that contract its last axes (q/k/v, gate/up): one launch where a kernel
     serves them all, else one product each."""
     n_in = _n_in(spec)
-    k = math.prod(x.shape[x.ndim - n_in:])
-    lead = x.shape[:x.ndim - n_in]
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(-1, math.prod(x.shape[x.ndim - n_in:]))
     outs = _kernel_products(kernels, x2, ws, n_in)
-    if outs is None:  # one product each, through a kernel where one takes it alone
-        outs = [(_kernel_products(kernels, x2, (w,), n_in) or [_reference_product(x2, w, n_in)])[0] for w in ws]
-    return [o.astype(x.dtype).reshape(lead + _out_shape(w, n_in)) for o, w in zip(outs, ws)]
+    if outs is None:  # one product each: through a kernel where one takes it alone, else XLA
+        return [_project_one(kernels, spec, x, x2, w, n_in) for w in ws]
+    return [_shaped(o, x, w, n_in) for o, w in zip(outs, ws)]
 
 
-def _out_shape(w, n_in: int) -> tuple[int, ...]:
+def _shaped(out2: jax.Array, x: jax.Array, w, n_in: int) -> jax.Array:
+    """A kernel's [M, N] product back in x's dtype and the shape the einsum spec gives."""
     stored, index = _weight(w)
-    if isinstance(stored, QArray):
-        return tuple(stored.tail[stored.split:])
-    return tuple(stored.shape[(0 if index is None else 1) + n_in:])
+    tail = (tuple(stored.tail[stored.split:]) if isinstance(stored, QArray)
+            else tuple(stored.shape[(0 if index is None else 1) + n_in:]))
+    return out2.astype(x.dtype).reshape(x.shape[:x.ndim - n_in] + tail)
 
 
-def _reference_product(x2: jax.Array, w, n_in: int) -> jax.Array:
-    """x2 [M, K] @ w -> float32 [M, N] in XLA."""
+def _project_one(kernels: Kernels, spec: str, x: jax.Array, x2: jax.Array, w, n_in: int) -> jax.Array:
+    out = _kernel_products(kernels, x2, (w,), n_in)
+    if out is not None:
+        return _shaped(out[0], x, w, n_in)
     stored, index = _weight(w)
-    if isinstance(stored, QArray):
+    if isinstance(stored, QArray):  # the reference: dequantized next to XLA's dot, summed in float32
         q = stored if index is None else stored.take(index)
-        return jnp.dot(x2, q.dequantize(x2.dtype).reshape(q.matrix_shape()), preferred_element_type=jnp.float32)
+        out2 = jnp.dot(x2, q.dequantize(x.dtype).reshape(q.matrix_shape()), preferred_element_type=jnp.float32)
+        return _shaped(out2, x, w, n_in)
+    # A float weight: XLA's einsum in x's dtype, on x as it is laid out (its batch and sequence axes keep
+    # their shardings; training's gradients stay in the compute dtype).
     m = stored if index is None else stored[index]
-    m = m.reshape(math.prod(m.shape[:n_in]), -1).astype(x2.dtype)
-    return jnp.dot(x2, m, preferred_element_type=jnp.float32)
+    return jnp.einsum(spec, x, m.astype(x.dtype))
 
 
 def _kernel_products(kernels: Kernels, x2: jax.Array, ws, n_in: int, out_dtype=None) -> list[jax.Array] | None:
@@ -164,7 +167,8 @@ def head(kernels: Kernels, x: jax.Array, w, tied: bool) -> jax.Array:
             out = jnp.dot(x2, w.dequantize(x.dtype).T, preferred_element_type=jnp.float32)
     elif isinstance(w, QArray):
         out = _kernel_products(kernels, x2, (w,), 1, jnp.float32)
-        out = out[0] if out is not None else _reference_product(x2, w, 1)
+        out = out[0] if out is not None else jnp.dot(x2, w.dequantize(x.dtype).reshape(w.matrix_shape()),
+                                                     preferred_element_type=jnp.float32)
     elif not tied and _cuda(kernels) and cuda_matvec.supported((w,), x2):
         out = cuda_matvec.matvec(x2, (w,))[0]
     else:
