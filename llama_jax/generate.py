@@ -220,7 +220,7 @@ def _cache_len(P: int, max_new_tokens: int) -> int:
     return -(-(P + max_new_tokens) // 128) * 128
 
 
-def _pad_left(prompts: Sequence[Sequence[int]]):
+def pad_left(prompts: Sequence[Sequence[int]]):
     """Left-pad token lists to one bucketed length -> tokens int32 [batch, P], mask bool [batch, P]."""
     P = _bucket(max(len(p) for p in prompts))
     tokens = np.zeros((len(prompts), P), np.int32)
@@ -269,7 +269,7 @@ def generate_tokens(params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], 
         return [[] for _ in prompts]
     eos = cfg.eos_id if eos_id is None else eos_id
     eos = -1 if eos is None else int(eos)  # -1 never matches: run to max_new_tokens
-    tokens, mask = _pad_left(prompts)
+    tokens, mask = pad_left(prompts)
     with _on(mesh):
         out, lengths = throughput_runner(kernels)(
             params, jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(seed), jnp.int32(eos), cfg,
@@ -289,7 +289,7 @@ def stream_tokens(params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], ma
     _check(cfg, prompts, max_new_tokens)
     eos = cfg.eos_id if eos_id is None else eos_id
     eos = -1 if eos is None else int(eos)
-    tokens, mask = _pad_left(prompts)
+    tokens, mask = pad_left(prompts)
     key = jax.random.key(seed)
     cache = KVCache.zeros(cfg, len(prompts), _cache_len(tokens.shape[1], max_new_tokens))
     done = np.zeros(len(prompts), bool)

@@ -126,3 +126,25 @@ def test_unpacked_rows_keep_the_xla_reference_off_the_fused_path(params):
     np.testing.assert_allclose(model.forward(params, tokens, CFG, FLASH), ref, atol=1e-5)
     np.testing.assert_allclose(ops.attention(FLASH, *(jnp.ones((1, 16, 4, 64)),) * 3),
                                ops.attention(Kernels.xla(), *(jnp.ones((1, 16, 4, 64)),) * 3), atol=1e-6)
+
+
+def test_left_padded_prefill_through_the_flash_kernel_equals_xla(params):
+    """A prefill of left-padded prompts into an empty cache runs the flash kernel (each row's keys from its
+    first real token): the last real token's logits and every real slot of the cache equal XLA's."""
+    from llama_jax.generate import pad_left, prefill
+
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, CFG.vocab_size, n).tolist() for n in (64, 17, 1, 40)]
+    tokens, mask = pad_left(prompts)  # [4, 64]: left-padded to the bucket
+    out = {}
+    for name, kernels in (("xla", Kernels.xla()), ("flash", FLASH)):
+        cache = model.KVCache.zeros(CFG, len(prompts), 128)
+        hlo = str(jax.make_jaxpr(prefill, static_argnums=(4, 5))(params, jnp.asarray(tokens), jnp.asarray(mask),
+                                                                   cache, CFG, kernels))
+        logits, cache, _ = prefill(params, jnp.asarray(tokens), jnp.asarray(mask), cache, CFG, kernels)
+        out[name] = (np.asarray(logits), np.asarray(cache.k), np.asarray(cache.v), hlo)
+    np.testing.assert_allclose(out["flash"][0], out["xla"][0], atol=1e-5)
+    real = np.asarray(mask)  # slots 0..63 hold the prompts; padding slots are never read
+    for i in (1, 2):
+        np.testing.assert_allclose(out["flash"][i][:, :, :64][:, real], out["xla"][i][:, :, :64][:, real], atol=1e-5)
+    assert "flash_attention_fwd" in out["flash"][3] and "flash_attention_fwd" not in out["xla"][3]

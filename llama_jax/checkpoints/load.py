@@ -45,7 +45,8 @@ def load(path: str | Path | None = None, *, mesh: jax.sharding.Mesh | None = Non
     `mesh`: params are placed by the model's sharding rules (from an Orbax checkpoint or run, each
     device reads only its own shards); else on the first local device.
     `dtype`: the parameter dtype; default the checkpoint's own (Orbax checkpoints and runs), float32
-    for the other formats.
+    for the released formats (exact for all of them). A quantized model's codes and scales stay as
+    stored whatever `dtype` says.
     `compute_dtype`: the matmul dtype. "auto" (the one rule of the Python API and the command line):
     float32 when the devices the load uses are CPUs (they have no bfloat16 units, and small models'
     near-ties flip in bfloat16), the config's compute dtype elsewhere. None keeps the config's; a

@@ -94,12 +94,35 @@ def cached_attention(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:  # out [batch, seq, heads, head_dim], cache_k, cache_v
     """The new tokens' keys and values written into layer `layer` of the cache at slot `start`, and their
     queries' attention over that layer's slots under `mask`. Writing only the new tokens keeps a decode
-    step's cache traffic to one read of the layer."""
+    step's cache traffic to one read of the layer.
+
+    A prefill into an empty cache (start 0) of left-padded rows is causal attention over the new tokens
+    alone, each row's keys starting at its first real token: where the policy has a kernel for packed
+    rows and it takes the shapes, that branch runs it (selected at run time on `start`)."""
     if kernels.decode_attention == "pallas" and pallas_decode_attention.supported(q, cache_k):
         return pallas_decode_attention.decode_attention(q, k, v, rope, cache_k, cache_v, layer, start, mask)
     q, k = rotate(q, rope), rotate(k, rope)
     cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), (layer, 0, start, 0, 0))
     cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), (layer, 0, start, 0, 0))
-    out = attention(Kernels.xla(), q, cache_k[layer].astype(q.dtype), cache_v[layer].astype(q.dtype),
-                    causal=False, mask=mask)
-    return out, cache_k, cache_v
+
+    def over_the_cache():
+        return attention(Kernels.xla(), q, cache_k[layer].astype(q.dtype), cache_v[layer].astype(q.dtype),
+                         causal=False, mask=mask)
+
+    seq = q.shape[1]
+    k16, v16 = (a.astype(cache_k.dtype).astype(q.dtype) for a in (k, v))  # rounded as the cache holds them
+    if (seq == 1 or kernels.masked_attention != "pallas"
+            or not pallas_flash_attention.supported(q, k16) or seq > mask.shape[-1]):
+        return over_the_cache(), cache_k, cache_v
+
+    def fresh_prefill():  # query t of row b reads the new keys from the row's first real token up to t
+        real = jax.lax.dynamic_slice_in_dim(mask[:, -1, :], 0, seq, axis=1)  # [batch, seq]: the last query's keys
+        first = jnp.argmax(real, axis=1).astype(jnp.int32)  # [batch]
+        k_start = jnp.broadcast_to(first[:, None], (q.shape[0], seq))
+
+        def kernel(q, k, v, k_start):
+            return pallas_flash_attention.flash_attention(q, k, v, k_start, interpret=kernels.interpret)
+
+        return sharded.per_shard(kernel, q, k16, v16, (k_start,))
+
+    return jax.lax.cond(start == 0, fresh_prefill, over_the_cache), cache_k, cache_v
