@@ -42,8 +42,9 @@ install-demo: $(VENV)/.installed-demo
 demo: install-demo
 	$(VENV)/bin/llama-jax generate --max-new-tokens 48 "Write one sentence about the ocean."
 
+# pytest-xdist: one worker a core (the suite is CPU-bound compilation).
 test: install-test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache
