@@ -3,8 +3,11 @@ and bad input ends in one line on stderr with exit code 2, never a traceback."""
 
 import io
 import json
+import os
 import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,3 +180,33 @@ def test_bad_input_is_one_line_and_exit_2(case, checkpoint, tmp_path, capsys):
     assert out == ""
     leftovers = [p for p in tmp_path.rglob("*") if p.name in ("out", "hf", "llama_jax.json") and p.parent == tmp_path]
     assert not leftovers  # nothing that looks complete
+
+
+def _cli_process(*argv, cwd):
+    """The command in a process of its own: what a user's shell sees, teardown included."""
+    code = "import sys; from llama_jax.cli import entry; sys.argv[0] = 'llama-jax'; entry()"
+    return subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}, timeout=300)
+
+
+def test_corrupt_chunk_in_a_real_process_is_one_line(checkpoint, tmp_path):
+    """Orbax's background threads are stopped before exit: no 'Event loop is closed' traceback after the
+    message."""
+    r = _cli_process("generate", "--model", _corrupt_chunk(checkpoint, tmp_path), "hi", cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "corrupt" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux) to simulate a full disk")
+def test_full_disk_during_training_is_one_line(checkpoint, tmp_path):
+    """A write that fails with ENOSPC mid-run (metrics.jsonl on /dev/full) ends in one line, exit 2."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").symlink_to("/dev/full")
+    r = _cli_process("train", "--model", checkpoint, "--data", _text(tmp_path), "--seq-len", "8", "--batch", "2",
+                     "--steps", "2", "--out", out, "--no-progress", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert "Traceback" not in r.stderr
+    assert "No space left on device" in lines[-1] and lines[-1].count("error") == 1, r.stderr
