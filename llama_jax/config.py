@@ -9,7 +9,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from checkpoints_convert.meta import ffn_dim
+from checkpoints_convert.gguf import GGUFReader
+from checkpoints_convert.meta import ffn_dim, hf_config_from_params
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -202,15 +203,11 @@ def to_hf_config(cfg: LlamaConfig) -> dict[str, Any]:
 def from_params_json(params: dict[str, Any] | str | Path, vocab_size: int | None = None, **overrides) -> LlamaConfig:
     """A LlamaConfig from Meta's `params.json`. Its vocab_size is -1 in LLaMA-1/2 releases: pass the
     tokenizer's size then."""
-    from checkpoints_convert.meta import hf_config_from_params
-
     return from_hf_config(hf_config_from_params(params, vocab_size=vocab_size), **overrides)
 
 
 def from_gguf(path: str | Path, **overrides) -> LlamaConfig:
     """A LlamaConfig from a GGUF file's metadata."""
-    from checkpoints_convert.gguf import GGUFReader
-
     return from_hf_config(GGUFReader(path).config, **overrides)
 
 

@@ -25,6 +25,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from llama_jax.tokenizer import alpaca_prompt
+
 # ---------------------------------------------------------------------------------------------
 # Reading files
 
@@ -174,8 +176,6 @@ def encode_alpaca(records: Sequence[dict], tokenizer, max_len: int = 512) -> lis
     and the response are encoded apart, so the loss mask falls exactly on the response's tokens; it is
     also what generation sees (the prompt encoded alone, the model continuing it). Records whose
     prompt alone fills max_len have no response left to learn from and are dropped."""
-    from llama_jax.tokenizer import alpaca_prompt
-
     out = []
     for r in records:
         prompt = tokenizer.encode(alpaca_prompt(r["instruction"], r.get("input", "")))

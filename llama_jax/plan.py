@@ -13,8 +13,11 @@ Three steps can be planned:
           layer scan is rolled here, where generate.py unrolls it: see `plan`)
 
 Caveats, printed with the table: the figures are XLA:CPU's buffer assignment of the partitioned
-program. The GPU/TPU compilers fuse and schedule differently, and on GPU attention runs as cuDNN's
-fused kernel, which never materialises the [seq, seq] scores that XLA's attention here does.
+program. The GPU/TPU compilers fuse and schedule differently, and there the kernel policy runs attention
+as fused kernels (cuDNN, the Pallas flash kernel, Splash: ops/policy.py), which never materialise the
+[seq, seq] scores that XLA's attention here does. `bench/tpu_compile.py` compiles the train step for a
+real TPU topology with libtpu. The imports of JAX and the model wait inside the functions: the child
+process fixes its device count before JAX starts.
 """
 
 from __future__ import annotations
@@ -86,8 +89,9 @@ def load_config(model: str):
 
 def plan(cfg, mesh_sizes: dict[str, int], batch: int, seq: int, step: str = "grad", *, remat: str = "none",
          accum_steps: int = 1, unroll_layers: bool = False, model_name: str = "", hbm_gib: float | None = None,
-         rules=None, log=print) -> Plan:
-    """Compile `step` for `cfg` on a (data, fsdp, tensor) mesh of this process's devices and measure it."""
+         rules=None, log=print, devices=None) -> Plan:
+    """Compile `step` for `cfg` on a (data, fsdp, tensor) mesh of this process's devices (or of `devices`:
+    a TPU topology's, compiled ahead of time) and measure it."""
     import warnings
 
     import jax
@@ -101,7 +105,7 @@ def plan(cfg, mesh_sizes: dict[str, int], batch: int, seq: int, step: str = "gra
         raise ValueError(f"step must be grad, train or decode, got {step!r}")
     if step == "decode":
         cfg = cfg.replace(param_dtype="bfloat16", compute_dtype="bfloat16")
-    mesh = sharding.make_mesh(**mesh_sizes)
+    mesh = sharding.make_mesh(**mesh_sizes, devices=devices)
     n_batch = sharding.batch_shard_count(mesh, rules)
     if batch % (n_batch * accum_steps):
         raise ValueError(f"--batch {batch} is not divisible by the {n_batch} data-parallel shards (data x fsdp) "

@@ -18,6 +18,8 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from checkpoints_convert.gguf import GGUFReader, is_gguf
+
 
 class Tokenizer:
     """The common interface. Subclasses implement `_encode(text) -> ids` and `_decode(ids) -> text`."""
@@ -208,8 +210,6 @@ def tokenizer_from_gguf(reader) -> Tokenizer:
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """A tokenizer.model, a tokenizer.json, a GGUF file, or a folder (checkpoint / Hugging Face)
     holding one of them."""
-    from checkpoints_convert.gguf import GGUFReader, is_gguf
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")

@@ -37,7 +37,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from llama_jax import sharding
 from llama_jax.config import LlamaConfig
-from llama_jax.model import REMAT_POLICIES, apply, init_params, param_count
+from llama_jax.model import (
+    REMAT_POLICIES,
+    abstract_params,
+    apply,
+    init_params,
+    param_count,
+)
 from llama_jax.ops import Kernels
 from llama_jax.params import BY_PATH
 from llama_jax.sharding import place_batch  # noqa: F401  (re-exported: train.place_batch)
@@ -72,8 +78,6 @@ def _is_params_like(tree_def):
 def state_shardings(cfg: LlamaConfig, optimizer: optax.GradientTransformation, mesh, rules=None) -> TrainState:
     """NamedShardings of every leaf of a TrainState: params by the rules; inside the optimizer state,
     every subtree laid out like the params (adam's mu and nu) sharded like them; scalars replicated."""
-    from llama_jax.model import abstract_params
-
     p_shard = sharding.param_shardings(cfg, mesh, rules)
     abstract = abstract_params(cfg)
     opt_abstract = jax.eval_shape(optimizer.init, abstract)
