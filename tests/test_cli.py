@@ -210,3 +210,16 @@ def test_full_disk_during_training_is_one_line(checkpoint, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert "Traceback" not in r.stderr
     assert "No space left on device" in lines[-1] and lines[-1].count("error") == 1, r.stderr
+
+
+def test_cache_folder_that_cannot_be_made_is_one_line(tmp_path):
+    """LLAMA_JAX_CACHE under a file: the default model cannot be converted there; one line, exit 2."""
+    blocker = _a_file(tmp_path)
+    code = "import sys; from llama_jax.cli import entry; sys.argv[0] = 'llama-jax'; entry()"
+    r = subprocess.run([sys.executable, "-c", code, "generate", "hi"], capture_output=True, text=True, cwd=tmp_path,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "LLAMA_JAX_CACHE": str(blocker / "c")},
+                       timeout=300)
+    assert r.returncode == 2, r.stderr
+    *progress, last = r.stderr.strip().splitlines()  # a line saying what it converts, then the error
+    assert len(progress) <= 1 and "error" in last and str(blocker) in last, r.stderr
+    assert "Traceback" not in r.stderr
