@@ -787,6 +787,16 @@ class _Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
 
+    def add_subparsers(self, **kwargs):
+        self.commands = super().add_subparsers(**kwargs)  # kept, so that main() can reach every parser
+        return self.commands
+
+    def leaves(self):
+        """The parsers that run a command (`eval perplexity`, `export hf`, `generate`, ...)."""
+        if not hasattr(self, "commands"):
+            return [self]
+        return [leaf for p in self.commands.choices.values() for leaf in p.leaves()]
+
     def error(self, message):
         # One line, exit code 2 (argparse's own prints the usage first); --help has the usage.
         print(f"{self.prog}: error: {message}", file=sys.stderr)
@@ -818,7 +828,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
-    for p in sub.choices.values():  # --verbose after the command too
+    for p in parser.leaves():  # --verbose after the command too
         p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
                        help="show library logs (absl, Orbax) on stderr")
     args = parser.parse_args(argv)
