@@ -44,7 +44,7 @@ demo: install-demo
 
 # pytest-xdist: one worker a core (the suite is CPU-bound compilation).
 test: install-test
-	$(PY) -m pytest -q -n auto tests
+	$(PY) -m pytest -q -n auto --dist worksteal tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache

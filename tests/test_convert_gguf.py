@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import llama_jax as lj
-from conftest import STORIES_GGUF, smollm2_path
+from conftest import SMOLLM2_PROMPT, STORIES_GGUF, smollm2_reference_logits
 from hf_reference import hf_from_gguf
 from llama_jax.cli import main
 
@@ -56,10 +56,8 @@ def test_default_model_is_converted_once_into_the_cache(tmp_path, monkeypatch):
     assert (model.config.n_heads, model.config.n_kv_heads, model.config.rope_theta) == (9, 3, 100000.0)
 
     ids = model.tokenizer.encode("The capital of France is")
-    assert ids == [504, 3575, 282, 4649, 314]  # the ids llama.cpp gives (no BOS added)
-    ref = hf_from_gguf(smollm2_path())
-    with torch.no_grad():
-        theirs = ref(torch.tensor([ids])).logits.numpy()
+    assert ids == SMOLLM2_PROMPT  # the ids llama.cpp gives (no BOS added)
+    theirs = smollm2_reference_logits()  # transformers on the same GGUF
     cfg = model.config.replace(compute_dtype="float32")
     ours = np.asarray(lj.forward(model.params, jnp.asarray([ids], jnp.int32), cfg))
     assert np.max(np.abs(ours - theirs)) < 1e-3

@@ -12,7 +12,7 @@ import llama_jax as lj
 from checkpoints_convert.gguf import GGUFReader
 from llama_jax.checkpoints import params_from_reader
 from llama_jax.config import from_hf_config
-from conftest import LLAMA2_TOKENIZER, STORIES_GGUF, smollm2_path
+from conftest import LLAMA2_TOKENIZER, SMOLLM2_PROMPT, STORIES_GGUF, smollm2_path, smollm2_reference_logits
 from hf_reference import hf_from_gguf, hf_model
 
 
@@ -43,10 +43,8 @@ def test_smollm2_prompt_logits_match_transformers():
     cfg, params = ours(path)
     assert cfg.tie_embeddings and "lm_head" not in params
     assert (cfg.n_heads, cfg.n_kv_heads, cfg.rope_theta, cfg.vocab_size) == (9, 3, 100000.0, 49152)
-    ids = [504, 3575, 282, 4649, 314]  # "The capital of France is" (the ids llama.cpp gives)
-    ref = hf_from_gguf(path)
-    with torch.no_grad():
-        theirs = ref(torch.tensor([ids])).logits.numpy()
+    ids = SMOLLM2_PROMPT  # "The capital of France is" (the ids llama.cpp gives)
+    theirs = smollm2_reference_logits()  # transformers on the same GGUF
     mine = np.asarray(lj.forward(params, jnp.asarray([ids], jnp.int32), cfg))
     assert np.max(np.abs(mine - theirs)) < 1e-3
     assert int(np.argmax(mine[0, -1])) == 7042  # " Paris"

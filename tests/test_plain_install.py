@@ -5,6 +5,7 @@ The extras' packages (torch, safetensors, gguf, tensorboardX, transformers) are 
 tests, so here a `sitecustomize` on the child's path makes importing them fail, as on a plain install."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,7 +44,8 @@ def plain(tmp_path_factory):
     def cli(*argv, cwd=d):
         code = "import sys; from llama_jax.cli import main; sys.exit(main(sys.argv[1:]))"
         env = {"PYTHONPATH": env_path, "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin",
-               "LLAMA_JAX_CACHE": str(d / "cache"), "HOME": str(d)}
+               "LLAMA_JAX_CACHE": str(d / "cache"), "HOME": str(d),
+               **{k: v for k, v in os.environ.items() if k.startswith("JAX_PERSISTENT") or k == "JAX_COMPILATION_CACHE_DIR"}}
         return subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True,
                               env=env, cwd=cwd, timeout=300)
 
