@@ -822,7 +822,7 @@ def _one_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, process_exit: bool = False) -> int:
     parser = _Parser(prog="llama-jax", description="LLaMA-family models in JAX.")
     parser.add_argument("--verbose", action="store_true", help="show library logs (absl, Orbax) on stderr")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -841,22 +841,31 @@ def main(argv: list[str] | None = None) -> int:
 
             traceback.print_exc()
         print(f"llama-jax {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        if process_exit:  # the `llama-jax` script: end here, before background threads can print under it
+            _exit_quietly(2)
         return 2
     except KeyboardInterrupt:
         print(f"llama-jax {args.command}: interrupted", file=sys.stderr)
         return 130
 
 
-def entry() -> None:
-    """The `llama-jax` script. After an error, the process ends without the interpreter's teardown,
-    where Orbax's and TensorStore's background threads would print tracebacks under the one line."""
+def _exit_quietly(code: int) -> None:
+    """End the process at once: Orbax's and TensorStore's background threads, still finishing reads of a
+    failed restore, would print tracebacks under the error's one line (in the interpreter's teardown,
+    or even before it), so stderr is closed to them first."""
     import os
 
-    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    os._exit(code)
+
+
+def entry() -> None:
+    """The `llama-jax` script."""
+    code = main(process_exit=True)
     if code != 0:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        _exit_quietly(code)
     sys.exit(code)
 
 

@@ -61,3 +61,14 @@ def smollm2_reference_logits():
             np.save(path.with_suffix(".partial.npy"), logits)
             path.with_suffix(".partial.npy").rename(path)
         return np.load(path)
+
+
+# Modules whose tests run long (notebooks, child processes, compiles for many devices) start first, so that
+# the workers of `pytest -n` finish together instead of one waiting on the last long test.
+LONG_FIRST = ("test_notebooks.py", "test_multihost.py", "test_plan.py", "test_resume.py", "test_plain_install.py",
+              "test_convert_gguf.py", "test_gguf.py", "test_cuda_matvec.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))
