@@ -295,7 +295,7 @@ def graphdef(cfg: LlamaConfig):
 
 def abstract_params(cfg: LlamaConfig) -> Params:
     """Shapes and dtypes of every parameter, allocating nothing."""
-    return params.tree_of(cfg, lambda p: jax.ShapeDtypeStruct(p.full_shape(cfg), cfg.param_jnp_dtype))
+    return params.abstract(cfg)
 
 
 def logical_axes(cfg: LlamaConfig) -> dict:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Iterator
 
+import jax
 import numpy as np
 
 from checkpoints_convert import names
@@ -155,6 +156,11 @@ def tree_of(cfg: LlamaConfig, value: Callable[[Param], object]) -> dict:
     for p in params_of(cfg):
         set_(out, p.path, value(p))
     return out
+
+
+def abstract(cfg: LlamaConfig) -> dict:
+    """Shapes and dtypes of every parameter (jax.ShapeDtypeStruct), in the params layout, allocating nothing."""
+    return tree_of(cfg, lambda p: jax.ShapeDtypeStruct(p.full_shape(cfg), cfg.param_jnp_dtype))
 
 
 def logical_axes(cfg: LlamaConfig) -> dict:

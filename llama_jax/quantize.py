@@ -89,7 +89,7 @@ def scheme(tree) -> dict:
 
 def abstract_quantized(cfg: LlamaConfig, scheme_: dict):
     """The params tree (ShapeDtypeStructs, QArrays where `scheme_` says) that `scheme(params)` described."""
-    tree = params.tree_of(cfg, lambda p: jax.ShapeDtypeStruct(p.full_shape(cfg), cfg.param_jnp_dtype))
+    tree = params.abstract(cfg)
     for name, s in scheme_.items():
         path = tuple(name.split("."))
         lead = (cfg.n_layers,) if path[0] == "layers" else ()

@@ -227,8 +227,7 @@ def param_specs(cfg, rules: Rules | None = None, mesh=None):
     axes = table.logical_axes(cfg)
     if mesh is None:
         return jax.tree.map(lambda a: logical_to_spec(a, rules), axes, is_leaf=lambda x: isinstance(x, tuple))
-    shapes = table.tree_of(cfg, lambda p: jax.ShapeDtypeStruct(p.full_shape(cfg), cfg.param_jnp_dtype))
-    return specs_for(axes, shapes, mesh, rules)
+    return specs_for(axes, table.abstract(cfg), mesh, rules)
 
 
 def param_shardings(cfg, mesh: jax.sharding.Mesh, rules: Rules | None = None, params=None):

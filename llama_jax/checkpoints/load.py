@@ -82,8 +82,7 @@ def _read(path: Path, mesh, dtype, keep_quantized) -> Loaded:
         else:
             cfg = orbax_io.config_of(path)
             cfg = cfg if dtype is None else cfg.replace(param_dtype=dtype)
-            target = orbax_io.with_shardings(P.tree_of(cfg, lambda row: jax.ShapeDtypeStruct(
-                row.full_shape(cfg), cfg.param_jnp_dtype)), orbax_io.placement(cfg, mesh))
+            target = orbax_io.with_shardings(P.abstract(cfg), orbax_io.placement(cfg, mesh))
             orbax_io.check_stored_shapes(path / "params", target)
             params = orbax_io.restore_tree(path / "params", target)
         return Loaded(cfg, params, load_tokenizer(path) if orbax_io.has_tokenizer(path) else None)

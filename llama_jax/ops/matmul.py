@@ -74,10 +74,6 @@ def _weight(w):
     return (w.stack, w.index) if isinstance(w, LayerView) else (w, None)
 
 
-def _quantized(w) -> bool:
-    return isinstance(_weight(w)[0], QArray)
-
-
 def project(kernels: Kernels, spec: str, x: jax.Array, w) -> jax.Array:
     """x times a weight (an array, a QArray or a LayerView), in x's dtype (sums in float32)."""
     return project_many(kernels, spec, x, (w,))[0]
@@ -89,9 +85,10 @@ def project_many(kernels: Kernels, spec: str, x: jax.Array, ws) -> list[jax.Arra
     n_in = _n_in(spec)
     x2 = x.reshape(-1, math.prod(x.shape[x.ndim - n_in:]))
     outs = _kernel_products(kernels, x2, ws, n_in)
-    if outs is None:  # one product each: through a kernel where one takes it alone, else XLA
-        return [_project_one(kernels, spec, x, x2, w, n_in) for w in ws]
-    return [_shaped(o, x, w, n_in) for o, w in zip(outs, ws)]
+    if outs is not None:
+        return [_shaped(o, x, w, n_in) for o, w in zip(outs, ws)]
+    # One product each: through a kernel where one takes it alone (asked already when ws is one), else XLA.
+    return [_project_one(kernels, spec, x, x2, w, n_in, ask_kernel=len(ws) > 1) for w in ws]
 
 
 def _shaped(out2: jax.Array, x: jax.Array, w, n_in: int) -> jax.Array:
@@ -102,19 +99,23 @@ def _shaped(out2: jax.Array, x: jax.Array, w, n_in: int) -> jax.Array:
     return out2.astype(x.dtype).reshape(x.shape[:x.ndim - n_in] + tail)
 
 
-def _project_one(kernels: Kernels, spec: str, x: jax.Array, x2: jax.Array, w, n_in: int) -> jax.Array:
-    out = _kernel_products(kernels, x2, (w,), n_in)
+def _project_one(kernels: Kernels, spec: str, x: jax.Array, x2: jax.Array, w, n_in: int,
+                 ask_kernel: bool) -> jax.Array:
+    out = _kernel_products(kernels, x2, (w,), n_in) if ask_kernel else None
     if out is not None:
         return _shaped(out[0], x, w, n_in)
     stored, index = _weight(w)
-    if isinstance(stored, QArray):  # the reference: dequantized next to XLA's dot, summed in float32
-        q = stored if index is None else stored.take(index)
-        out2 = jnp.dot(x2, q.dequantize(x.dtype).reshape(q.matrix_shape()), preferred_element_type=jnp.float32)
-        return _shaped(out2, x, w, n_in)
+    if isinstance(stored, QArray):
+        return _shaped(_dequantized_product(x2, stored if index is None else stored.take(index)), x, w, n_in)
     # A float weight: XLA's einsum in x's dtype, on x as it is laid out (its batch and sequence axes keep
     # their shardings; training's gradients stay in the compute dtype).
     m = stored if index is None else stored[index]
     return jnp.einsum(spec, x, m.astype(x.dtype))
+
+
+def _dequantized_product(x2: jax.Array, q: QArray) -> jax.Array:
+    """The reference for a quantized weight: x2 [M, K] @ q dequantized next to XLA's dot, float32 [M, N]."""
+    return jnp.dot(x2, q.dequantize(x2.dtype).reshape(q.matrix_shape()), preferred_element_type=jnp.float32)
 
 
 def _kernel_products(kernels: Kernels, x2: jax.Array, ws, n_in: int, out_dtype=None) -> list[jax.Array] | None:
@@ -167,8 +168,7 @@ def head(kernels: Kernels, x: jax.Array, w, tied: bool) -> jax.Array:
             out = jnp.dot(x2, w.dequantize(x.dtype).T, preferred_element_type=jnp.float32)
     elif isinstance(w, QArray):
         out = _kernel_products(kernels, x2, (w,), 1, jnp.float32)
-        out = out[0] if out is not None else jnp.dot(x2, w.dequantize(x.dtype).reshape(w.matrix_shape()),
-                                                     preferred_element_type=jnp.float32)
+        out = out[0] if out is not None else _dequantized_product(x2, w)
     elif not tied and _cuda(kernels) and cuda_matvec.supported((w,), x2):
         out = cuda_matvec.matvec(x2, (w,))[0]
     else:
