@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 
 
 class UsageError(Exception):
@@ -833,6 +834,8 @@ def main(argv: list[str] | None = None, *, process_exit: bool = False) -> int:
                        help="show library logs (absl, Orbax) on stderr")
     args = parser.parse_args(argv)
     _quiet_libraries(args.verbose)
+    if process_exit and not args.verbose:
+        sys.stderr = _MainThreadOnly(sys.stderr)
     try:
         return args.run(args) or 0
     except (UsageError, ValueError, OSError, OverflowError, ModuleNotFoundError) as e:
@@ -840,24 +843,45 @@ def main(argv: list[str] | None = None, *, process_exit: bool = False) -> int:
             import traceback
 
             traceback.print_exc()
-        print(f"llama-jax {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        message = f"llama-jax {args.command}: error: {_one_line(e)}"
         if process_exit:  # the `llama-jax` script: end here, before background threads can print under it
-            _exit_quietly(2)
+            _exit_quietly(2, message)
+        print(message, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"llama-jax {args.command}: interrupted", file=sys.stderr)
         return 130
 
 
-def _exit_quietly(code: int) -> None:
-    """End the process at once: Orbax's and TensorStore's background threads, still finishing reads of a
-    failed restore, would print tracebacks under the error's one line (in the interpreter's teardown,
-    or even before it), so stderr is closed to them first."""
+class _MainThreadOnly:
+    """The `llama-jax` script's stderr without --verbose: what the main thread writes (our messages,
+    progress bars, warnings) passes; what other threads write is dropped. After a failed restore,
+    TensorStore's callbacks into Orbax's closed event loop print tracebacks from their own threads."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        if threading.current_thread() is threading.main_thread():
+            return self.stream.write(text)
+        return len(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def _exit_quietly(code: int, message: str | None = None) -> None:
+    """End the process at once, `message` the last thing on stderr: Orbax's and TensorStore's background
+    threads, still finishing the reads of a failed restore, would print tracebacks under it (at once, or
+    in the interpreter's teardown), so stderr is closed to them before the message is written."""
     import os
 
     sys.stdout.flush()
     sys.stderr.flush()
+    stderr = os.dup(2)
     os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    if message is not None:
+        os.write(stderr, (message + "\n").encode(errors="replace"))
     os._exit(code)
 
 

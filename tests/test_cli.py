@@ -182,11 +182,11 @@ def test_bad_input_is_one_line_and_exit_2(case, checkpoint, tmp_path, capsys):
     assert not leftovers  # nothing that looks complete
 
 
-def _cli_process(*argv, cwd):
+def _cli_process(*argv, cwd, **env):
     """The command in a process of its own: what a user's shell sees, teardown included."""
     code = "import sys; from llama_jax.cli import entry; sys.argv[0] = 'llama-jax'; entry()"
     return subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}, timeout=300)
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", **env}, timeout=300)
 
 
 def test_corrupt_chunk_in_a_real_process_is_one_line(checkpoint, tmp_path):
@@ -215,10 +215,7 @@ def test_full_disk_during_training_is_one_line(checkpoint, tmp_path):
 def test_cache_folder_that_cannot_be_made_is_one_line(tmp_path):
     """LLAMA_JAX_CACHE under a file: the default model cannot be converted there; one line, exit 2."""
     blocker = _a_file(tmp_path)
-    code = "import sys; from llama_jax.cli import entry; sys.argv[0] = 'llama-jax'; entry()"
-    r = subprocess.run([sys.executable, "-c", code, "generate", "hi"], capture_output=True, text=True, cwd=tmp_path,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "LLAMA_JAX_CACHE": str(blocker / "c")},
-                       timeout=300)
+    r = _cli_process("generate", "hi", cwd=tmp_path, LLAMA_JAX_CACHE=str(blocker / "c"))
     assert r.returncode == 2, r.stderr
     *progress, last = r.stderr.strip().splitlines()  # a line saying what it converts, then the error
     assert len(progress) <= 1 and "error" in last and str(blocker) in last, r.stderr
