@@ -43,6 +43,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from llama_jax import params as table
@@ -80,32 +81,61 @@ class ShardingFallbackWarning(UserWarning):
 # Meshes
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
-              devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[Any] | None = None, *,
+              dcn: Mapping[str, int] | None = None) -> jax.sharding.Mesh:
     """A (data, fsdp, tensor) mesh over `devices` (default: all of them, across every process).
 
     One size may be -1: the devices left over by the others. Axes are `Auto`: XLA propagates
-    shardings between the model's constraints (`jax.make_mesh` alone would make Explicit axes)."""
+    shardings between the model's constraints (`jax.make_mesh` alone would make Explicit axes).
+
+    Several slices (TPU slices joined by the data-center network, DCN; or hosts, see below): the sizes
+    above are those inside one slice (ICI), `dcn` gives each axis's size across slices, and an axis spans
+    ici x dcn devices, slices outermost (`mesh_utils.create_hybrid_device_mesh`). Without `dcn`, data
+    parallelism crosses the slices (dcn data = the number of slices): its one gradient all-reduce a step
+    is what the slow network carries best. Slices are the devices' `slice_index` (TPUs); on devices without
+    one (CPUs, GPUs), a `dcn` given explicitly makes each process a slice."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
     free = [k for k, v in sizes.items() if v == -1]
     bad = [f"{k}={v}" for k, v in sizes.items() if not (isinstance(v, int) and (v >= 1 or v == -1))]
     if bad or len(free) > 1:
         raise ValueError(f"mesh sizes must be positive integers, at most one of them -1; got {', '.join(bad) or sizes}")
+    has_slices = all(hasattr(d, "slice_index") for d in devices)
+    granule = (lambda d: d.slice_index) if has_slices else (lambda d: d.process_index)  # noqa: E731
+    n_slices = len({granule(d) for d in devices})
+    if dcn is None:
+        dcn = {"data": n_slices} if has_slices else {}
+    unknown = sorted(set(dcn) - set(MESH_AXES))
+    if unknown or any(not (isinstance(v, int) and v >= 1) for v in dcn.values()):
+        raise ValueError(f"dcn sizes: axes among {', '.join(MESH_AXES)}, each a positive integer; got "
+                         f"{format_mesh(dcn)}")
+    dcn_shape = tuple(dcn.get(a, 1) for a in MESH_AXES)
+    hybrid = math.prod(dcn_shape) > 1
+    if hybrid and math.prod(dcn_shape) != n_slices:
+        what = "slices" if has_slices else "processes (each one a slice here)"
+        raise ValueError(f"dcn {format_mesh(dict(zip(MESH_AXES, dcn_shape)))} needs {math.prod(dcn_shape)} slices, "
+                         f"but the devices form {n_slices} {what}")
+    per_slice = len(devices) // n_slices if hybrid else len(devices)
     known = math.prod(v for v in sizes.values() if v != -1)
+    where = " per slice" if hybrid else ""
     if free:
-        if len(devices) % known:
-            raise ValueError(f"mesh {format_mesh(sizes)}: {len(devices)} devices are not a multiple of {known}")
-        sizes[free[0]] = len(devices) // known
-    if math.prod(sizes.values()) != len(devices):
-        raise ValueError(f"mesh {format_mesh(sizes)} needs {math.prod(sizes.values())} devices, "
-                         f"but there are {len(devices)}")
+        if per_slice % known:
+            raise ValueError(f"mesh {format_mesh(sizes)}: {per_slice} devices{where} are not a multiple of {known}")
+        sizes[free[0]] = per_slice // known
+    if math.prod(sizes.values()) != per_slice:
+        raise ValueError(f"mesh {format_mesh(sizes)} needs {math.prod(sizes.values())} devices{where}, "
+                         f"but there are {per_slice}")
     shape = tuple(sizes[a] for a in MESH_AXES)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    if not hybrid:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    grid = mesh_utils.create_hybrid_device_mesh(shape, dcn_shape, devices, process_is_granule=not has_slices)
+    return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-    """"fsdp=16,tensor=4" -> {"fsdp": 16, "tensor": 4} (axes not named: data=1, fsdp=1, tensor=1)."""
+    """"fsdp=16,tensor=4" -> {"data": 1, "fsdp": 16, "tensor": 4} (axes not named are 1); the same
+    syntax gives `make_mesh`'s dcn sizes ("data=2")."""
     sizes = {"data": 1, "fsdp": 1, "tensor": 1}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, value = part.partition("=")
