@@ -269,20 +269,29 @@ def run_export(args):
 # === plan (sharding) ===
 PLAN_MAX_DEVICES = 4096  # fake CPU devices one process holds in a few seconds (a pod slice of 4096 chips)
 # `plan` compiles a step for a mesh of N devices and reports per-device memory. The work runs in a
-# child process (llama_jax/plan.py) started with N fake CPU devices: JAX fixes its device count when it
-# starts, and this process's JAX may already be running on other devices.
+# child process (llama_jax/plan.py) that makes N fake CPU devices, or a TPU slice's compile-only chips
+# (--target, with libtpu): JAX fixes its device count when it starts, and this process's JAX may
+# already be running on other devices.
 
 
 @command
 def add_plan(sub):
     p = sub.add_parser("plan", help="will a model fit a mesh? compile (never run) a step and report memory per device",
                        description="Compile a training or decode step for a (data, fsdp, tensor) mesh on fake CPU "
-                                   "devices and print XLA's per-device memory: parameters, optimizer state, "
-                                   "temporaries, and whether it fits --hbm. Nothing is run or allocated. "
-                                   "The step: loss and gradient (default), --train or --decode.")
+                                   "devices, or with --target for a Cloud TPU slice (XLA's TPU compiler from "
+                                   "libtpu, the TPU's kernels; no TPU needed), and print the compiler's memory per "
+                                   "device: parameters, optimizer state, temporaries, and whether it fits --hbm. "
+                                   "Nothing is run or allocated. The step: loss and gradient (default), --train or "
+                                   "--decode.")
     p.add_argument("--model", required=True, help="preset name (e.g. llama2-70b) or checkpoint path")
-    p.add_argument("--mesh", required=True, help="mesh axis sizes, e.g. fsdp=16,tensor=4 (unnamed axes are 1)")
-    p.add_argument("--batch", type=int, default=1, help="global batch (sequences)")
+    p.add_argument("--mesh", default=None, help="mesh axis sizes, e.g. fsdp=16,tensor=4 (unnamed axes are 1); "
+                                                "with --target per slice, one of them may be -1 (default fsdp=-1)")
+    p.add_argument("--target", default=None, help="a Cloud TPU accelerator type, e.g. v5p-8 (4 chips), v6e-256; "
+                                                  "needs libtpu: pip install 'llama-jax[tpu-plan]'")
+    p.add_argument("--slices", type=int, default=1, help="--target: slices joined by the data-center network")
+    p.add_argument("--dcn", default=None, help="--target: mesh sizes across slices (default data=SLICES)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="global batch (sequences); default 1, with --target one per data-parallel shard")
     p.add_argument("--seq", type=int, default=2048, help="sequence length; for --decode the KV cache length")
     step = p.add_mutually_exclusive_group()
     step.add_argument("--decode", action="store_const", dest="step", const="decode",
@@ -294,7 +303,8 @@ def add_plan(sub):
                    help="what the backward pass recomputes")
     p.add_argument("--accum", type=int, default=1, help="--train: gradient accumulation micro-batches")
     p.add_argument("--unroll-layers", action="store_true", help=UNROLL_LAYERS_HELP)
-    p.add_argument("--hbm", type=float, default=None, help="memory per device in GiB, e.g. 80: say if it fits")
+    p.add_argument("--hbm", type=float, default=None,
+                   help="memory per device in GiB, e.g. 80: say if it fits (--target: the chip's by default)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(run=run_plan)
 
@@ -303,36 +313,94 @@ def run_plan(args):
     import json
     import math
     import os
-    import re
     import subprocess
     from pathlib import Path
 
+    from llama_jax.plan import tpu_target
     from llama_jax.sharding import parse_mesh
 
-    mesh = parse_mesh(args.mesh)
-    if any(v < 1 for v in mesh.values()):
-        raise UsageError(f"--mesh {args.mesh!r}: every axis size must be >= 1 (plan has no device count to fill -1)")
+    if args.target is None:
+        if args.mesh is None:
+            raise UsageError("plan needs --mesh (the devices' axis sizes) or --target (a TPU slice)")
+        if args.slices != 1 or args.dcn is not None:
+            raise UsageError("--slices and --dcn need --target")
+        mesh, dcn = parse_mesh(args.mesh), None
+        if any(v < 1 for v in mesh.values()):
+            raise UsageError(f"--mesh {args.mesh!r}: every axis size must be >= 1 (plan has no device count to fill -1)")
+        devices = math.prod(mesh.values())
+        if devices > PLAN_MAX_DEVICES:
+            raise UsageError(f"--mesh {args.mesh!r}: {devices} devices; plan simulates at most {PLAN_MAX_DEVICES} "
+                             "(each is a fake CPU device in one process)")
+    else:
+        target = tpu_target(args.target, args.slices)  # an unknown one: ValueError, one line
+        mesh = parse_mesh(args.mesh or "fsdp=-1")
+        dcn = None if args.dcn is None else parse_mesh(args.dcn)
+        if any(v < 1 and v != -1 for v in mesh.values()) or sum(v == -1 for v in mesh.values()) > 1:
+            raise UsageError(f"--mesh {args.mesh!r}: axis sizes must be >= 1, at most one of them -1")
+        if dcn is not None and math.prod(dcn.values()) != target.slices:
+            raise UsageError(f"--dcn {args.dcn!r}: its sizes multiply to {math.prod(dcn.values())}, not --slices "
+                             f"{target.slices}")
     for name in ("batch", "seq", "accum"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1")
     if args.accum > 1 and args.step != "train":
         raise UsageError("--accum needs --train")
     if args.hbm is not None and not args.hbm > 0:
         raise UsageError("--hbm must be > 0 (GiB per device)")
-    devices = math.prod(mesh.values())
-    if devices > PLAN_MAX_DEVICES:
-        raise UsageError(f"--mesh {args.mesh!r}: {devices} devices; plan simulates at most {PLAN_MAX_DEVICES} "
-                         "(each is a fake CPU device in one process)")
-    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", ""))
+    # The child makes its own devices (plan.main): JAX_PLATFORMS keeps it off any accelerator here.
     root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip(),
                PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    request = dict(model=args.model, mesh=mesh, batch=args.batch, seq=args.seq, step=args.step,
-                   remat=args.remat, accum=args.accum, unroll_layers=args.unroll_layers, hbm=args.hbm, json=args.json)
+    batch = args.batch if args.batch is not None or args.target else 1
+    request = {"model": args.model, "mesh": mesh, "batch": batch, "seq": args.seq, "step": args.step,
+               "remat": args.remat, "accum": args.accum, "unroll_layers": args.unroll_layers, "hbm": args.hbm,
+               "json": args.json, "target": args.target, "slices": args.slices, "dcn": dcn,
+               "max_cpu_devices": PLAN_MAX_DEVICES}
     sys.stdout.flush()
-    done = subprocess.run([sys.executable, "-m", "llama_jax.plan", json.dumps(request)], env=env)
+    done = subprocess.run([sys.executable, "-m", "llama_jax.plan", json.dumps(request)], env=env, check=False)
     return done.returncode
+
+
+# === tokenize (data) ===
+# `tokenize` turns text into token shards (llama_jax/shards.py) once, so that no host of a pod
+# tokenizes the corpus again: each reads its own documents from the shards (local or gs://).
+
+
+@command
+def add_tokenize(sub):
+    p = sub.add_parser("tokenize", help="text (.txt, .jsonl) -> token shards that train reads per host (local or gs://)",
+                       description="Tokenize documents once into a folder of token shards: raw token ids with "
+                                   "document offsets and an index.json written last. Any etils.epath path works "
+                                   "(local, gs://). Memory holds one document at a time.")
+    p.add_argument("--data", required=True, nargs="+",
+                   help=".txt files (one document each) or .jsonl ({'text': ...} a line)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.model/.json, GGUF, or a folder holding one")
+    p.add_argument("--out", required=True, help="the shard folder to create (new or empty)")
+    p.add_argument("--text-key", default="text", help="the .jsonl field holding each document")
+    p.add_argument("--shard-tokens", type=int, default=1 << 28,
+                   help="tokens a shard file holds (about; documents are never split): default 2**28, 512 MiB of "
+                        "uint16")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run_tokenize)
+
+
+def run_tokenize(args):
+    from etils import epath
+
+    from llama_jax.shards import tokenize
+    from llama_jax.tokenizer import load_tokenizer
+
+    if args.shard_tokens < 1:
+        raise UsageError(f"--shard-tokens must be >= 1, got {args.shard_tokens}")
+    out = epath.Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # before the tokenizer loads
+        raise UsageError(f"--out {args.out}: exists and is not an empty folder; give a new or empty one")
+    tok = load_tokenizer(args.tokenizer)
+    index = tokenize(args.data, tok, out, text_key=args.text_key, shard_tokens=args.shard_tokens,
+                     progress=not args.no_progress)
+    print(f"llama-jax tokenize: {index['documents']} documents, {index['tokens']} tokens, {len(index['shards'])} "
+          f"shards in {args.out}", file=sys.stderr)
+    return 0
 
 
 # === train / finetune (training) ===
@@ -345,7 +413,11 @@ def _add_common_train_args(p, *, lr, weight_decay, b2, warmup_ratio):
     p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, tb/ (resumes if it has a checkpoint)")
     p.add_argument("--micro-batch", type=int, default=None,
                    help="rows per forward/backward pass; --batch is accumulated from micro-batches; none: --batch")
-    p.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1", help="mesh axis sizes; -1 fills the remaining devices")
+    p.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1",
+                   help="mesh axis sizes (per slice with several slices); -1 fills the remaining devices")
+    p.add_argument("--dcn", default=None,
+                   help="axis sizes across slices (the data-center network), e.g. data=2; default: data = the "
+                        "number of TPU slices (1 elsewhere); on GPUs or CPUs each process is a slice")
     p.add_argument("--lr", type=float, default=lr, help="peak learning rate")
     p.add_argument("--warmup-ratio", type=float, default=warmup_ratio,
                    help="linear warmup over this fraction of the steps, then cosine decay to 0")
@@ -362,8 +434,8 @@ def _add_common_train_args(p, *, lr, weight_decay, b2, warmup_ratio):
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
     p.add_argument("--max-nonfinite", type=int, default=10,
                    help="stop after more than this many consecutive steps with non-finite gradients")
-    p.add_argument("--peak-tflops", type=float, default=989.0,
-                   help="per-device peak TFLOP/s for MFU")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="per-device dense bf16 peak TFLOP/s for MFU (default: the chip's, from train.PEAK_TFLOPS)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_kernels_arg(p)
 
@@ -372,7 +444,9 @@ def _add_common_train_args(p, *, lr, weight_decay, b2, warmup_ratio):
 def add_train(sub):
     p = sub.add_parser("train", help="pretrain on packed text (from scratch for a preset, or continue a checkpoint)")
     p.add_argument("--model", required=True, help="preset name (random init) or checkpoint (continue training)")
-    p.add_argument("--data", required=True, nargs="+", help=".txt files (one document each) or .jsonl ({'text': ...})")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="a folder of shards made by `llama-jax tokenize` (each host reads its share), or .txt "
+                        "files (one document each) and .jsonl ({'text': ...}) for small runs")
     p.add_argument("--tokenizer", default=None, help="tokenizer (needed for a preset): tokenizer.model/.json, GGUF, folder")
     p.add_argument("--seq-len", type=int, required=True, help="tokens per row")
     p.add_argument("--batch", type=int, required=True, help="rows per optimizer step (global)")
@@ -450,9 +524,11 @@ def _mesh_and_accum(args, batch):
     if batch % micro:
         raise UsageError(f"--batch {batch} is not a multiple of --micro-batch {micro}")
     try:
-        mesh = sharding.make_mesh(**sharding.parse_mesh(args.mesh))
+        dcn = sharding.parse_mesh(args.dcn) if args.dcn else None
+        mesh = sharding.make_mesh(**sharding.parse_mesh(args.mesh), dcn=dcn)
     except ValueError as e:
-        raise UsageError(f"--mesh {args.mesh}: {e}") from None
+        flags = f"--mesh {args.mesh}" + (f" --dcn {args.dcn}" if args.dcn else "")
+        raise UsageError(f"{flags}: {e}") from None
     shards = sharding.batch_shard_count(mesh)
     if micro % shards:
         what = "--micro-batch" if args.micro_batch else "--batch"
@@ -461,99 +537,96 @@ def _mesh_and_accum(args, batch):
     return mesh, batch // micro
 
 
-def _run_training(args, cfg, params, tok, source, batch, steps, meta):
-    """Shared by train and finetune: state (fresh or resumed from OUT), step, metrics writers, fit."""
-    import json
+def _join_cluster():
+    """Join the other hosts of a multi-host run (a TPU pod, or the LLAMA_JAX_* variables; see
+    llama_jax/distributed.py) before anything touches JAX; alone, this is a no-op."""
+    from llama_jax import distributed
+
+    distributed.initialize()
+
+
+def _run_training(args, cfg, params, tok, data, batch, steps, meta):
+    """Shared by train and finetune: state (fresh or resumed from OUT), step, metrics writers, fit.
+    `data(rows)`: this process's batches, given the rows of each global batch that are its share (a
+    slice): an iterator with load_state_dict (resume), its state_dict, and the epoch it is in."""
     import math
     import time
-    from pathlib import Path
 
     import jax
 
-    from llama_jax import train
-    from llama_jax.checkpoints import TrainCheckpointer, orbax_io
-    from llama_jax.data import Batches
+    from llama_jax import sharding, train
+    from llama_jax.checkpoints import MetricsLog, TrainCheckpointer, orbax_io
 
     mesh, accum = _mesh_and_accum(args, batch)
     warmup = math.ceil(args.warmup_ratio * steps)
     optimizer = train.make_optimizer(lr=args.lr, warmup_steps=warmup, total_steps=steps, weight_decay=args.weight_decay,
                                      clip_norm=args.clip_norm or None, b2=args.b2)
-    out = Path(args.out)
+    out = orbax_io.as_path(args.out)
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a folder")
+        raise UsageError(f"--out {args.out}: exists and is not a folder")
     ckpt = TrainCheckpointer(out, save_every=args.save_every, keep=args.keep, meta=meta)
-    batches = Batches(source, batch)
+    rows = sharding.local_batch_rows(batch, mesh)
+    batches, data_state, epoch = data(rows)
     resume = ckpt.latest_step()
-    metrics_path = out / "metrics.jsonl"
+    lead = jax.process_index() == 0  # one process writes the run's files; all write checkpoints (Orbax)
+    metrics = MetricsLog(out / "metrics.jsonl") if lead else None
     if resume is not None:
         saved = ckpt.read_meta(resume)
         if saved.get("config") != meta["config"]:
-            raise UsageError(f"--out {out} holds a run of a different model (config differs); use another --out")
+            raise UsageError(f"--out {args.out} holds a run of a different model (config differs); use another --out")
         if saved.get("steps") not in (None, steps):
-            print(f"llama-jax {args.command}: warning: the run in {out} was planned for {saved['steps']} steps, "
+            print(f"llama-jax {args.command}: warning: the run in {args.out} was planned for {saved['steps']} steps, "
                   f"now {steps}: the learning-rate schedule is re-planned from step {resume}", file=sys.stderr)
         shardings = train.state_shardings(cfg, optimizer, mesh)
         abstract = jax.eval_shape(lambda: train.init_train_state(cfg, optimizer, jax.random.key(0)))
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
-        state, data_state, _ = ckpt.restore(abstract, resume)
-        batches.load_state_dict(data_state)
-        _keep_metrics_up_to(metrics_path, resume)  # the steps after `resume` run again
-        print(f"llama-jax {args.command}: resuming from step {resume} in {out}", file=sys.stderr)
+        state, position, _ = ckpt.restore(abstract, resume)
+        batches.load_state_dict(position)
+        print(f"llama-jax {args.command}: resuming from step {resume} in {args.out}", file=sys.stderr)
     else:
         state = train.init_train_state(cfg, optimizer, jax.random.key(args.seed), mesh, params=params)
-        _keep_metrics_up_to(metrics_path, 0)
-    if not orbax_io.has_tokenizer(out):  # the run folder is a model on its own (lj.load, --model)
+    if metrics is not None:
+        metrics.keep_up_to(resume or 0)  # the steps after `resume` run again
+    if lead and not orbax_io.has_tokenizer(out):  # the run folder is a model on its own (lj.load, --model)
         tok.save(out)
     step_fn = train.make_train_step(cfg, optimizer, mesh, accum_steps=accum, remat=args.remat,
                                     unroll=args.unroll_layers, kernels=_kernels(args, mesh))
-    tb = _tensorboard(out / "tb", args.command)
-    with open(metrics_path, "a") as metrics_file:
-        def log(m):
-            m = dict(m, epoch=batches.epoch, time=time.time())
-            metrics_file.write(json.dumps(m) + "\n")
-            metrics_file.flush()
-            if tb is not None:
-                for k in ("loss", "grad_norm", "lr", "tokens_per_s", "mfu", "skipped"):
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else train.peak_flops_of(jax.devices()[0].device_kind)
+    if peak is None:
+        print(f"llama-jax {args.command}: no MFU: the peak FLOP/s of a {jax.devices()[0].device_kind} is not in "
+              "train.PEAK_TFLOPS; give --peak-tflops", file=sys.stderr)
+    tb = _tensorboard(out / "tb", args.command) if lead else None
+
+    def log(m):
+        if metrics is None:
+            return
+        m = dict(m, epoch=epoch(), time=time.time())
+        metrics.write(m)
+        if tb is not None:
+            for k in ("loss", "grad_norm", "lr", "tokens_per_s", "mfu", "mfu_causal", "skipped"):
+                if m.get(k) is not None:
                     tb.add_scalar(f"train/{k}", m[k], m["step"])
 
-        try:
-            result = train.fit(state, step_fn, batches, steps=steps, cfg=cfg, mesh=mesh, checkpoints=ckpt,
-                               data_state=batches.state_dict, log=log, max_nonfinite=args.max_nonfinite,
-                               peak_flops=args.peak_tflops * 1e12, progress=not args.no_progress)
-        except train.TrainingStopped as e:
-            print(f"llama-jax {args.command}: stopped: {e}", file=sys.stderr)
-            return 1
-        finally:
-            if tb is not None:
-                tb.close()
+    try:
+        result = train.fit(state, step_fn, batches, steps=steps, cfg=cfg, mesh=mesh, checkpoints=ckpt,
+                           data_state=data_state, log=log, max_nonfinite=args.max_nonfinite,
+                           peak_flops=peak, progress=not args.no_progress and lead)
+    except train.TrainingStopped as e:
+        print(f"llama-jax {args.command}: stopped: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if tb is not None:
+            tb.close()
+        if metrics is not None:
+            metrics.close()
     ckpt.close()
     step = int(result.state.step)
     if result.status == "preempted":
-        print(f"llama-jax {args.command}: preempted (SIGTERM): saved step {step} to {out}; "
+        print(f"llama-jax {args.command}: preempted (SIGTERM): saved step {step} to {args.out}; "
               "run the same command to resume", file=sys.stderr)
     else:
-        print(f"llama-jax {args.command}: done: step {step} saved to {out}", file=sys.stderr)
+        print(f"llama-jax {args.command}: done: step {step} saved to {args.out}", file=sys.stderr)
     return 0
-
-
-def _keep_metrics_up_to(path, step: int) -> None:
-    """Drop the rows of steps after `step` (and a row cut short by a kill) from metrics.jsonl: a
-    resumed run logs those steps again, so each step keeps exactly one row."""
-    import json
-
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
-            kept.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    tmp.replace(path)
 
 
 def _tensorboard(folder, command):
@@ -574,18 +647,61 @@ def _train_config(args, cfg):
 
 
 def run_train(args):
+    from llama_jax import shards
     from llama_jax.data import PackedText, read_documents
 
     _positive(args, "seq-len", "batch", "steps", "micro-batch", "lr", "save-every", "keep")
-    docs = read_documents(args.data)  # file errors before the model loads
+    sharded = len(args.data) == 1 and shards.is_shards(args.data[0])
+    if sharded:
+        index = shards.read_index(args.data[0])  # errors before the model loads
+    else:
+        docs = read_documents(args.data)
+    _join_cluster()
     cfg, params, tok = _training_model(args.model, args.tokenizer)
     cfg = _train_config(args, cfg)
     if args.seq_len > cfg.max_seq_len:
         raise UsageError(f"--seq-len {args.seq_len} is above the model's context of {cfg.max_seq_len} tokens")
-    source = PackedText([tok.encode(d, eos=True) for d in docs], args.seq_len, seed=args.seed)
+    if sharded:
+        shards.check_vocab(index, tok.vocab_size)
+
+        def data(rows):
+            import jax
+
+            it = shards.ShardBatches(args.data[0], args.seq_len, rows.stop - rows.start, seed=args.seed,
+                                     process_index=jax.process_index(), process_count=jax.process_count())
+            return it, it.state_dict, lambda: it.epoch
+    else:
+        source = PackedText([tok.encode(d, eos=True) for d in docs], args.seq_len, seed=args.seed)
+        data = _global_batches(source, args.batch)
     meta = dict(command="train", config=cfg.to_dict(), tokenizer=_tokenizer_source(args), model=args.model,
                 data=[str(d) for d in args.data], seq_len=args.seq_len, batch=args.batch, steps=args.steps)
-    return _run_training(args, cfg, params, tok, source, args.batch, args.steps, meta)
+    return _run_training(args, cfg, params, tok, data, args.batch, args.steps, meta)
+
+
+def _global_batches(source, batch):
+    """`data` for _run_training from an in-memory source: every process lays out the same global
+    batches and keeps its rows of each (fine for small runs; shards scale)."""
+    from llama_jax.data import Batches
+
+    def data(rows):
+        batches = Batches(source, batch)
+        mine = ({k: v[rows] for k, v in b.items()} for b in batches)
+        return _Resumable(mine, batches), batches.state_dict, lambda: batches.epoch
+
+    return data
+
+
+class _Resumable:
+    """An iterator that resumes through another object's load_state_dict (the Batches under a generator)."""
+
+    def __init__(self, it, positioned):
+        self.it, self.load_state_dict = it, positioned.load_state_dict
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self.it)
 
 
 def run_finetune(args):
@@ -598,6 +714,7 @@ def run_finetune(args):
     records = read_alpaca(args.data)  # file and record errors before the model loads
     if args.model in PRESETS:
         raise UsageError(f"--model {args.model} is a preset; finetune starts from a trained checkpoint")
+    _join_cluster()
     cfg, params, tok = _training_model(args.model, args.tokenizer)
     cfg = _train_config(args, cfg)
     if args.max_len is None:  # the default, clamped to the model's context
@@ -618,7 +735,7 @@ def run_finetune(args):
     steps = max(1, math.ceil(args.epochs * Batches(source, args.batch).rows_in_epoch(0) / args.batch))
     meta = dict(command="finetune", config=cfg.to_dict(), tokenizer=_tokenizer_source(args), model=args.model,
                 data=str(args.data), max_len=args.max_len, batch=args.batch, epochs=args.epochs, steps=steps)
-    return _run_training(args, cfg, params, tok, source, args.batch, steps, meta)
+    return _run_training(args, cfg, params, tok, _global_batches(source, args.batch), args.batch, steps, meta)
 
 
 # === quantize (quantization) ===

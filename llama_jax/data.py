@@ -1,6 +1,7 @@
 """Training data as the train step reads it: rows of tokens with loss masks, segments and positions.
 
     docs = read_documents(["a.txt", "b.jsonl"])                       # a .txt file is one document
+    for doc in iter_documents(["gs://bucket/c.jsonl"]): ...           # streamed; any etils.epath path
     source = PackedText([tok.encode(d, eos=True) for d in docs], seq_len=2048, seed=0)
     records = read_alpaca("alpaca_data.json")                          # instruction, input, output
     source = InstructionRows(encode_alpaca(records, tok, max_len=512), seed=0, pack=False)
@@ -20,25 +21,31 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
-from typing import Iterable, Sequence
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+from etils import epath
 
 from llama_jax.tokenizer import alpaca_prompt
 
 # ---------------------------------------------------------------------------------------------
-# Reading files
+# Reading files (through etils.epath: local paths, gs:// and the other epath backends alike)
 
 
-def read_text_file(path: Path) -> str:
-    """A UTF-8 text file's contents; one-line errors for a missing, non-text or empty file."""
+def _check_file(path: epath.Path) -> None:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     if path.is_dir():
         raise ValueError(f"{path}: is a folder, not a file")
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """A UTF-8 text file's contents; one-line errors for a missing, non-text or empty file."""
+    path = epath.Path(path)
+    _check_file(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not text.strip():
@@ -46,36 +53,65 @@ def read_text_file(path: Path) -> str:
     return text
 
 
-def read_documents(paths: Sequence[str | Path], text_key: str = "text") -> list[str]:
-    """Documents for pretraining. A .jsonl file holds one JSON object per line, its document in
-    `text_key`; any other file is one document (plain text)."""
+def iter_documents(paths: Sequence[str | os.PathLike], text_key: str = "text",
+                   on_bytes: Callable[[int], None] | None = None) -> Iterator[str]:
+    """Documents for pretraining, one at a time: a .jsonl file holds one JSON object per line, its
+    document in `text_key` (read line by line, so memory holds one line, not the file); any other
+    file is one document (plain text). Blank documents are skipped. `on_bytes(n)` is told each
+    n bytes read (a progress bar's feed)."""
     if not paths:
         raise ValueError("no data files given")
-    docs: list[str] = []
-    for path in map(Path, paths):
-        text = read_text_file(path)
+    paths = [epath.Path(p) for p in paths]
+    for path in paths:  # here, not when the first document is asked for: no hour lost to a typo in the last
+        _check_file(path)
+    return _documents(paths, text_key, on_bytes)
+
+
+def _documents(paths: list[epath.Path], text_key: str, on_bytes: Callable[[int], None] | None) -> Iterator[str]:
+    for path in paths:
         if path.suffix != ".jsonl":
-            docs.append(text)
+            text = read_text_file(path)
+            if on_bytes:
+                on_bytes(len(text.encode("utf-8")))
+            yield text
             continue
-        for line_no, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {line_no}: not valid JSON ({e.msg})") from None
-            value = obj.get(text_key) if isinstance(obj, dict) else None
-            if not isinstance(value, str):
-                raise ValueError(f"{path}: line {line_no}: field '{text_key}' is missing or not a string")
-            if value.strip():
-                docs.append(value)
-    return docs
+        read, nonblank = 0, False
+        with path.open("rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {read + e.start})") from None
+                read += len(raw)
+                if on_bytes:
+                    on_bytes(len(raw))
+                if not line.strip():
+                    continue
+                nonblank = True
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: line {line_no}: not valid JSON ({e.msg})") from None
+                value = obj.get(text_key) if isinstance(obj, dict) else None
+                if not isinstance(value, str):
+                    raise ValueError(  # noqa: TRY004 - bad input, reported like every other
+                        f"{path}: line {line_no}: field '{text_key}' is missing or not a string")
+                if value.strip():
+                    yield value
+        if not nonblank:
+            raise ValueError(f"{path}: empty file")
 
 
-def read_alpaca(path: str | Path) -> list[dict]:
+def read_documents(paths: Sequence[str | os.PathLike], text_key: str = "text") -> list[str]:
+    """Every document of `paths` (iter_documents) in a list: for corpora that fit in memory; larger
+    ones are tokenized once into shards (llama_jax.shards)."""
+    return list(iter_documents(paths, text_key))
+
+
+def read_alpaca(path: str | os.PathLike) -> list[dict]:
     """Alpaca records: a JSON list (or a .jsonl file) of {"instruction", "input" (optional), "output"}
     string fields. Errors name the file, the record (0-based index) and the field."""
-    path = Path(path)
+    path = epath.Path(path)
     text = read_text_file(path)
     if path.suffix == ".jsonl":
         records = []
@@ -98,7 +134,7 @@ def read_alpaca(path: str | Path) -> list[dict]:
     out = []
     for i, r in enumerate(records):
         if not isinstance(r, dict):
-            raise ValueError(f"{path}: record {i}: expected an object with instruction/input/output, "
+            raise ValueError(f"{path}: record {i}: expected an object with instruction/input/output, "  # noqa: TRY004
                              f"got {type(r).__name__}")
         for field in ("instruction", "output"):
             if field not in r:
@@ -166,8 +202,8 @@ class PackedText:
         col = np.broadcast_to(np.arange(s), inputs_doc.shape)
         seg_start = np.maximum.accumulate(np.where(starts, col, 0), axis=1)
         positions = (col - seg_start).astype(np.int32)
-        return dict(tokens=row_tokens, loss_mask=loss_mask.astype(np.int32), segment_ids=segment_ids,
-                    positions=positions)
+        return {"tokens": row_tokens, "loss_mask": loss_mask.astype(np.int32), "segment_ids": segment_ids,
+                "positions": positions}
 
 
 def encode_alpaca(records: Sequence[dict], tokenizer, max_len: int = 512) -> list[tuple[np.ndarray, int]]:
@@ -232,7 +268,7 @@ class InstructionRows:
                 segment_ids[r, o:min(o + n, s)] = k
                 positions[r, o:min(o + n, s)] = np.arange(min(n, s - o))
                 o += n
-        out = dict(tokens=tokens, loss_mask=loss_mask)
+        out = {"tokens": tokens, "loss_mask": loss_mask}
         if self.pack:
             out.update(segment_ids=segment_ids, positions=positions)
         return out

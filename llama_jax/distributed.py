@@ -95,6 +95,11 @@ def initialize(
         raise ValueError(f"jax.distributed.initialize failed: {e} (set {ENV_COORDINATOR}, {ENV_NUM_PROCESSES} "
                          f"and {ENV_PROCESS_ID}, or pass them)") from None
     except RuntimeError as e:
+        if "before any JAX" in str(e) and all(c is None for c in configured):
+            # JAX already runs in this process (a notebook, a test calling the CLI) and nothing asks for a
+            # cluster: carry on as the one process it is.
+            log.info("llama_jax.distributed: JAX already started and no cluster configured; running as one process")
+            return _info()
         if "before any JAX" in str(e):
             raise ValueError("llama_jax.distributed.initialize() must run before any other JAX call "
                              "(something already touched the devices)") from None

@@ -100,8 +100,8 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[
     bad = [f"{k}={v}" for k, v in sizes.items() if not (isinstance(v, int) and (v >= 1 or v == -1))]
     if bad or len(free) > 1:
         raise ValueError(f"mesh sizes must be positive integers, at most one of them -1; got {', '.join(bad) or sizes}")
-    has_slices = all(hasattr(d, "slice_index") for d in devices)
-    granule = (lambda d: d.slice_index) if has_slices else (lambda d: d.process_index)  # noqa: E731
+    has_slices = all(d.platform == "tpu" for d in devices)  # (CPU devices of a cluster say slice 0, all of them)
+    granule = (lambda d: getattr(d, "slice_index", 0)) if has_slices else (lambda d: d.process_index)  # noqa: E731
     n_slices = len({granule(d) for d in devices})
     if dcn is None:
         dcn = {"data": n_slices} if has_slices else {}

@@ -18,6 +18,8 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from etils import epath
+
 from checkpoints_convert.gguf import GGUFReader, is_gguf
 
 
@@ -72,7 +74,7 @@ class Tokenizer:
         """Write this tokenizer into `folder` as load_tokenizer reads it back: its model file
         (tokenizer.model or tokenizer.json) and a tokenizer_config.json of the settings above. A
         training run keeps its tokenizer this way, so its folder is a model on its own."""
-        folder = Path(folder)
+        folder = epath.Path(folder)  # a run folder may live on gs://
         files = [self._save_model(folder)]
         config = {"add_bos_token": self.add_bos, "bos_token": self.bos_token, "eos_token": self.eos_token,
                   "bos_token_id": self.bos_id, "eos_token_id": self.eos_id}

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llama_jax import sharding
@@ -48,7 +49,20 @@ from llama_jax.ops import Kernels
 from llama_jax.params import BY_PATH
 from llama_jax.sharding import place_batch  # noqa: F401  (re-exported: train.place_batch)
 
-H100_BF16_PEAK_FLOPS = 989e12  # dense bf16, per device: the MFU denominator
+# Dense bfloat16 peaks per chip, TFLOP/s (vendor figures): the MFU denominator. Keys are prefixes of
+# jax.Device.device_kind; the longest match wins ("TPU v5 lite" is a v5e, "TPU v5" a v5p).
+PEAK_TFLOPS = {
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,  # v5e
+    "TPU v5e": 197.0,
+    "TPU v5": 459.0,  # v5p
+    "TPU v5p": 459.0,
+    "TPU v6 lite": 918.0,  # v6e (Trillium)
+    "TPU v6e": 918.0,
+    "NVIDIA H100": 989.0,
+    "NVIDIA H200": 989.0,
+}
+H100_BF16_PEAK_FLOPS = PEAK_TFLOPS["NVIDIA H100"] * 1e12
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,16 +360,25 @@ def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation, m
 # Throughput
 
 
-def flops_per_token(cfg: LlamaConfig, seq: int) -> float:
-    """Training FLOPs per token (the MFU convention): 6N + 12 L d seq, N = parameters without the embedding table."""
+def flops_per_token(cfg: LlamaConfig, seq: int, causal: bool = False) -> float:
+    """Training FLOPs per token: 6N (N = parameters without the embedding table) plus attention's
+    score and value matmuls, 12 L d seq counted in full (PaLM's MFU convention, and this project's
+    figures), or with `causal`, 6 L d seq: the half a causal mask leaves (MaxText's convention)."""
     n = param_count(cfg) - cfg.vocab_size * cfg.dim
-    return 6.0 * n + 12.0 * cfg.n_layers * cfg.dim * seq
+    return 6.0 * n + (6.0 if causal else 12.0) * cfg.n_layers * cfg.dim * seq
 
 
 def mfu(tokens_per_s: float, cfg: LlamaConfig, seq: int, peak_flops: float = H100_BF16_PEAK_FLOPS,
-        n_devices: int = 1) -> float:
-    """Model FLOPs utilisation: achieved training FLOP/s over `peak_flops` (per device) x devices."""
-    return tokens_per_s * flops_per_token(cfg, seq) / (peak_flops * n_devices)
+        n_devices: int = 1, causal: bool = False) -> float:
+    """Model FLOPs utilisation: achieved training FLOP/s (flops_per_token's convention) over
+    `peak_flops` (per device) x devices."""
+    return tokens_per_s * flops_per_token(cfg, seq, causal) / (peak_flops * n_devices)
+
+
+def peak_flops_of(device_kind: str) -> float | None:
+    """The dense bf16 peak FLOP/s of a chip, from its jax `device_kind`; None when PEAK_TFLOPS lacks it."""
+    matches = [k for k in PEAK_TFLOPS if device_kind.startswith(k)]
+    return PEAK_TFLOPS[max(matches, key=len)] * 1e12 if matches else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,7 +407,6 @@ class _Preemption:
 
     def reached(self, step: int) -> bool:
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
             return multihost_utils.reached_preemption_sync_point(step)
         return self.flag
 
@@ -402,56 +424,81 @@ class FitResult:
 
 def fit(state: TrainState, step_fn: Callable, batches: Iterator[dict], *, steps: int, cfg: LlamaConfig, mesh=None,
         checkpoints=None, data_state: Callable[[], dict] | None = None, log: Callable[[dict], None] | None = None,
-        max_nonfinite: int = 10, peak_flops: float = H100_BF16_PEAK_FLOPS, progress: bool = True) -> FitResult:
-    """Run `step_fn` over `batches` (host numpy dicts, the global batch) until `state.step` reaches `steps`.
+        max_nonfinite: int = 10, peak_flops: float | None = None, progress: bool = True) -> FitResult:
+    """Run `step_fn` until `state.step` reaches `steps`. `batches` yields this process's rows of each
+    step's batch (host numpy dicts; in one process, the whole batch): `place_batch` joins every process's
+    rows into the global batch on `mesh`.
 
-    `checkpoints` (checkpoints.TrainCheckpointer): saved every N steps as configured there, at the end,
-    and on SIGTERM (then returns with status "preempted"); `data_state()` gives the data position to
-    save beside the state. `log(metrics)` hears every step's metrics (with step, tokens_per_s, mfu).
-    More than `max_nonfinite` consecutive non-finite steps raise TrainingStopped."""
+    The host never waits for a step to finish before it sends the next: it reads step n's metrics while
+    the device runs step n + 1 (so `log` hears of each step one step late), and blocks only where a
+    checkpoint is due. `checkpoints` (checkpoints.TrainCheckpointer): saved every N steps as configured
+    there, at the end, and on SIGTERM (then returns with status "preempted"); `data_state()` gives the
+    data position to save beside the state (the position after the batches sent so far). `log(metrics)`
+    hears every step's metrics (with step, tokens_per_s, and with `peak_flops` per device, mfu and
+    mfu_causal: flops_per_token's two conventions). More than `max_nonfinite` consecutive non-finite
+    steps raise TrainingStopped."""
     from tqdm.auto import tqdm
 
     n_devices = mesh.size if mesh is not None else 1
-    start = int(state.step)
-    bar = tqdm(total=steps, initial=start, disable=not progress, file=sys.stderr, dynamic_ncols=True, unit="step")
-    history = []
+    done = int(state.step)  # the steps the state has taken, as far as the host knows (one step late)
+    bar = tqdm(total=steps, initial=done, disable=not progress, file=sys.stderr, dynamic_ncols=True, unit="step")
+    history: list[dict] = []
     status = "done"
+    in_flight = None  # the step sent last and not read yet: (its metrics on the device, global tokens, seq)
+    t_last = time.perf_counter()
+
+    def read(flight) -> dict:
+        """A sent step's metrics (waits for it), logged; counts it in `done` unless it was skipped."""
+        nonlocal done, t_last
+        metrics, tokens_in_batch, seq = flight
+        m = {k: v.item() for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        done += 0 if m["skipped"] else 1
+        m["step"] = done
+        m["tokens_per_s"] = tokens_in_batch / (now - t_last)
+        if peak_flops:
+            m["mfu"] = mfu(m["tokens_per_s"], cfg, seq, peak_flops, n_devices)
+            m["mfu_causal"] = mfu(m["tokens_per_s"], cfg, seq, peak_flops, n_devices, causal=True)
+        t_last = now
+        history.append(m)
+        if log is not None:
+            log(m)
+        if m["skipped"]:
+            bar.write(f"step {m['step'] + 1}: non-finite gradients (loss {m['loss']}), update skipped "
+                      f"({m['nonfinite_streak']} in a row)")
+            if m["nonfinite_streak"] > max_nonfinite:
+                raise TrainingStopped(
+                    f"{m['nonfinite_streak']} consecutive steps had non-finite gradients after step "
+                    f"{m['step']} (limit {max_nonfinite}); lower the learning rate or check the data")
+        else:
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
+        return m
+
     with _Preemption() as preemption:
-        t_last = time.perf_counter()
-        while int(state.step) < steps:
+        while done + (in_flight is not None) < steps:  # (a step in flight counts as taken until read)
             host = next(batches)
-            seq = host["tokens"].shape[1] - ("targets" not in host)
-            tokens_in_batch = host["tokens"].shape[0] * seq
             if mesh is not None:
-                rows = sharding.local_batch_rows(host["tokens"].shape[0], mesh)
-                batch = place_batch({k: v[rows] for k, v in host.items()}, mesh)
+                batch = place_batch(host, mesh)
             else:
                 batch = jax.tree.map(jnp.asarray, host)
+            seq = batch["tokens"].shape[1] - ("targets" not in batch)
             state, metrics = step_fn(state, batch)
-            m = {k: v.item() for k, v in jax.device_get(metrics).items()}
-            now = time.perf_counter()
-            m["step"] = int(state.step)
-            m["tokens_per_s"] = tokens_in_batch / (now - t_last)
-            m["mfu"] = mfu(m["tokens_per_s"], cfg, seq, peak_flops, n_devices)
-            t_last = now
-            history.append(m)
-            if log is not None:
-                log(m)
-            if m["skipped"]:
-                bar.write(f"step {m['step'] + 1}: non-finite gradients (loss {m['loss']}), update skipped "
-                          f"({m['nonfinite_streak']} in a row)")
-                if m["nonfinite_streak"] > max_nonfinite:
-                    raise TrainingStopped(
-                        f"{m['nonfinite_streak']} consecutive steps had non-finite gradients after step "
-                        f"{m['step']} (limit {max_nonfinite}); lower the learning rate or check the data")
-            else:
-                bar.update(1)
-                bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
-                if checkpoints is not None:
-                    checkpoints.save(m["step"], state, data_state() if data_state else {})
-            if preemption.reached(int(state.step)):
-                status = "preempted"
+            sent = (metrics, batch["tokens"].shape[0] * seq, seq)
+            if in_flight is not None:
+                read(in_flight)  # the previous step's metrics, while the device runs this one
+            in_flight = sent
+            # `done + 1` is this step's number if it turns out finite; where a save may be due, wait for it.
+            expected = done + 1
+            if preemption.reached(expected):
+                status = "preempted"  # saved below, after the step in flight is read
                 break
+            if checkpoints is not None and checkpoints.due(expected):
+                read(in_flight)
+                in_flight = None
+                checkpoints.save(done, state, data_state() if data_state else {})
+        if in_flight is not None:
+            read(in_flight)
     bar.close()
     if checkpoints is not None:
         checkpoints.save(int(state.step), state, data_state() if data_state else {}, force=True)

@@ -118,14 +118,15 @@ def test_sigterm_saves_then_exits_cleanly_and_resumes(corpus, reference, tmp_pat
     stopped = _train(out, corpus, kill_at=5, sig="SIGTERM")
     assert stopped.returncode == 0, stopped.stderr
     assert "Traceback" not in stopped.stderr
-    assert "preempted (SIGTERM): saved step 5" in stopped.stderr
-    assert [m["step"] for m in _metrics(out)] == [1, 2, 3, 4, 5]
-    assert TrainCheckpointer(out).latest_step() == 5  # saved on the way out, between the regular saves
+    # The host hears of step 5 while step 6 runs (metrics come one step behind): step 6 finishes, is saved.
+    assert "preempted (SIGTERM): saved step 6" in stopped.stderr
+    assert [m["step"] for m in _metrics(out)] == [1, 2, 3, 4, 5, 6]
+    assert TrainCheckpointer(out).latest_step() == 6  # saved on the way out, between the regular saves
 
     resumed = _train(out, corpus)
-    assert resumed.returncode == 0 and "resuming from step 5" in resumed.stderr
-    after = _metrics(out, skip=5)
-    assert [m["step"] for m in after] == list(range(6, 11))
+    assert resumed.returncode == 0 and "resuming from step 6" in resumed.stderr
+    after = _metrics(out, skip=6)
+    assert [m["step"] for m in after] == list(range(7, 11))
     assert all(m["loss"] == reference[m["step"]] for m in after)
     # A finished run given more --steps goes on, and says that its schedule is re-planned.
     longer = _train(out, corpus, steps=11)

@@ -377,7 +377,7 @@ def test_finetune_cli_writes_metrics_checkpoints_and_resumes(tmp_path, capsys):
     import json
 
     from llama_jax import cli
-    from llama_jax.checkpoints import TrainCheckpointer
+    from llama_jax.checkpoints import TrainCheckpointer, run_config
 
     data = tmp_path / "alpaca.json"
     data.write_text(json.dumps(INSTRUCTIONS))
@@ -385,15 +385,25 @@ def test_finetune_cli_writes_metrics_checkpoints_and_resumes(tmp_path, capsys):
     argv = ["finetune", "--model", str(STORIES_GGUF), "--data", str(data), "--out", str(out), "--batch", "8",
             "--micro-batch", "8", "--max-len", "256", "--lr", "3e-3", "--no-progress"]
     assert cli.main(argv + ["--epochs", "2"]) == 0
+    assert "no MFU: the peak FLOP/s of a cpu is not in train.PEAK_TFLOPS" in capsys.readouterr().err
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]  # 8 records, batch 8: one step an epoch
-    assert all(m["tokens"] > 0 and 0 < m["mfu"] < 1 and m["tokens_per_s"] > 0 for m in metrics)
+    assert all(m["tokens"] > 0 and m["tokens_per_s"] > 0 and "mfu" not in m for m in metrics)
     assert list((out / "tb").glob("events.out.tfevents.*"))
     assert TrainCheckpointer(out).latest_step() == 2
-    assert cli.main(argv + ["--epochs", "4"]) == 0
+    assert cli.main(argv + ["--epochs", "4", "--peak-tflops", "0.5"]) == 0
     assert "resuming from step 2" in capsys.readouterr().err
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    # Both FLOP conventions: r = (6N + 12 L d S) / (6N + 6 L d S) (attention in full, and the causal half)
+    # gives back the rows' length S, a multiple of 64 up to --max-len (finetune rounds the longest example).
+    cfg = run_config(out)
+    n = lj.param_count(cfg) - cfg.vocab_size * cfg.dim
+    for m in metrics[2:]:
+        r = m["mfu"] / m["mfu_causal"]
+        seq = 6 * n * (r - 1) / (cfg.n_layers * cfg.dim * (12 - 6 * r))
+        assert r > 1 and seq == pytest.approx(round(seq), abs=1e-3) and round(seq) % 64 == 0 and 0 < seq <= 256
+        assert 0 < m["mfu"] < 1
     assert metrics[-1]["loss"] < metrics[0]["loss"]
     # The run folder is itself a --model: continue training from its params (fresh optimizer).
     assert cli.main(argv[:2] + [str(out)] + argv[3:6] + [str(tmp_path / "run2"), "--epochs", "1"] + argv[7:]) == 0

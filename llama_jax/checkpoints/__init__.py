@@ -14,10 +14,10 @@ from llama_jax.checkpoints.orbax_io import (CHECKPOINT_META, config_of, is_check
                                             read_checkpoint_info, staged_output)
 from llama_jax.checkpoints.quantized import is_quantized_checkpoint, save_quantized
 from llama_jax.checkpoints.readers import open_reader, params_from_reader, reader_for
-from llama_jax.checkpoints.training import TrainCheckpointer, is_train_checkpoint, run_config, run_meta, run_step
+from llama_jax.checkpoints.training import MetricsLog, TrainCheckpointer, is_train_checkpoint, run_config, run_meta, run_step
 
 __all__ = [
-    "CHECKPOINT_META", "Loaded", "TrainCheckpointer", "config_of", "convert", "default_gguf", "default_model",
+    "CHECKPOINT_META", "Loaded", "MetricsLog", "TrainCheckpointer", "config_of", "convert", "default_gguf", "default_model",
     "export_hf", "export_params_hf", "is_checkpoint", "is_quantized_checkpoint", "is_train_checkpoint", "load",
     "open_reader", "params_from_reader", "quiet_logs", "read_checkpoint_info", "reader_for", "run_config",
     "run_meta", "run_step", "run_tokenizer", "save_quantized", "staged_output",

@@ -22,6 +22,7 @@ from typing import Callable
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from checkpoints_convert.names import ConvertError
 from llama_jax import params as P
@@ -34,14 +35,21 @@ FORMAT, VERSION = "llama-jax", 1
 TOKENIZER_NAMES = ("tokenizer.model", "tokenizer.json")  # either one makes a folder a tokenizer
 
 
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """`path` as an etils.epath.Path: a local path made absolute (Orbax takes absolute paths only), a
+    URI (gs://bucket/run) kept as it is, so every filesystem epath and Orbax support works."""
+    path = epath.Path(path)
+    return path if "://" in os.fspath(path) else epath.Path(os.path.abspath(path))
+
+
 def is_checkpoint(path: str | Path) -> bool:
     """Whether `path` is a complete Orbax checkpoint made by `convert` or `quantize`."""
-    path = Path(path)
+    path = epath.Path(path)
     return (path / CHECKPOINT_META).is_file() and (path / "params" / "_METADATA").is_file()
 
 
 def has_tokenizer(folder: str | Path) -> bool:
-    return any((Path(folder) / n).is_file() for n in TOKENIZER_NAMES)
+    return any((epath.Path(folder) / n).is_file() for n in TOKENIZER_NAMES)
 
 
 def write_checkpoint_info(folder: Path, cfg: LlamaConfig, source: str, **extra) -> None:
@@ -101,7 +109,7 @@ def restore_tree(folder: Path, target, what: str = "checkpoint", partial: bool =
     """The PyTree checkpoint at `folder` restored into `target` (ShapeDtypeStructs with shardings:
     each device reads only its own shards; `partial`: only the leaves `target` names). A damaged
     file raises one ValueError naming the folder."""
-    folder = Path(folder).absolute()  # Orbax takes absolute paths only
+    folder = as_path(folder)
     try:
         with quiet_logs():
             return ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
