@@ -5,10 +5,10 @@
 
 For each scale, a synthetic corpus (.jsonl of random-word documents, 50 to 1500 words each) is written,
 `llama-jax tokenize` turns it into shards (Llama 2's tokenizer, tests/data), and `--batches` batches are
-read from the shards through ShardBatches (prefetch on), each step in a fresh process. One JSON line per
-figure: the child's peak RSS (ru_maxrss from wait4, MiB) and its seconds; "baseline" is a process that
-only imports llama_jax.shards (which imports JAX through the package). Reading np.memmap's the shards, so
-the pages a read touches count in its RSS too: the same batch count touches the same amount at any scale.
+read from the shards through ShardBatches (prefetch on), and `llama-jax train` runs --train-steps steps of
+the tiny preset on them, each step of the bench in a fresh process. One JSON line per figure: the
+child's peak RSS (ru_maxrss from wait4, MiB) and its seconds; "baseline" is a process that only imports
+llama_jax.shards (which imports JAX through the package).
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=200, help="batches read from the shards")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--rows", type=int, default=8, help="rows a batch (one host's rows of a step)")
+    p.add_argument("--train-steps", type=int, default=30, help="steps of `llama-jax train` (tiny preset) on the shards")
     p.add_argument("--workdir", default=None, help="where the corpora and shards go (default: a temporary folder)")
     p.add_argument("--read", default=None, help=argparse.SUPPRESS)  # the reading child
     a = p.parse_args()
@@ -108,6 +109,16 @@ def main() -> None:
                                     "--seq-len", str(a.seq_len), "--rows", str(a.rows)])
             print(json.dumps({**common, "figure": f"read {a.batches} batches of {a.rows} x {a.seq_len + 1}",
                               "peak_rss_mib": round(rss, 1), "seconds": round(seconds, 1)}), flush=True)
+            if a.train_steps:
+                run = work / f"run-{scale:g}x"
+                shutil.rmtree(run, ignore_errors=True)
+                rss, seconds = measure([py, "-m", "llama_jax.cli", "train", "--model", "tiny", "--tokenizer",
+                                        str(TOKENIZER), "--data", str(shards), "--seq-len", "256", "--batch",
+                                        str(a.rows), "--steps", str(a.train_steps), "--save-every",
+                                        str(a.train_steps), "--out", str(run), "--no-progress"])
+                print(json.dumps({**common, "figure": f"train {a.train_steps} steps of {a.rows} x 257 (tiny)",
+                                  "peak_rss_mib": round(rss, 1), "seconds": round(seconds, 1)}), flush=True)
+                shutil.rmtree(run)
             corpus.unlink()
             shutil.rmtree(shards)
     finally:

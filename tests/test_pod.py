@@ -18,7 +18,7 @@ import pytest
 
 from conftest import REPO, STORIES_GGUF
 
-STEPS, SAVE_EVERY, KILL_AT = 6, 2, 3
+STEPS, SAVE_EVERY, KILL_AT = 6, 2, 5
 TIMEOUT_S = 300
 
 # `llama-jax train`, with train.fit wrapped: it records the mesh and this host's batches, and kills the
@@ -168,10 +168,12 @@ def test_kill_9_of_both_hosts_resumes_with_identical_losses(corpus, reference, t
     out = tmp_path / "run"
     codes, outputs = _cluster(d, out, tmp_path / "killed", kill_at=KILL_AT)
     assert codes[0] == -signal.SIGKILL, outputs
+    # Step 2's save is complete (Orbax waits for it before it starts step 4's); step 4's may still have
+    # been in flight at the kill, and step 5 was never saved.
     complete = TrainCheckpointer(out, read_only=True).all_steps()
-    assert complete == [2], complete  # step 3 was never saved
+    assert complete in ([2], [2, 4]), complete
 
     codes, outputs = _cluster(d, out, tmp_path / "resumed")
     assert codes == [0, 0], outputs
-    assert "resuming from step 2" in outputs[0]
+    assert f"resuming from step {complete[-1]}" in outputs[0]
     assert _losses(out) == reference  # every step, the killed run's and the resumed run's, bit for bit
