@@ -469,8 +469,37 @@ def add_finetune(sub):
     p.add_argument("--max-len", type=int, default=None,
                    help=f"tokens per example, prompt + response (default: {MAX_LEN}, or the model's context if shorter)")
     p.add_argument("--pack", action="store_true", help="pack several examples into each row (default: one, padded)")
+    _add_lora_args(p)
     _add_common_train_args(p, lr=2e-5, weight_decay=0.0, b2=0.999, warmup_ratio=0.03)
     p.set_defaults(run=run_finetune)
+
+
+def _add_lora_args(p):
+    p.add_argument("--lora-rank", type=int, default=None,
+                   help="train LoRA adapters of this rank on a frozen base (default: train every weight)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator: alpha / rank (default 2 x rank)")
+    p.add_argument("--lora-targets", default="q,k,v,o,gate,up,down", help="the weights LoRA adapts")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    p.add_argument("--quantize-base", type=int, default=None, choices=[4, 8],
+                   help="QLoRA: keep the frozen base in 4 (or 8) bits through training (needs --lora-rank)")
+
+
+def _lora_config(args, cfg):
+    """The LoraConfig of --lora-* (None without --lora-rank), checked against the model."""
+    from llama_jax.lora import LoraConfig
+
+    if args.lora_rank is None:
+        if args.quantize_base:
+            raise UsageError("--quantize-base needs --lora-rank (a quantized base is only ever frozen)")
+        return None
+    try:
+        lora = LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha or 2.0 * args.lora_rank,
+                          targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
+                          dropout=args.lora_dropout)
+        lora.check(cfg)
+    except ValueError as e:
+        raise UsageError(f"--lora-*: {e}") from None
+    return lora
 
 
 def _positive(args, *names):
@@ -480,9 +509,10 @@ def _positive(args, *names):
             raise UsageError(f"--{name} must be > 0, got {value}")
 
 
-def _training_model(spec, tokenizer_path):
+def _training_model(spec, tokenizer_path, on_cpu: bool = False):
     """(config, params or None, tokenizer) for --model: a preset (random params) or any model lj.load
-    reads (a previous run's folder: its latest params; the optimizer starts afresh)."""
+    reads (a previous run's folder: its latest params; the optimizer starts afresh). `on_cpu`: the params
+    stay in host memory (a base to quantize before it goes to the devices)."""
     from llama_jax.config import PRESETS
     from llama_jax.tokenizer import load_tokenizer
 
@@ -496,7 +526,14 @@ def _training_model(spec, tokenizer_path):
         return cfg, None, tok
     from llama_jax.checkpoints import load
 
-    model = load(spec, compute_dtype=None)
+    if on_cpu:
+        import jax
+
+        from llama_jax.sharding import make_mesh
+
+        model = load(spec, compute_dtype=None, mesh=make_mesh(devices=jax.devices("cpu")[:1]))
+    else:
+        model = load(spec, compute_dtype=None)
     if tokenizer_path is not None:
         model.tokenizer = load_tokenizer(tokenizer_path)
     if model.tokenizer is None:
@@ -545,10 +582,11 @@ def _join_cluster():
     distributed.initialize()
 
 
-def _run_training(args, cfg, params, tok, data, batch, steps, meta):
+def _run_training(args, cfg, params, tok, data, batch, steps, meta, lora=None):
     """Shared by train and finetune: state (fresh or resumed from OUT), step, metrics writers, fit.
     `data(rows)`: this process's batches, given the rows of each global batch that are its share (a
-    slice): an iterator with load_state_dict (resume), its state_dict, and the epoch it is in."""
+    slice): an iterator with load_state_dict (resume), its state_dict, and the epoch it is in. `lora`: the
+    optimizer trains adapters on `params`, frozen (and with --quantize-base, quantized)."""
     import math
     import time
 
@@ -577,20 +615,28 @@ def _run_training(args, cfg, params, tok, data, batch, steps, meta):
         if saved.get("steps") not in (None, steps):
             print(f"llama-jax {args.command}: warning: the run in {args.out} was planned for {saved['steps']} steps, "
                   f"now {steps}: the learning-rate schedule is re-planned from step {resume}", file=sys.stderr)
-        shardings = train.state_shardings(cfg, optimizer, mesh)
-        abstract = jax.eval_shape(lambda: train.init_train_state(cfg, optimizer, jax.random.key(0)))
+        shardings = train.state_shardings(cfg, optimizer, mesh, lora=lora)
+        abstract = jax.eval_shape(lambda: train.init_train_state(cfg, optimizer, jax.random.key(0), lora=lora))
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
         state, position, _ = ckpt.restore(abstract, resume)
         batches.load_state_dict(position)
         print(f"llama-jax {args.command}: resuming from step {resume} in {args.out}", file=sys.stderr)
     else:
-        state = train.init_train_state(cfg, optimizer, jax.random.key(args.seed), mesh, params=params)
+        state = train.init_train_state(cfg, optimizer, jax.random.key(args.seed), mesh,
+                                       params=None if lora else params, lora=lora)
     if metrics is not None:
         metrics.keep_up_to(resume or 0)  # the steps after `resume` run again
     if lead and not orbax_io.has_tokenizer(out):  # the run folder is a model on its own (lj.load, --model)
         tok.save(out)
     step_fn = train.make_train_step(cfg, optimizer, mesh, accum_steps=accum, remat=args.remat,
-                                    unroll=args.unroll_layers, kernels=_kernels(args, mesh))
+                                    unroll=args.unroll_layers, kernels=_kernels(args, mesh), lora=lora)
+    if lora is not None:
+        base = train.base_for_training(params, cfg, getattr(args, "quantize_base", None), mesh)
+        del params  # the float copy goes; the base (quantized, with --quantize-base) stays
+        adapter_step = step_fn
+
+        def step_fn(state, batch):
+            return adapter_step(state, batch, base)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else train.peak_flops_of(jax.devices()[0].device_kind)
     if peak is None:
         print(f"llama-jax {args.command}: no MFU: the peak FLOP/s of a {jax.devices()[0].device_kind} is not in "
@@ -715,8 +761,9 @@ def run_finetune(args):
     if args.model in PRESETS:
         raise UsageError(f"--model {args.model} is a preset; finetune starts from a trained checkpoint")
     _join_cluster()
-    cfg, params, tok = _training_model(args.model, args.tokenizer)
+    cfg, params, tok = _training_model(args.model, args.tokenizer, on_cpu=bool(args.quantize_base))
     cfg = _train_config(args, cfg)
+    lora = _lora_config(args, cfg)
     if args.max_len is None:  # the default, clamped to the model's context
         args.max_len = min(MAX_LEN, cfg.max_seq_len)
         if args.max_len < MAX_LEN:
@@ -735,7 +782,19 @@ def run_finetune(args):
     steps = max(1, math.ceil(args.epochs * Batches(source, args.batch).rows_in_epoch(0) / args.batch))
     meta = dict(command="finetune", config=cfg.to_dict(), tokenizer=_tokenizer_source(args), model=args.model,
                 data=str(args.data), max_len=args.max_len, batch=args.batch, epochs=args.epochs, steps=steps)
-    return _run_training(args, cfg, params, tok, _global_batches(source, args.batch), args.batch, steps, meta)
+    if lora is not None:  # the run holds the adapters; this says which base they belong to
+        meta.update(lora=lora.to_dict(), base=_model_source(args.model), quantize_base=args.quantize_base)
+    return _run_training(args, cfg, params, tok, _global_batches(source, args.batch), args.batch, steps, meta,
+                         lora=lora)
+
+
+def _model_source(spec: str) -> str:
+    """--model as a later run of the CLI finds it again: a preset's name, else an absolute path."""
+    import os
+
+    from llama_jax.config import PRESETS
+
+    return spec if spec in PRESETS or "://" in spec else os.path.abspath(spec)
 
 
 # === quantize (quantization) ===

@@ -36,6 +36,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from llama_jax import lora as lora_lib
 from llama_jax import sharding
 from llama_jax.config import LlamaConfig
 from llama_jax.model import (
@@ -46,6 +47,7 @@ from llama_jax.model import (
     param_count,
 )
 from llama_jax.ops import Kernels
+from llama_jax.quantize import quantize_params
 from llama_jax.params import BY_PATH
 from llama_jax.sharding import place_batch  # noqa: F401  (re-exported: train.place_batch)
 
@@ -72,7 +74,7 @@ H100_BF16_PEAK_FLOPS = PEAK_TFLOPS["NVIDIA H100"] * 1e12
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class TrainState:
-    params: Any  # float32 master params (the model's params layout)
+    params: Any  # float32 master params (the model's params layout), or with LoRA the adapters (lora.py)
     opt_state: Any  # optax state; moments laid out (and sharded) like params
     step: jax.Array  # int32: optimizer updates applied so far (skipped steps not counted)
     rng: jax.Array  # uint32 raw key data; step k's randomness is fold_in(wrap_key_data(rng), k)
@@ -89,11 +91,19 @@ def _is_params_like(tree_def):
     return check
 
 
-def state_shardings(cfg: LlamaConfig, optimizer: optax.GradientTransformation, mesh, rules=None) -> TrainState:
-    """NamedShardings of every leaf of a TrainState: params by the rules; inside the optimizer state,
-    every subtree laid out like the params (adam's mu and nu) sharded like them; scalars replicated."""
-    p_shard = sharding.param_shardings(cfg, mesh, rules)
-    abstract = abstract_params(cfg)
+def trained_abstract(cfg: LlamaConfig, lora: lora_lib.LoraConfig | None = None):
+    """Shapes of what the optimizer trains: the params, or with `lora` the adapters."""
+    return abstract_params(cfg) if lora is None else lora_lib.abstract_adapters(cfg, lora)
+
+
+def state_shardings(cfg: LlamaConfig, optimizer: optax.GradientTransformation, mesh, rules=None,
+                    lora: lora_lib.LoraConfig | None = None) -> TrainState:
+    """NamedShardings of every leaf of a TrainState: params (or adapters) by the rules; inside the
+    optimizer state, every subtree laid out like them (adam's mu and nu) sharded like them; scalars
+    replicated."""
+    p_shard = (sharding.param_shardings(cfg, mesh, rules) if lora is None
+               else lora_lib.adapter_shardings(cfg, lora, mesh, rules))
+    abstract = trained_abstract(cfg, lora)
     opt_abstract = jax.eval_shape(optimizer.init, abstract)
     replicated = NamedSharding(mesh, PartitionSpec())
     like = _is_params_like(jax.tree.structure(abstract))
@@ -103,14 +113,17 @@ def state_shardings(cfg: LlamaConfig, optimizer: optax.GradientTransformation, m
 
 
 def init_train_state(cfg: LlamaConfig, optimizer: optax.GradientTransformation, key: jax.Array, mesh=None,
-                     params=None, rules=None) -> TrainState:
+                     params=None, rules=None, lora: lora_lib.LoraConfig | None = None) -> TrainState:
     """A fresh TrainState: `params` (e.g. a loaded checkpoint's, cast to cfg.param_dtype) or random ones
-    from `key`; each device creates only its shards when a mesh is given."""
+    from `key`; with `lora`, fresh adapters (the base is not part of the state). Each device creates
+    only its shards when a mesh is given."""
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.key_data(key)
     key = jnp.asarray(key, jnp.uint32)
-    shard = state_shardings(cfg, optimizer, mesh, rules) if mesh is not None else None
-    if params is None:
+    shard = state_shardings(cfg, optimizer, mesh, rules, lora) if mesh is not None else None
+    if lora is not None and params is None:
+        params = lora_lib.init_adapters(cfg, lora, jax.random.wrap_key_data(key), mesh, rules)
+    elif params is None:
         params = init_params(cfg, jax.random.wrap_key_data(key), mesh, rules=rules)
     else:  # a copy in the param dtype, on the mesh: the step donates the state, never the caller's arrays
         if shard is not None:
@@ -136,10 +149,25 @@ def init_train_state(cfg: LlamaConfig, optimizer: optax.GradientTransformation, 
 def _matrices(params):
     # True for every weight matrix, False for the RMSNorm gains: the parameter table's `decay`. AdamW's
     # decoupled weight decay applies to the matrices only, and the train step differentiates them in the
-    # compute dtype.
+    # compute dtype. Adapters (a path ending in a LoRA target's "a" or "b") are matrices.
     def keep(path, _):
-        return BY_PATH[tuple(k.key for k in path)].decay
+        names = tuple(k.key for k in path)
+        row = BY_PATH.get(names)
+        return row.decay if row is not None else names[-1] in ("a", "b")
     return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def base_for_training(params, cfg: LlamaConfig, quantize_bits: int | None = None, mesh=None, rules=None):
+    """A frozen base for LoRA: the weight matrices in the compute dtype (they are only read), or with
+    `quantize_bits` 4 or 8 as QArrays (QLoRA: int4 groups of 64 with zero points, quantize.py's
+    default); the norms as they are. Placed by the sharding rules on `mesh`."""
+    mats = _matrices(params)
+    base = jax.tree.map(lambda p, m: p.astype(cfg.compute_jnp_dtype) if m else p, params, mats)
+    if quantize_bits:
+        base = quantize_params(base, cfg, bits=quantize_bits)
+    if mesh is not None:
+        base = jax.device_put(base, sharding.param_shardings(cfg, mesh, rules, params=base))
+    return base
 
 
 def make_schedule(lr: float = 3e-4, warmup_steps: int = 0, total_steps: int = 1, end_lr: float = 0.0):
@@ -270,8 +298,10 @@ def _micro_batches(batch: dict, accum_steps: int) -> dict:
 
 def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation, mesh=None, *, accum_steps: int = 1,
                     remat: str = "none", loss_chunk: int | None = None, unroll: int | bool = 1, rules=None,
-                    kernels: Kernels | None = None):
-    """`step(state, batch) -> (state, metrics)`, jitted, the state donated.
+                    kernels: Kernels | None = None, lora: lora_lib.LoraConfig | None = None):
+    """`step(state, batch) -> (state, metrics)`, jitted, the state donated. With `lora`:
+    `step(state, batch, base)`, state.params the adapters and `base` the frozen params they adapt
+    (base_for_training: float or quantized), read and never differentiated.
 
     With a mesh: params and optimizer state sharded by the rules, the batch split over (data, fsdp).
     `accum_steps`: gradients of that many micro-batches (lax.scan) are summed before one update; the
@@ -290,15 +320,21 @@ def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation, m
         raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
     if accum_steps < 1:
         raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
-    grad_fn = jax.value_and_grad(functools.partial(loss_sums, cfg=cfg, remat=remat, loss_chunk=loss_chunk,
-                                                   unroll=unroll, kernels=kernels), has_aux=True)
+    model_loss = functools.partial(loss_sums, cfg=cfg, remat=remat, loss_chunk=loss_chunk, unroll=unroll,
+                                   kernels=kernels)
+    if lora is None:
+        grad_fn = jax.value_and_grad(lambda params, batch, base, key: model_loss(params, batch), has_aux=True)
+    else:
+        grad_fn = jax.value_and_grad(
+            lambda adapters, batch, base, key: model_loss(lora_lib.attach(base, adapters, lora, key), batch),
+            has_aux=True)
 
-    def gradients(params, batch):
+    def gradients(params, batch, base, key):
         # Gradients of the compute-dtype copies: half the bytes of float32 ones, in memory and in the update
         # (7B on two GPUs: 73.9 GB a card at batch 8 against 80.7; 7B width x 8 layers: 3% faster).
         params = jax.tree.map(lambda p, m: p.astype(cfg.compute_jnp_dtype) if m else p, params, _matrices(params))
         if accum_steps == 1:
-            (total, count), grads = grad_fn(params, batch)
+            (total, count), grads = grad_fn(params, batch, base, key)
             return grads, total, count
         rows = batch["tokens"].shape[0]
         if rows % accum_steps:
@@ -306,18 +342,21 @@ def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation, m
 
         def body(carry, micro):
             g_sum, l_sum, n_sum = carry
-            (total, count), g = grad_fn(params, micro)
+            micro, k = micro
+            (total, count), g = grad_fn(params, micro, base, k)
             return (jax.tree.map(jnp.add, g_sum, g), l_sum + total, n_sum + count), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         carry = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        (grads, total, count), _ = jax.lax.scan(body, carry, _micro_batches(batch, accum_steps))
+        keys = jax.random.key_data(jax.random.split(key, accum_steps))  # a dropout mask each (LoRA)
+        (grads, total, count), _ = jax.lax.scan(body, carry, (_micro_batches(batch, accum_steps), keys))
         return grads, total, count
 
-    def step(state: TrainState, batch: dict):
+    def step(state: TrainState, batch: dict, base=None):
         # Gradients of the summed loss, divided once by the whole batch's target count: k micro-batches
         # then give exactly the gradient of one batch k times the size.
-        grads, total, count = gradients(state.params, batch)
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step + state.skipped)
+        grads, total, count = gradients(state.params, batch, base, key)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: (g / denom).astype(jnp.float32), grads)
         loss = total / denom
@@ -343,16 +382,17 @@ def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation, m
     if mesh is None:
         return jax.jit(step, donate_argnums=0)
 
-    shard = state_shardings(cfg, optimizer, mesh, rules)
+    shard = state_shardings(cfg, optimizer, mesh, rules, lora)
     batch_shard = sharding.batch_sharding(mesh, 1, rules)  # a prefix: every batch leaf split on dim 0
     replicated = NamedSharding(mesh, PartitionSpec())
 
-    def step_on_mesh(state, batch):
+    def step_on_mesh(state, batch, base=None):
         # The model's activation constraints read the mesh (and rules) while tracing.
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), sharding.use_rules(rules):
-            return step(state, batch)
+            return step(state, batch, base)
 
-    return jax.jit(step_on_mesh, in_shardings=(shard, batch_shard), out_shardings=(shard, replicated),
+    # The base keeps the shardings it was placed with (base_for_training); it is read, never donated.
+    return jax.jit(step_on_mesh, in_shardings=(shard, batch_shard, None), out_shardings=(shard, replicated),
                    donate_argnums=0)
 
 

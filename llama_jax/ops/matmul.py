@@ -25,7 +25,9 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from llama_jax.lora import LoraWeight
 from llama_jax.ops import cpu_qmatmul, cuda_matvec, pallas_qmatmul
 from llama_jax.ops.policy import Kernels
 from llama_jax.qarray import QArray
@@ -75,13 +77,16 @@ def _weight(w):
 
 
 def project(kernels: Kernels, spec: str, x: jax.Array, w) -> jax.Array:
-    """x times a weight (an array, a QArray or a LayerView), in x's dtype (sums in float32)."""
+    """x times a weight (an array, a QArray, a LayerView or a LoraWeight), in x's dtype (sums in float32)."""
     return project_many(kernels, spec, x, (w,))[0]
 
 
 def project_many(kernels: Kernels, spec: str, x: jax.Array, ws) -> list[jax.Array]:
     """x times several weights that contract its last axes (q/k/v, gate/up): one launch where a kernel
-    serves them all, else one product each."""
+    serves them all, else one product each. A LoraWeight is its base's product plus its adapter's."""
+    if any(isinstance(w, LoraWeight) for w in ws):
+        bases = project_many(kernels, spec, x, [w.base if isinstance(w, LoraWeight) else w for w in ws])
+        return [y + _adapter_product(spec, x, w) if isinstance(w, LoraWeight) else y for y, w in zip(bases, ws)]
     n_in = _n_in(spec)
     x2 = x.reshape(-1, math.prod(x.shape[x.ndim - n_in:]))
     outs = _kernel_products(kernels, x2, ws, n_in)
@@ -113,9 +118,50 @@ def _project_one(kernels: Kernels, spec: str, x: jax.Array, x2: jax.Array, w, n_
     return jnp.einsum(spec, x, m.astype(x.dtype))
 
 
+def _adapter_product(spec: str, x: jax.Array, w: LoraWeight) -> jax.Array:
+    """scale * (dropout(x) @ a) @ b in x's dtype, laid out as x @ w.base is: with spec "btd,dnh->btnh",
+    "btd,dr->btr" then "btr,rnh->btnh"."""
+    inputs, y_axes = spec.split("->")
+    x_axes, w_axes = inputs.split(",")
+    n_in = _n_in(spec)
+    r = next(c for c in "rzyxwvu" if c not in spec)
+    kept = "".join(c for c in x_axes if c not in w_axes[:n_in])
+    if w.key is not None and w.dropout > 0:
+        keep = jax.random.bernoulli(jax.random.wrap_key_data(w.key), 1.0 - w.dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - w.dropout), 0).astype(x.dtype)
+    h = jnp.einsum(f"{x_axes},{w_axes[:n_in]}{r}->{kept}{r}", x, w.a.astype(x.dtype))
+    y = jnp.einsum(f"{kept}{r},{r}{w_axes[n_in:]}->{y_axes}", h, w.b.astype(x.dtype))
+    return (y * w.scale).astype(x.dtype)
+
+
 def _dequantized_product(x2: jax.Array, q: QArray) -> jax.Array:
-    """The reference for a quantized weight: x2 [M, K] @ q dequantized next to XLA's dot, float32 [M, N]."""
+    """The reference for a quantized weight: x2 [M, K] @ q dequantized next to XLA's dot, float32 [M, N].
+    Differentiated (QLoRA: gradients reach the activations through a frozen 4-bit weight), the backward
+    pass dequantizes the weight again rather than keep the forward's copy: a float copy of a whole
+    weight lives only as long as its op, not from the forward pass to the backward."""
+    return _quantized_dot(x2, q, jnp.zeros((0,), x2.dtype))
+
+
+@jax.custom_vjp
+def _quantized_dot(x2: jax.Array, q: QArray, like: jax.Array) -> jax.Array:
     return jnp.dot(x2, q.dequantize(x2.dtype).reshape(q.matrix_shape()), preferred_element_type=jnp.float32)
+
+
+def _quantized_dot_fwd(x2, q, like):
+    return _quantized_dot(x2, q, like), (q, like)
+
+
+def _quantized_dot_bwd(residuals, g):
+    q, like = residuals  # like: an empty array of x2's dtype
+    w = q.dequantize(like.dtype).reshape(q.matrix_shape())
+    dx = jnp.dot(g.astype(like.dtype), w.T, preferred_element_type=jnp.float32).astype(like.dtype)
+    # A quantized weight is frozen: no gradient for its codes (integers) or scales.
+    dq = jax.tree.map(lambda a: (np.zeros(a.shape, jax.dtypes.float0) if not jnp.issubdtype(a.dtype, jnp.inexact)
+                                 else jnp.zeros_like(a)), q)
+    return dx, dq, jnp.zeros_like(like)
+
+
+_quantized_dot.defvjp(_quantized_dot_fwd, _quantized_dot_bwd)
 
 
 def _kernel_products(kernels: Kernels, x2: jax.Array, ws, n_in: int, out_dtype=None) -> list[jax.Array] | None:
@@ -208,9 +254,12 @@ def decode_views(kernels: Kernels, stacked, rows: int, dtype):
 
     def keep(path, a) -> bool:  # path: the module names down to the param, e.g. ("attn", "q", ...)
         names = {p.key for p in path if hasattr(p, "key")}
+        if isinstance(a, LoraWeight):
+            return False
         return isinstance(a, QArray) or (bool(names & set(in_place)) and a.dtype == dtype)
 
-    is_q = lambda a: isinstance(a, QArray)  # noqa: E731
+    # A LoraWeight goes to the scan whole (base and adapter sliced together): no kernel reads it in place.
+    is_q = lambda a: isinstance(a, (QArray, LoraWeight))  # noqa: E731
     kept = jax.tree_util.tree_map_with_path(keep, stacked, is_leaf=is_q)
     whole = jax.tree.map(lambda a, k: a if k else None, stacked, kept, is_leaf=is_q)
     sliced = jax.tree.map(lambda a, k: None if k else a, stacked, kept, is_leaf=is_q)
@@ -222,4 +271,4 @@ def layer_views(sliced_layer, whole, index: jax.Array):
     def view(sliced_leaf, whole_leaf):
         return sliced_leaf if whole_leaf is None else LayerView(whole_leaf, index)
 
-    return jax.tree.map(view, sliced_layer, whole, is_leaf=lambda a: a is None or isinstance(a, QArray))
+    return jax.tree.map(view, sliced_layer, whole, is_leaf=lambda a: a is None or isinstance(a, (QArray, LoraWeight)))
