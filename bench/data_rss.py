@@ -113,10 +113,10 @@ def main() -> None:
                 run = work / f"run-{scale:g}x"
                 shutil.rmtree(run, ignore_errors=True)
                 rss, seconds = measure([py, "-m", "llama_jax.cli", "train", "--model", "tiny", "--tokenizer",
-                                        str(TOKENIZER), "--data", str(shards), "--seq-len", "256", "--batch",
+                                        str(TOKENIZER), "--data", str(shards), "--seq-len", "128", "--batch",
                                         str(a.rows), "--steps", str(a.train_steps), "--save-every",
                                         str(a.train_steps), "--out", str(run), "--no-progress"])
-                print(json.dumps({**common, "figure": f"train {a.train_steps} steps of {a.rows} x 257 (tiny)",
+                print(json.dumps({**common, "figure": f"train {a.train_steps} steps of {a.rows} x 129 (tiny)",
                                   "peak_rss_mib": round(rss, 1), "seconds": round(seconds, 1)}), flush=True)
                 shutil.rmtree(run)
             corpus.unlink()

@@ -39,16 +39,22 @@ def command(add):
 
 
 def _load(path, args=None, **kwargs):
-    """lj.load for a command: --model, --dtype and --keep-quantized where the command has them, and a
-    model without a tokenizer refused (every command here reads or writes text)."""
-    from llama_jax.checkpoints import load
+    """lj.load for a command: --model, --dtype, --keep-quantized and --adapter where the command has
+    them, and a model without a tokenizer refused (every command here reads or writes text)."""
+    from llama_jax.checkpoints import adapters, load
 
     if args is not None:
         kwargs.setdefault("compute_dtype", getattr(args, "dtype", "auto"))
         kwargs.setdefault("keep_quantized", getattr(args, "keep_quantized", False))
+    adapter = getattr(args, "adapter", None)
+    if adapter is not None:  # checked before the base loads; without --model, the base the run names
+        _, meta = adapters.lora_run(adapter)
+        path = path or adapters.base_of(adapter, meta)
     model = load(path, **kwargs)
     if model.tokenizer is None:
         raise UsageError(f"{path or 'the default model'}: has no tokenizer")
+    if adapter is not None:  # unmerged: the model runs x @ w + (alpha / r) (x @ a) @ b
+        model.params = adapters.attach_run(model.config, model.params, adapter, path, kwargs.get("mesh"))
     return model
 
 
@@ -88,6 +94,9 @@ def _utf8(text: str, what: str) -> str:
 
 def _add_sampling_args(p, max_new_tokens):
     p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--adapter", default=None, metavar="RUN",
+                   help="a LoRA run (finetune --lora-rank) or step folder: its adapters run beside --model's "
+                        "weights, unmerged (no --model: the base the run names)")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of this mass")
@@ -246,6 +255,9 @@ def add_export(sub):
     hf.add_argument("--max-shard-gb", type=float, default=2.0,
                     help="largest safetensors file in GB; bigger models are split with an index")
     hf.add_argument("--overwrite", action="store_true", help="replace a Hugging Face model already in OUT_DIR")
+    hf.add_argument("--peft", action="store_true",
+                    help="CHECKPOINT is a LoRA run (finetune --lora-rank): write its adapters only, as a PEFT "
+                         "adapter (adapter_config.json + adapter_model.safetensors) for the base's HF export")
     p.set_defaults(run=run_export)
 
 
@@ -255,7 +267,9 @@ def run_export(args):
     if not args.max_shard_gb > 0:
         raise UsageError(f"--max-shard-gb must be > 0, got {args.max_shard_gb}")
     shard = int(args.max_shard_gb * 1e9)
-    if checkpoints.is_train_checkpoint(args.checkpoint):  # a run's float32 params, its tokenizer files
+    if args.peft:
+        out = checkpoints.export_peft(args.checkpoint, args.out_dir, overwrite=args.overwrite)
+    elif checkpoints.is_train_checkpoint(args.checkpoint):  # a run's float32 params, its tokenizer files
         model = checkpoints.load(args.checkpoint, compute_dtype=None)
         root, _ = checkpoints.run_step(args.checkpoint)
         out = checkpoints.export_params_hf(model.config, model.params, root, args.out_dir, max_shard_bytes=shard,
@@ -582,11 +596,12 @@ def _join_cluster():
     distributed.initialize()
 
 
-def _run_training(args, cfg, params, tok, data, batch, steps, meta, lora=None):
-    """Shared by train and finetune: state (fresh or resumed from OUT), step, metrics writers, fit.
+def _run_training(args, cfg, params, tok, data, batch, steps, meta, lora=None, objective=None, metric_names=()):
+    """Shared by train, finetune and dpo: state (fresh or resumed from OUT), step, metrics writers, fit.
     `data(rows)`: this process's batches, given the rows of each global batch that are its share (a
     slice): an iterator with load_state_dict (resume), its state_dict, and the epoch it is in. `lora`: the
-    optimizer trains adapters on `params`, frozen (and with --quantize-base, quantized)."""
+    optimizer trains adapters on `params`, frozen (and with --quantize-base, quantized). `objective`
+    (make_train_step's, with the extra metrics `metric_names`): it reads `params`, frozen, as its reference."""
     import math
     import time
 
@@ -629,14 +644,15 @@ def _run_training(args, cfg, params, tok, data, batch, steps, meta, lora=None):
     if lead and not orbax_io.has_tokenizer(out):  # the run folder is a model on its own (lj.load, --model)
         tok.save(out)
     step_fn = train.make_train_step(cfg, optimizer, mesh, accum_steps=accum, remat=args.remat,
-                                    unroll=args.unroll_layers, kernels=_kernels(args, mesh), lora=lora)
-    if lora is not None:
+                                    unroll=args.unroll_layers, kernels=_kernels(args, mesh), lora=lora,
+                                    objective=objective)
+    if lora is not None or objective is not None:  # the adapters' base, or the objective's reference
         base = train.base_for_training(params, cfg, getattr(args, "quantize_base", None), mesh)
         del params  # the float copy goes; the base (quantized, with --quantize-base) stays
-        adapter_step = step_fn
+        step_with_base = step_fn
 
         def step_fn(state, batch):
-            return adapter_step(state, batch, base)
+            return step_with_base(state, batch, base)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else train.peak_flops_of(jax.devices()[0].device_kind)
     if peak is None:
         print(f"llama-jax {args.command}: no MFU: the peak FLOP/s of a {jax.devices()[0].device_kind} is not in "
@@ -649,7 +665,7 @@ def _run_training(args, cfg, params, tok, data, batch, steps, meta, lora=None):
         m = dict(m, epoch=epoch(), time=time.time())
         metrics.write(m)
         if tb is not None:
-            for k in ("loss", "grad_norm", "lr", "tokens_per_s", "mfu", "mfu_causal", "skipped"):
+            for k in ("loss", "grad_norm", "lr", "tokens_per_s", "mfu", "mfu_causal", "skipped", *metric_names):
                 if m.get(k) is not None:
                     tb.add_scalar(f"train/{k}", m[k], m["step"])
 
@@ -795,6 +811,186 @@ def _model_source(spec: str) -> str:
     from llama_jax.config import PRESETS
 
     return spec if spec in PRESETS or "://" in spec else os.path.abspath(spec)
+
+
+# === dpo (preference tuning) ===
+# Direct Preference Optimization (llama_jax/dpo.py) on finetune's machinery: the same run folder,
+# checkpoints, metrics and resume. The train step minimises DPO's objective instead of the
+# cross-entropy, against the starting model, frozen (with LoRA: the base without the adapters).
+
+DPO_LR, DPO_LORA_LR = 5e-7, 5e-6  # --lr's defaults: every weight trained, or LoRA (add_dpo says why)
+
+
+@command
+def add_dpo(sub):
+    p = sub.add_parser(
+        "dpo", help="preference-tune on {prompt, chosen, rejected} pairs (DPO; the starting model is the reference)",
+        description="Direct Preference Optimization (Rafailov et al., 2023) on JSON Lines preference pairs. "
+                    f"--lr defaults to {DPO_LR:g} when every weight trains (Zephyr's DPO rate: DPO should move an "
+                    f"already tuned model only a little) and to {DPO_LORA_LR:g} with --lora-rank (ten times more, "
+                    "as in the alignment-handbook's QLoRA recipe: the adapters start at zero and reach the "
+                    "weights only through their low-rank product).")
+    p.add_argument("--model", required=True,
+                   help="the model to tune, and frozen, the reference: checkpoint, GGUF, HF folder, run folder")
+    p.add_argument("--data", required=True,
+                   help="JSON Lines, one {prompt, chosen, rejected} object (strings) a line; the prompt is used as "
+                        "given (any chat template already applied)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer, when the checkpoint carries none")
+    p.add_argument("--beta", type=float, default=0.1,
+                   help="strength of the pull toward the reference (the KL penalty's weight; the paper's 0.1)")
+    p.add_argument("--epochs", type=float, default=1, help="passes over the pairs")
+    p.add_argument("--batch", type=int, default=64, help="pairs per optimizer step (the paper's 64)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help=f"tokens per side, prompt + response (default: {MAX_LEN}, or the model's context if shorter)")
+    _add_lora_args(p)
+    _add_common_train_args(p, lr=None, weight_decay=0.0, b2=0.999, warmup_ratio=0.1)
+    p.set_defaults(run=run_dpo)
+
+
+def run_dpo(args):
+    import math
+
+    from llama_jax import dpo
+    from llama_jax.config import PRESETS
+
+    _positive(args, "epochs", "batch", "micro-batch", "max-len", "lr", "beta", "save-every", "keep")
+    pairs = dpo.read_pairs(args.data)  # file and line errors before the model loads
+    if args.model in PRESETS:
+        raise UsageError(f"--model {args.model} is a preset; dpo starts from a trained checkpoint")
+    _join_cluster()
+    cfg, params, tok = _training_model(args.model, args.tokenizer, on_cpu=bool(args.quantize_base))
+    cfg = _train_config(args, cfg)
+    lora = _lora_config(args, cfg)
+    if args.lr is None:
+        args.lr = DPO_LR if lora is None else DPO_LORA_LR
+    if args.max_len is None:  # the default, clamped to the model's context
+        args.max_len = min(MAX_LEN, cfg.max_seq_len)
+    elif args.max_len > cfg.max_seq_len:
+        raise UsageError(f"--max-len {args.max_len} is above the model's context of {cfg.max_seq_len} tokens")
+    examples = dpo.encode_pairs(pairs, tok, args.max_len)
+    if len(examples) < len(pairs):
+        print(f"llama-jax dpo: {len(pairs) - len(examples)} of {len(pairs)} pairs dropped: their prompt alone "
+              f"fills --max-len {args.max_len}", file=sys.stderr)
+    # A row holds both sides of a pair (positions restart on each), as long as the longest pair rounded up to 64.
+    longest = max(len(chosen) + len(rejected) for chosen, rejected, _ in examples)
+    source = dpo.PairRows(examples, seed=args.seed, seq_len=-(-longest // 64) * 64)
+    steps = max(1, math.ceil(args.epochs * len(examples) / args.batch))
+    meta = dict(command="dpo", config=cfg.to_dict(), tokenizer=_tokenizer_source(args), model=args.model,
+                data=str(args.data), max_len=args.max_len, batch=args.batch, epochs=args.epochs, steps=steps,
+                beta=args.beta)
+    if lora is not None:  # the run holds the adapters; this says which base they belong to
+        meta.update(lora=lora.to_dict(), base=_model_source(args.model), quantize_base=args.quantize_base)
+    return _run_training(args, cfg, params, tok, _global_batches(source, args.batch), args.batch, steps, meta,
+                         lora=lora, objective=dpo.objective(args.beta), metric_names=dpo.METRICS)
+
+
+# === lora (adapters) ===
+# `lora merge` folds a LoRA run's adapters into its base (w + (alpha / rank) a @ b) and writes a plain
+# checkpoint in `convert`'s format (llama_jax/checkpoints/adapters.py). Unmerged, `generate --adapter`
+# runs them beside the base's weights, and `export hf --peft` writes them for Hugging Face PEFT.
+
+
+@command
+def add_lora(sub):
+    p = sub.add_parser("lora", help="a LoRA run's adapters (finetune --lora-rank) -> merged into its base")
+    actions = p.add_subparsers(dest="lora_command", required=True)
+    merge = actions.add_parser("merge", help="base + (alpha / rank) a @ b -> an Orbax checkpoint, as convert writes",
+                               description="Merge the adapters of a LoRA run into the base they were trained on "
+                                           "and write a checkpoint (params, config, tokenizer) that --model, "
+                                           "quantize and export hf accept.")
+    merge.add_argument("base", metavar="BASE", help="the base model (any --model but a quantized one)")
+    merge.add_argument("adapter_run", metavar="RUN", help="a LoRA run folder (its latest step) or step folder")
+    merge.add_argument("out_dir", metavar="OUT", help="the checkpoint folder to create (new or empty)")
+    merge.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                       help="parameter dtype stored (default: the base's; float32 for GGUF, HF and Meta files)")
+    merge.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in OUT")
+    p.set_defaults(run=run_lora)
+
+
+def run_lora(args):
+    from pathlib import Path
+
+    from llama_jax.checkpoints import adapters, is_checkpoint, is_quantized_checkpoint, load, run_step, run_tokenizer
+    from llama_jax.checkpoints.orbax_io import check_out_dir
+
+    # Everything cheap is checked before the base loads: the run, the base's kind, OUT.
+    lora, _ = adapters.lora_run(args.adapter_run)
+    if is_quantized_checkpoint(args.base):
+        raise UsageError(f"{args.base}: a quantized checkpoint; merge onto the float model (and quantize the merge)")
+    check_out_dir(Path(args.out_dir).absolute(), args.overwrite, is_checkpoint, "a checkpoint")
+    _, step = run_step(args.adapter_run)
+    print(f"llama-jax lora merge: adapters of {args.adapter_run} (step {step}, rank {lora.rank}, "
+          f"{','.join(lora.targets)}) into {args.base}", file=sys.stderr)
+    base = load(args.base, compute_dtype=None, dtype=args.dtype)
+    base.tokenizer = run_tokenizer(args.adapter_run) or base.tokenizer
+    out = adapters.save_merged(base, args.adapter_run, args.out_dir, base_name=args.base, overwrite=args.overwrite)
+    print(f"llama-jax lora merge: wrote {out}", file=sys.stderr)
+    return 0
+
+
+# === serve (serving) ===
+# `serve` answers OpenAI's completions and chat completions over HTTP (llama_jax/server.py), batching the
+# requests continuously over a paged KV cache (llama_jax/engine.py). SIGTERM drains, then exits 0.
+
+
+@command
+def add_serve(sub):
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching, paged KV cache)",
+                       description="Serve /v1/completions, /v1/chat/completions (streamed or not), /v1/models, "
+                                   "/health and /metrics. SIGTERM stops taking requests, lets those in flight "
+                                   "finish within --drain-timeout, then exits 0.")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--model-name", default=None,
+                   help="the name clients ask for (default: the --model path's last part, or SmolLM2-135M-Instruct)")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="the port to listen on")
+    p.add_argument("--max-batch", type=int, default=256, help="sequences decoded together at most")
+    p.add_argument("--kv-blocks", type=int, default=None,
+                   help="KV cache blocks (default: --max-batch full contexts, or what 85%% of the free device "
+                        "memory holds, whichever is fewer; 1 GiB on a CPU)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    p.add_argument("--max-queue", type=int, default=1024, help="requests waiting at most; more are answered 429")
+    p.add_argument("--prefill-tokens", type=int, default=512,
+                   help="prompt tokens prefilled a step at most, a power of two (a long prompt takes several steps)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds SIGTERM gives requests in flight before they are cancelled")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="compute dtype (auto: float32 on CPU, the model config's elsewhere)")
+    p.add_argument("--keep-quantized", action="store_true",
+                   help="run a GGUF's Q8_0/Q4_0/Q4_1 weights quantized as shipped (else decoded to floats)")
+    _add_kernels_arg(p)
+    p.set_defaults(run=run_serve)
+
+
+def run_serve(args):
+    import importlib.util
+    from pathlib import Path
+
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(f"serve needs the Python package {missing[0]!r}: pip install 'llama-jax[serve]'")
+    from llama_jax.server import listen, serve
+
+    _positive(args, "max-batch", "block-size", "max-queue")
+    if args.prefill_tokens < 16 or args.prefill_tokens & (args.prefill_tokens - 1):
+        raise UsageError(f"--prefill-tokens must be a power of two >= 16, got {args.prefill_tokens}")
+    if args.kv_blocks is not None and args.kv_blocks < 2:
+        raise UsageError(f"--kv-blocks must be >= 2, got {args.kv_blocks}")
+    if not 0 <= args.port < 65536:
+        raise UsageError(f"--port must be in [0, 65535], got {args.port}")
+    name = args.model_name or (Path(args.model).name if args.model else "SmolLM2-135M-Instruct")
+    sock = listen(args.host, args.port)  # a port in use fails here, before the model loads
+    port = sock.getsockname()[1]  # --port 0: the one the system chose
+    model = _load(args.model, args)
+
+    def ready(engine):
+        print(f"llama-jax serve: {name} on http://{args.host}:{port} ({engine.kv_blocks - 1} KV blocks of "
+              f"{engine.block_size} tokens, batches of {engine.max_batch} at most; kernels: "
+              f"{engine.kernels.describe()})", file=sys.stderr, flush=True)
+
+    return serve(model, name, sock, max_batch=args.max_batch, kv_blocks=args.kv_blocks,
+                 block_size=args.block_size, max_queue=args.max_queue, prefill_tokens=args.prefill_tokens,
+                 drain_timeout=args.drain_timeout, kernels=_kernels(args), on_ready=ready)
 
 
 # === quantize (quantization) ===

@@ -111,6 +111,31 @@ class KVCache:
 CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PagedKVCache:
+    """Keys and values in fixed-size blocks of one pool that every sequence shares (the serving engine's):
+    row b of a batch owns the blocks `tables[b]` names, in order, so the key of its token at position p
+    lies in block tables[b, p // block_size], slot p % block_size. Memory follows the tokens in flight,
+    and rows of any lengths share a batch. Block ops.NO_BLOCK takes padding's writes and belongs to no row.
+    Positions must be passed with it (each row's tokens sit at their own positions)."""
+
+    k: jax.Array  # [layers, blocks, block_size, kv_heads, head_dim]
+    v: jax.Array  # like k
+    tables: jax.Array  # int32 [batch, width]: each row's blocks; unused entries are ops.NO_BLOCK
+
+    @classmethod
+    def zeros(cls, cfg: LlamaConfig, blocks: int, block_size: int, dtype=None) -> "PagedKVCache":
+        """Empty pools; each call sets its own `tables` (dataclasses.replace)."""
+        shape = (cfg.n_layers, blocks, block_size, cfg.n_kv_heads, cfg.head_dim)
+        dtype = dtype or cfg.compute_jnp_dtype
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((1, 1), jnp.int32))
+
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[2]
+
+
 # ---------------------------------------------------------------------------------------------
 # Modules. Their parameters have a leading `layers` axis (Block) or none (the rest of Llama);
 # Block.__call__ runs one layer on a slice taken by the scan in Llama.__call__. Every product with a
@@ -132,13 +157,18 @@ class Attention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
         self.q, self.k, self.v, self.o = (_param(cfg, rngs, "layers", "attn", n) for n in "qkvo")
 
-    def __call__(self, x, rope, kernels: Kernels = Kernels(), segment_ids=None, layer_cache=None):
+    def __call__(self, x, rope, kernels: Kernels = Kernels(), segment_ids=None, layer_cache=None,
+                 paged_cache=None):
         """Without a cache: causal self-attention over x. With `layer_cache` = (k, v, layer, start,
         mask), k and v being every layer's cache [layers, batch, max_len, kv_heads, head_dim]: the new
         keys and values go into the cache at (layer, slot `start`), the queries attend over that
-        layer's slots under `mask` [batch, seq, max_len], and the updated (k, v) come back too."""
+        layer's slots under `mask` [batch, seq, max_len], and the updated (k, v) come back too.
+        With `paged_cache` = (pool_k, pool_v, layer, tables, positions, token_mask) the same through
+        a PagedKVCache's pools (ops.paged_attention)."""
         q, k, v = ops.project_many(kernels, "btd,dnh->btnh", x, (self.q[...], self.k[...], self.v[...]))
-        if layer_cache is None:
+        if paged_cache is not None:
+            out, *kv = ops.paged_attention(kernels, q, k, v, rope, *paged_cache, rotate=apply_rope)
+        elif layer_cache is None:
             q = constrain(apply_rope(q, rope), ("batch", "seq", "heads", "head_dim"))
             k = constrain(apply_rope(k, rope), ("batch", "seq", "kv_heads", "head_dim"))
             v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
@@ -169,13 +199,14 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg, "layers", "mlp_norm")
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, rope, kernels: Kernels = Kernels(), segment_ids=None, layer_cache=None):
+    def __call__(self, x, rope, kernels: Kernels = Kernels(), segment_ids=None, layer_cache=None,
+                 paged_cache=None):
         if layer_cache is not None:  # a kernel may run the whole layer for one token; this is its reference
             weights = {path: v[...] for path, v in nnx.to_flat_state(nnx.state(self, nnx.Param))}
             fused = ops.decode_layer(kernels, weights, self.cfg, x, rope, layer_cache)
             if fused is not None:
                 return fused
-        h, kv = self.attn(self.attn_norm(x), rope, kernels, segment_ids, layer_cache)
+        h, kv = self.attn(self.attn_norm(x), rope, kernels, segment_ids, layer_cache, paged_cache)
         x = constrain(x + h, ("batch", "seq", "act_embed"))
         x = constrain(x + self.mlp(self.mlp_norm(x), kernels), ("batch", "seq", "act_embed"))
         return x, kv
@@ -210,16 +241,19 @@ class Llama(nnx.Module):
         tokens: jax.Array,  # int32 [batch, seq]
         positions: jax.Array | None = None,  # int32 [batch, seq]; default 0..seq-1 (or from the cache)
         segment_ids: jax.Array | None = None,  # int32 [batch, seq]: packed documents attend only within
-        cache: KVCache | None = None,
+        cache: KVCache | PagedKVCache | None = None,
         token_mask: jax.Array | None = None,  # bool [batch, seq]: with a cache, False marks padding
         *,
         kernels: Kernels = Kernels(),  # which kernels run the ops (ops/policy.py); default: XLA
         unroll: int | bool = 1,  # unroll the layer scan: decode is memory-bound and gains from it
         remat: str = "none",  # what the backward pass recomputes: none | full | save_matmuls
         return_hidden: bool = False,  # final normed hidden states instead of logits (chunked losses)
+        logits_at: jax.Array | None = None,  # int32 [batch]: only this token of each row -> [batch, 1, ...]
     ):
         cfg = self.cfg
         batch, seq = tokens.shape
+        if positions is None and isinstance(cache, PagedKVCache):
+            raise ValueError("a PagedKVCache needs positions: each row's tokens sit at their own")
         if positions is None:
             start = 0 if cache is None else cache.index
             positions = jnp.broadcast_to(start + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
@@ -238,9 +272,14 @@ class Llama(nnx.Module):
                 unrolled = unroll is True or unroll > 1
                 body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=unrolled)
             x, _ = jax.lax.scan(body, x, stacked, unroll=unroll)
+        elif isinstance(cache, PagedKVCache):
+            x, cache = self._run_with_paged_cache(x, rope, cache, positions, token_mask, graphdef, stacked, unroll,
+                                                  kernels)
         else:
             x, cache = self._run_with_cache(x, rope, cache, token_mask, graphdef, stacked, unroll, kernels)
 
+        if logits_at is not None:  # a prefill chunk needs its last token's logits, not [seq, vocab] of them
+            x = x[jnp.arange(batch), logits_at][:, None]
         x = self.norm(x)
         if return_hidden:
             return x, cache
@@ -272,6 +311,24 @@ class Llama(nnx.Module):
         layer_ids = np.arange(self.cfg.n_layers, dtype=np.int32)
         (x, k, v), _ = jax.lax.scan(body, (x, cache.k, cache.v), (sliced, layer_ids), unroll=unroll)
         return x, KVCache(k=k, v=v, valid=valid, index=start + seq)
+
+    def _run_with_paged_cache(self, x, rope, cache, positions, token_mask, graphdef, stacked, unroll, kernels):
+        batch, seq = x.shape[:2]
+        if token_mask is None:
+            token_mask = jnp.ones((batch, seq), bool)
+        whole, sliced = ops.decode_views(kernels, stacked, batch * seq, x.dtype)
+
+        # The pools ride in the scan carry, as the dense cache does, and are written in place.
+        def body(carry, layer_and_index):
+            x, pk, pv = carry
+            layer, i = layer_and_index
+            block = nnx.merge(graphdef, ops.layer_views(layer, whole, i))
+            x, (pk, pv) = block(x, rope, kernels, None, None, (pk, pv, i, cache.tables, positions, token_mask))
+            return (x, pk, pv), None
+
+        layer_ids = np.arange(self.cfg.n_layers, dtype=np.int32)
+        (x, k, v), _ = jax.lax.scan(body, (x, cache.k, cache.v), (sliced, layer_ids), unroll=unroll)
+        return x, PagedKVCache(k=k, v=v, tables=cache.tables)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ Schemes (value = what a code decodes to; s = scale, z = zero point, per group of
   int8  codes q in [-127, 127]              value = q * s        per output channel (group = K) or groups
   int4  codes u in [0, 15], symmetric       value = (u - 8) * s   (llama.cpp Q4_0)
         with a zero point                   value = u * s + z     (llama.cpp Q4_1: z is the group's minimum)
+  nf4   codes u in [0, 15]                  value = NF4[u] * s    (QLoRA's NormalFloat: s is the group's
+                                                                   absmax, NF4 the 16 quantiles of a normal)
 int4 codes are packed two per byte, in llama.cpp's order within each group: byte j holds code j in its
 low nibble and code j + group/2 in its high nibble. So GGUF Q4 blocks (group 32) become QArrays by moving
 bytes, never by decoding them. When `group` does not divide K, K is padded up to a multiple of it
@@ -32,13 +34,20 @@ import jax.numpy as jnp
 
 GROUPS = (32, 64, 128)
 
+# NormalFloat4 (Dettmers et al., 2023, Appendix E): the 16 values NF4 codes decode to, times the absmax.
+NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+       -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+       0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+       0.7229568362236023, 1.0)
+CODEBOOKS = {"nf4": NF4}
+
 
 # ---------------------------------------------------------------------------------------------
 # The quantized array
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["values", "scales", "zeros"],
-                   meta_fields=["bits", "group", "axis", "tail", "split"])
+                   meta_fields=["bits", "group", "axis", "tail", "split", "codebook"])
 @dataclasses.dataclass(frozen=True)
 class QArray:
     """A weight as integer codes and per-group scales (see the module docstring for the layout).
@@ -55,6 +64,7 @@ class QArray:
     axis: int  # -2: grouped along the matrix's rows (K of a linear weight), -1: along its columns
     tail: tuple  # the logical shape of the weight, without the leading layers axis
     split: int  # tail[:split] merge into the matrix's first axis, tail[split:] into its second
+    codebook: str | None = None  # "nf4": codes index CODEBOOKS[codebook] (no kernel reads these; XLA does)
 
     # -- the array-like surface the model uses ----------------------------------------------------
 
@@ -85,7 +95,7 @@ class QArray:
             raise ValueError("QArray.T is for 2-D weights only")
         t = lambda x: None if x is None else x.T  # noqa: E731
         return QArray(t(self.values), t(self.scales), t(self.zeros), self.bits, self.group, -3 - self.axis,
-                      tuple(self.tail[::-1]), len(self.tail) - self.split)
+                      tuple(self.tail[::-1]), len(self.tail) - self.split, self.codebook)
 
     @property
     def nbytes(self) -> int:
@@ -132,7 +142,9 @@ class QArray:
         g = min(self.group, n)
         c = codes.reshape(codes.shape[:a] + (n // g, g) + codes.shape[a + 1:]).astype(jnp.float32)
         s = jnp.expand_dims(self.scales.astype(jnp.float32), a + 1)
-        if self.zeros is not None:
+        if self.codebook is not None:
+            w = jnp.asarray(CODEBOOKS[self.codebook], jnp.float32)[c.astype(jnp.int32)] * s
+        elif self.zeros is not None:
             w = c * s + jnp.expand_dims(self.zeros.astype(jnp.float32), a + 1)
         elif self.bits == 4:
             w = (c - 8.0) * s
@@ -173,9 +185,9 @@ def _pack_nibbles(codes: jax.Array, a: int, group: int) -> jax.Array:
 # Quantizing one matrix
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "group", "axis", "zero_point", "scale_dtype"))
+@functools.partial(jax.jit, static_argnames=("bits", "group", "axis", "zero_point", "scale_dtype", "codebook"))
 def quantize_matrix(w: jax.Array, bits: int, group: int | None, axis: int = -2, zero_point: bool = False,
-                    scale_dtype: str = "float16"):
+                    scale_dtype: str = "float16", codebook: str | None = None):
     """Codes, scales and zero points (or None) of w [..., rows, cols], grouped along `axis`.
 
     group None: one group per row/column (per-channel). A group that does not divide the axis pads it
@@ -196,7 +208,12 @@ def quantize_matrix(w: jax.Array, bits: int, group: int | None, axis: int = -2, 
         return jnp.where(s == 0, 0.0, x / jnp.where(s == 0, 1.0, s))
 
     zeros = None
-    if bits == 8:
+    if codebook is not None:  # the nearest code book value to w / absmax
+        s = stored(jnp.max(jnp.abs(wg), axis=a + 1, keepdims=True))
+        book = jnp.asarray(CODEBOOKS[codebook], jnp.float32)
+        codes = jnp.argmin(jnp.abs(divide(wg, s)[..., None] - book), axis=-1).reshape(shape)
+        values = _pack_nibbles(codes, a, g)
+    elif bits == 8:
         s = stored(jnp.max(jnp.abs(wg), axis=a + 1, keepdims=True) / 127)
         values = jnp.clip(jnp.round(divide(wg, s)), -127, 127).astype(jnp.int8).reshape(shape)
     elif zero_point:
@@ -213,11 +230,15 @@ def quantize_matrix(w: jax.Array, bits: int, group: int | None, axis: int = -2, 
 
 
 def quantize(w: jax.Array, bits: int = 8, group: int | None = None, *, split: int = 1, axis: int = -2,
-             stacked: bool = False, zero_point: bool = False, scale_dtype: str = "float16") -> QArray:
+             stacked: bool = False, zero_point: bool = False, scale_dtype: str = "float16",
+             codebook: str | None = None) -> QArray:
     """A float weight as a QArray. Its logical axes tail[:split] are the matrix rows (for a linear
     weight: the contraction axes), the rest its columns; `stacked`: a leading layers axis.
 
-    group None is per-channel (int8 only): one scale per output column, over all of K."""
+    group None is per-channel (int8 only): one scale per output column, over all of K. `codebook`
+    "nf4": 4-bit NormalFloat codes (symmetric, the group's absmax as its scale)."""
+    if codebook is not None and (codebook not in CODEBOOKS or bits != 4 or zero_point):
+        raise ValueError(f"codebook {codebook!r}: one of {', '.join(CODEBOOKS)}, with bits 4 and no zero point")
     if bits not in (8, 4):
         raise ValueError(f"bits must be 8 or 4, got {bits!r}")
     if group is not None and group not in GROUPS:
@@ -231,11 +252,11 @@ def quantize(w: jax.Array, bits: int = 8, group: int | None = None, *, split: in
     rows, cols = math.prod(tail[:split]), math.prod(tail[split:])
     m = w.reshape(lead + (rows, cols))
     f = functools.partial(quantize_matrix, bits=bits, group=group, axis=axis, zero_point=zero_point,
-                          scale_dtype=scale_dtype)
+                          scale_dtype=scale_dtype, codebook=codebook)
     # One layer at a time: the float32 temporaries stay the size of a layer, not of the model.
     values, scales, zeros = jax.lax.map(f, m) if stacked else f(m)
     k = (rows, cols)[axis]
-    return QArray(values, scales, zeros, bits, k if group is None else group, axis, tail, split)
+    return QArray(values, scales, zeros, bits, k if group is None else group, axis, tail, split, codebook)
 
 
 def matrix_axes(axes: tuple, leaf: QArray) -> tuple:

@@ -36,18 +36,19 @@ EMBED, LM_HEAD = ("embed",), ("lm_head",)
 
 def quantize_params(tree, cfg: LlamaConfig, bits: int = 8, group: int | None = None,
                     include_embeddings: bool = False, *, zero_point: bool | None = None,
-                    scale_dtype: str = "float16"):
+                    scale_dtype: str = "float16", codebook: str | None = None):
     """`tree` (a params pytree) with every linear weight a QArray (a new tree; `tree` is left as it is).
 
     bits 8: per output channel (group None) or groups of 32/64/128 along the contraction axis.
     bits 4: groups (default 64) with a zero point like Q4_1 (the default: on stories260K it loses 7%
     of perplexity where symmetric groups lose 15%), or symmetric like Q4_0 (zero_point=False).
     include_embeddings: the embedding and the lm_head too (the embedding is gathered by row, so it is
-    grouped along the model dimension; tied models then reuse it transposed as the lm_head)."""
+    grouped along the model dimension; tied models then reuse it transposed as the lm_head).
+    codebook "nf4": QLoRA's NormalFloat4 codes instead of int4's (bits 4; read by XLA, not the kernels)."""
     if bits == 4 and group is None:
         group = 64
     if zero_point is None:
-        zero_point = bits == 4
+        zero_point = bits == 4 and codebook is None
     out = params.copy(tree)
     for row in params.params_of(cfg):
         if row.quant_split is None or not (row.stacked or include_embeddings):
@@ -56,7 +57,8 @@ def quantize_params(tree, cfg: LlamaConfig, bits: int = 8, group: int | None = N
         if isinstance(w, QArray):
             continue
         params.set_(out, row.path, quantize(w, bits, group, split=row.quant_split, axis=row.quant_axis,
-                                            stacked=row.stacked, zero_point=zero_point, scale_dtype=scale_dtype))
+                                            stacked=row.stacked, zero_point=zero_point, scale_dtype=scale_dtype,
+                                            codebook=codebook))
     return out
 
 

@@ -159,12 +159,14 @@ def _matrices(params):
 
 def base_for_training(params, cfg: LlamaConfig, quantize_bits: int | None = None, mesh=None, rules=None):
     """A frozen base for LoRA: the weight matrices in the compute dtype (they are only read), or with
-    `quantize_bits` 4 or 8 as QArrays (QLoRA: int4 groups of 64 with zero points, quantize.py's
-    default); the norms as they are. Placed by the sharding rules on `mesh`."""
+    `quantize_bits` as QArrays: 4, QLoRA's NF4 in groups of 64 (bench/qlora_formats.py: it costs less
+    perplexity than int4 with zero points, in fewer bits), or 8, int8 groups of 64; the norms as they
+    are. Placed by the sharding rules on `mesh`."""
     mats = _matrices(params)
     base = jax.tree.map(lambda p, m: p.astype(cfg.compute_jnp_dtype) if m else p, params, mats)
     if quantize_bits:
-        base = quantize_params(base, cfg, bits=quantize_bits)
+        base = quantize_params(base, cfg, bits=quantize_bits, group=64,
+                               codebook="nf4" if quantize_bits == 4 else None)
     if mesh is not None:
         base = jax.device_put(base, sharding.param_shardings(cfg, mesh, rules, params=base))
     return base
@@ -281,6 +283,12 @@ def loss_fn(params, batch: dict, cfg: LlamaConfig, **kwargs) -> jax.Array:
     return total / jnp.maximum(count, 1.0)
 
 
+def cross_entropy(policy, reference, batch: dict, cfg: LlamaConfig, **kwargs):
+    """make_train_step's default objective: loss_sums of the params trained (no reference is read)."""
+    total, count = loss_sums(policy, batch, cfg, **kwargs)
+    return total, count, {}
+
+
 # ---------------------------------------------------------------------------------------------
 # The train step
 
@@ -298,10 +306,18 @@ def _micro_batches(batch: dict, accum_steps: int) -> dict:
 
 def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation, mesh=None, *, accum_steps: int = 1,
                     remat: str = "none", loss_chunk: int | None = None, unroll: int | bool = 1, rules=None,
-                    kernels: Kernels | None = None, lora: lora_lib.LoraConfig | None = None):
+                    kernels: Kernels | None = None, lora: lora_lib.LoraConfig | None = None,
+                    objective: Callable | None = None):
     """`step(state, batch) -> (state, metrics)`, jitted, the state donated. With `lora`:
     `step(state, batch, base)`, state.params the adapters and `base` the frozen params they adapt
     (base_for_training: float or quantized), read and never differentiated.
+
+    `objective(policy, reference, batch, *, cfg, remat, loss_chunk, unroll, kernels) -> (total, count,
+    extra)`: what the step minimises, total / count over the whole batch (default `cross_entropy`; DPO's
+    is dpo.objective). `policy`: the params trained (with `lora`, the base with the adapters attached);
+    `reference`: the step's `base`, frozen, so with an objective it is `step(state, batch, base)` too
+    (with `lora`, the base without its adapters; without, e.g. a copy of the starting params). `extra`:
+    float32 sums over the batch, reported in the metrics divided by `count`, as the loss is.
 
     With a mesh: params and optimizer state sharded by the rules, the batch split over (data, fsdp).
     `accum_steps`: gradients of that many micro-batches (lax.scan) are summed before one update; the
@@ -320,22 +336,23 @@ def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation, m
         raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
     if accum_steps < 1:
         raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
-    model_loss = functools.partial(loss_sums, cfg=cfg, remat=remat, loss_chunk=loss_chunk, unroll=unroll,
-                                   kernels=kernels)
-    if lora is None:
-        grad_fn = jax.value_and_grad(lambda params, batch, base, key: model_loss(params, batch), has_aux=True)
-    else:
-        grad_fn = jax.value_and_grad(
-            lambda adapters, batch, base, key: model_loss(lora_lib.attach(base, adapters, lora, key), batch),
-            has_aux=True)
+    model_objective = functools.partial(objective or cross_entropy, cfg=cfg, remat=remat, loss_chunk=loss_chunk,
+                                        unroll=unroll, kernels=kernels)
+
+    def loss(trained, batch, base, key):
+        policy = trained if lora is None else lora_lib.attach(base, trained, lora, key)
+        total, count, extra = model_objective(policy, base, batch)
+        return total, (count, extra)
+
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
 
     def gradients(params, batch, base, key):
         # Gradients of the compute-dtype copies: half the bytes of float32 ones, in memory and in the update
         # (7B on two GPUs: 73.9 GB a card at batch 8 against 80.7; 7B width x 8 layers: 3% faster).
         params = jax.tree.map(lambda p, m: p.astype(cfg.compute_jnp_dtype) if m else p, params, _matrices(params))
         if accum_steps == 1:
-            (total, count), grads = grad_fn(params, batch, base, key)
-            return grads, total, count
+            (total, (count, extra)), grads = grad_fn(params, batch, base, key)
+            return grads, total, count, extra
         rows = batch["tokens"].shape[0]
         if rows % accum_steps:
             raise ValueError(f"batch of {rows} rows does not split into {accum_steps} micro-batches")
@@ -343,20 +360,20 @@ def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation, m
         def body(carry, micro):
             g_sum, l_sum, n_sum = carry
             micro, k = micro
-            (total, count), g = grad_fn(params, micro, base, k)
-            return (jax.tree.map(jnp.add, g_sum, g), l_sum + total, n_sum + count), None
+            (total, (count, extra)), g = grad_fn(params, micro, base, k)
+            return (jax.tree.map(jnp.add, g_sum, g), l_sum + total, n_sum + count), extra
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         carry = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
         keys = jax.random.key_data(jax.random.split(key, accum_steps))  # a dropout mask each (LoRA)
-        (grads, total, count), _ = jax.lax.scan(body, carry, (_micro_batches(batch, accum_steps), keys))
-        return grads, total, count
+        (grads, total, count), extra = jax.lax.scan(body, carry, (_micro_batches(batch, accum_steps), keys))
+        return grads, total, count, jax.tree.map(lambda x: jnp.sum(x, axis=0), extra)
 
     def step(state: TrainState, batch: dict, base=None):
         # Gradients of the summed loss, divided once by the whole batch's target count: k micro-batches
         # then give exactly the gradient of one batch k times the size.
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step + state.skipped)
-        grads, total, count = gradients(state.params, batch, base, key)
+        grads, total, count, extra = gradients(state.params, batch, base, key)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: (g / denom).astype(jnp.float32), grads)
         loss = total / denom
@@ -376,7 +393,8 @@ def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation, m
             skipped=state.skipped + (~finite).astype(jnp.int32),
             nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1).astype(jnp.int32))
         metrics = dict(loss=loss, grad_norm=grad_norm, lr=current_lr(opt_state), tokens=count,
-                       skipped=(~finite).astype(jnp.int32), nonfinite_streak=new.nonfinite_streak)
+                       skipped=(~finite).astype(jnp.int32), nonfinite_streak=new.nonfinite_streak,
+                       **{name: value / denom for name, value in extra.items()})
         return new, metrics
 
     if mesh is None:
@@ -386,14 +404,16 @@ def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation, m
     batch_shard = sharding.batch_sharding(mesh, 1, rules)  # a prefix: every batch leaf split on dim 0
     replicated = NamedSharding(mesh, PartitionSpec())
 
-    def step_on_mesh(state, batch, base=None):
+    def step_on_mesh(state, batch, *base):
         # The model's activation constraints read the mesh (and rules) while tracing.
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), sharding.use_rules(rules):
-            return step(state, batch, base)
+            return step(state, batch, *base)
 
-    # The base keeps the shardings it was placed with (base_for_training); it is read, never donated.
-    return jax.jit(step_on_mesh, in_shardings=(shard, batch_shard, None), out_shardings=(shard, replicated),
-                   donate_argnums=0)
+    # With LoRA (or an objective's reference) the base keeps the shardings it was placed with
+    # (base_for_training): read, never donated.
+    takes_base = lora is not None or objective is not None
+    in_shardings = (shard, batch_shard, None) if takes_base else (shard, batch_shard)
+    return jax.jit(step_on_mesh, in_shardings=in_shardings, out_shardings=(shard, replicated), donate_argnums=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -61,9 +61,29 @@ def test_merge_is_base_plus_scaled_a_times_b(base):
                                rtol=1e-4, atol=1e-4)
 
 
-def test_qlora_equals_dequantize_then_lora_values_and_gradients(base):
+# NormalFloat4's code book as printed in the QLoRA paper (Dettmers et al., 2023, Appendix E).
+PAPER_NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                      -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                      0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                      0.7229568362236023, 1.0])
+
+
+def test_nf4_decodes_to_the_nearest_code_book_value_times_the_absmax():
+    from llama_jax.qarray import quantize
+
+    w = np.asarray(jax.random.normal(jax.random.key(3), (256, 48)), np.float32)
+    q = quantize(jnp.asarray(w), 4, 64, codebook="nf4")
+    blocks = w.reshape(4, 64, 48)
+    absmax = np.abs(blocks).max(axis=1, keepdims=True).astype(np.float16).astype(np.float32)  # stored as f16
+    want = PAPER_NF4[np.abs(blocks / absmax - PAPER_NF4[:, None, None, None]).argmin(axis=0)] * absmax
+    np.testing.assert_allclose(np.asarray(q.dequantize()), want.reshape(256, 48), rtol=1e-6, atol=1e-7)
+    assert q.nbytes == 256 * 48 // 2 + 4 * 48 * 2  # 4-bit codes and a float16 absmax per 64
+
+
+@pytest.mark.parametrize("scheme", [dict(bits=4, codebook="nf4", group=64), dict(bits=4, group=64)])
+def test_qlora_equals_dequantize_then_lora_values_and_gradients(base, scheme):
     adapters = _random_adapters()
-    quantized = quantize_params(base, CFG, bits=4)
+    quantized = quantize_params(base, CFG, **scheme)
     dense = dequantize_params(quantized)  # the 4-bit weights' float values
 
     def loss(adapters, params):

@@ -14,7 +14,7 @@ import numpy as np
 
 from checkpoints_convert.gguf import is_gguf
 from llama_jax import params as P
-from llama_jax.checkpoints import orbax_io, quantized, training
+from llama_jax.checkpoints import adapters, orbax_io, quantized, training
 from llama_jax.checkpoints.convert import default_gguf, default_model
 from llama_jax.checkpoints.readers import CheckedReader, reader_for, validate
 from llama_jax.config import LlamaConfig, from_hf_config
@@ -37,7 +37,8 @@ def load(path: str | Path | None = None, *, mesh: jax.sharding.Mesh | None = Non
     - an Orbax checkpoint made by `llama-jax convert`, or a quantized one made by `llama-jax quantize`
       (its weights stay quantized);
     - a `llama-jax train` / `finetune` run folder (its latest complete step) or one of its step folders
-      (that step), with the run's config and tokenizer;
+      (that step), with the run's config and tokenizer; a LoRA run (`finetune --lora-rank`): the base
+      its metadata names, with that step's adapters merged in;
     - a GGUF file (decoded to floats; `keep_quantized`: its Q8_0 / Q4_0 / Q4_1 weights kept as shipped);
     - a Hugging Face folder (config.json + safetensors) or a Meta folder (params.json + .pth);
     - nothing: the default model, SmolLM2-135M-Instruct (converted once into the cache).
@@ -87,6 +88,8 @@ def _read(path: Path, mesh, dtype, keep_quantized) -> Loaded:
             params = orbax_io.restore_tree(path / "params", target)
         return Loaded(cfg, params, load_tokenizer(path) if orbax_io.has_tokenizer(path) else None)
     if training.is_train_checkpoint(path):
+        if adapters.is_lora_run(path):
+            return _read_lora_run(path, mesh, dtype)
         cfg = training.run_config(path)
         cfg = cfg if dtype is None else cfg.replace(param_dtype=dtype)
         return Loaded(cfg, training.restore_run_params(path, cfg, mesh), run_tokenizer(path))
@@ -105,6 +108,17 @@ def _read(path: Path, mesh, dtype, keep_quantized) -> Loaded:
     params = P.tree_of(cfg, lambda row: jax.device_put(
         P.leaf_from_reader(checked, row, cfg, np.dtype(cfg.param_jnp_dtype)), P.get(shardings, row.path)))
     return Loaded(cfg, params, _reader_tokenizer(reader, path))
+
+
+def _read_lora_run(path: Path, mesh, dtype) -> Loaded:
+    """A LoRA run's step: the base its metadata names, loaded as `load` would, with the step's adapters
+    merged in (in `dtype`, default the base's own), and the run's tokenizer."""
+    _, meta = adapters.lora_run(path)
+    base = adapters.base_of(path, meta)
+    model = _read(Path(base), mesh, dtype, keep_quantized=False)
+    model.params = adapters.merge_run(model.config, model.params, path, base, mesh, dtype)
+    model.tokenizer = run_tokenizer(path) or model.tokenizer
+    return model
 
 
 def run_tokenizer(path: str | Path) -> Tokenizer | None:

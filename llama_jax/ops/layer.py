@@ -30,6 +30,8 @@ def decode_layer(kernels: Kernels, weights: dict, cfg: LlamaConfig, x: jax.Array
         return None
     if not all(isinstance(weights[path], LayerView) for path in known):
         return None
+    if any(weights[path].quantized and weights[path].stack.codebook is not None for path in known):
+        return None  # NF4 codes: the kernel decodes int4 only
     mats = tuple(weights[path].matrix(n_in) for path, n_in in WEIGHTS)  # [layers, K, N] as the kernel reads
     cache_k, cache_v, layer, start, mask = layer_cache
     x2 = x.reshape(1, -1)

@@ -175,6 +175,8 @@ def _kernel_products(kernels: Kernels, x2: jax.Array, ws, n_in: int, out_dtype=N
         return None
     layer = _weight(ws[0])[1]
     quantized = [isinstance(s, QArray) for s in stored]
+    if any(q and s.codebook is not None for q, s in zip(quantized, stored)):  # NF4: the kernels decode int4 only
+        return None
     if all(quantized):
         if _cuda(kernels) and cuda_matvec.supported(stored, x2):
             return list(cuda_matvec.matvec(x2, tuple(stored), layer, out_dtype=out_dtype))
@@ -208,7 +210,7 @@ def head(kernels: Kernels, x: jax.Array, w, tied: bool) -> jax.Array:
     batch, seq, dim = x.shape
     x2 = x.reshape(-1, dim)
     if isinstance(w, QArray) and tied:
-        if _native(kernels) and cpu_qmatmul.supported_rows(w, x2):
+        if _native(kernels) and w.codebook is None and cpu_qmatmul.supported_rows(w, x2):
             out = cpu_qmatmul.qmatmul_rows_cpu(x2, w)
         else:
             out = jnp.dot(x2, w.dequantize(x.dtype).T, preferred_element_type=jnp.float32)

@@ -15,6 +15,8 @@ Fields and their choices (the first is always the XLA reference):
   masked_attention  causal attention within segments (packed rows): "xla" | "pallas" (GPUs: our flash
                     kernel, pallas_flash_attention.py) | "splash" (TPUs)
   decode_attention  a decode step's rotary, cache write and attention: "xla" | "pallas" (one GPU)
+  paged_attention   a decode step's attention over the serving engine's paged KV cache: "xla" |
+                    "pallas" (one GPU: pallas_paged_attention.py reads the blocks where they lie)
   matmul            few-row matmuls of quantized weights and of stacked bf16 weights read in place:
                     "xla" | "pallas" (one GPU; Triton) | "native" (the CPU's C++ kernel, float32)
   matvec            one-row matmuls and the whole decode layer in one call: "xla" | "cuda" (one
@@ -42,6 +44,7 @@ CHOICES = {
     "attention": ("xla", "cudnn", "splash"),
     "masked_attention": ("xla", "pallas", "splash"),
     "decode_attention": ("xla", "pallas"),
+    "paged_attention": ("xla", "pallas"),
     "matmul": ("xla", "pallas", "native"),
     "matvec": ("xla", "cuda"),
 }
@@ -53,6 +56,7 @@ class Kernels:
     attention: str = "xla"
     masked_attention: str = "xla"
     decode_attention: str = "xla"
+    paged_attention: str = "xla"
     matmul: str = "xla"
     matvec: str = "xla"
     stacked_weights: tuple[str, ...] = ()
@@ -82,6 +86,7 @@ class Kernels:
         if platform == "gpu":
             hopper = one and cuda_matvec.is_hopper(devices[0]) and cuda_matvec.available(devices[0])
             return cls(attention="cudnn", masked_attention="pallas", decode_attention="pallas" if one else "xla",
+                       paged_attention="pallas" if one else "xla",
                        matmul="pallas" if one else "xla", matvec="cuda" if hopper else "xla",
                        stacked_weights=("o",) if one else (), decode_unroll=True)
         if platform == "cpu":

@@ -1,0 +1,116 @@
+"""A decode step's attention over a paged KV cache, as one Pallas (Triton) kernel for GPUs.
+
+Each sequence's keys and values lie in fixed-size blocks of a pool shared by every sequence, in the order
+its block table names them. A program takes one query head of one row and walks that row's blocks up to
+its length with an online softmax, reading each block where it lies. The XLA reference
+(paged_attention.py) gathers every row's blocks into a dense copy first, which a decode step at batch 256
+pays for in HBM traffic: the copy is written once and read back. Long rows of a small batch are split
+over several programs (flash-decoding) and combined here.
+
+jax.experimental.pallas.ops.gpu ships a paged attention too, but it is deprecated (importing it warns),
+takes one layer's pool laid out head-major ([kv_heads, blocks, block, head_dim]), and pads each kv head's
+query group to 16 rows for its dot. The decode scan carries every layer's pool, and XLA copies a slice it
+hands to a custom call, so this kernel takes the whole pool and a layer index, in our layout
+([layers, blocks, block, kv_heads, head_dim]), and one query row per program with vector products.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+_NEG = -1e30  # a finite "minus infinity": exp(_NEG - _NEG) stays finite for a split with no keys
+_PROGRAMS = 264  # split the rows over programs until about two per SM of an H100 or H200
+
+
+def _kernel(layer_ref, tables_ref, lengths_ref, q_ref, k_ref, v_ref, *out_refs, block, pages, rep, scale):
+    """Program (b, h, c): query head h of row b against kv head h // rep, over the row's blocks
+    c * pages .. (c + 1) * pages - 1 that hold keys (slot < length), one block at a time.
+    One split: the program writes the output. Several: its unnormalised sum, running max and total."""
+    b, h, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    g = h // rep
+    layer, length = layer_ref[0], lengths_ref[b]
+    q = q_ref[b, h, :].astype(jnp.float32) * scale  # [head_dim]
+
+    def body(i, carry):
+        m, total, acc = carry
+        page = tables_ref[b, i]
+        k = k_ref[layer, page, :, g, :].astype(jnp.float32)  # [block, head_dim]
+        ok = i * block + jnp.arange(block) < length
+        s = jnp.where(ok, jnp.sum(k * q[None, :], axis=1), _NEG)
+        m_new = jnp.maximum(m, jnp.max(s))
+        p = jnp.where(ok, jnp.exp(s - m_new), 0.0)  # padding slots stay 0 even while m_new is _NEG
+        alpha = jnp.exp(m - m_new)
+        v = v_ref[layer, page, :, g, :].astype(jnp.float32)
+        return m_new, total * alpha + jnp.sum(p), acc * alpha + jnp.sum(p[:, None] * v, axis=0)
+
+    init = (jnp.float32(_NEG), jnp.float32(0.0), jnp.zeros(q.shape, jnp.float32))
+    last = jnp.minimum((c + 1) * pages, (length + block - 1) // block)
+    m, total, acc = jax.lax.fori_loop(c * pages, last, body, init)
+    if len(out_refs) == 1:  # a row of no keys (padding) gets zeros, not 0 / 0
+        out_refs[0][...] = (acc / jnp.where(total > 0, total, 1.0)).astype(out_refs[0].dtype)
+    else:
+        acc_ref, m_ref, total_ref = out_refs
+        acc_ref[...] = acc
+        m_ref[...] = jnp.broadcast_to(m, (1,))
+        total_ref[...] = jnp.broadcast_to(total, (1,))
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def supported(q: jax.Array, pool_k: jax.Array) -> bool:
+    """Whether `paged_attention` takes these: one query per row, a pool of q's dtype, and a block size and
+    head_dim that are powers of two (Triton's tiles), head_dim at least 16."""
+    return (q.ndim == 4 and q.shape[1] == 1 and q.dtype in (jnp.bfloat16, jnp.float16, jnp.float32)
+            and pool_k.dtype == q.dtype and _pow2(pool_k.shape[2]) and _pow2(q.shape[-1]) and q.shape[-1] >= 16)
+
+
+def paged_attention(
+    q: jax.Array,  # [batch, heads, head_dim], after rotary
+    pool_k: jax.Array,  # [layers, blocks, block, kv_heads, head_dim]
+    pool_v: jax.Array,  # like pool_k
+    layer: jax.Array,  # int32 scalar
+    tables: jax.Array,  # int32 [batch, width]: each row's blocks, in order
+    lengths: jax.Array,  # int32 [batch]: keys per row (slots 0 .. length - 1); 0 for padding rows
+    *,
+    interpret: bool = False,
+) -> jax.Array:  # [batch, heads, head_dim]
+    """Each row's query heads against the first `length` slots of its blocks in layer `layer` of the pool."""
+    batch, heads, head_dim = q.shape
+    block, kv_heads = pool_k.shape[2], pool_k.shape[3]
+    width = tables.shape[1]
+    splits = min(width, pl.cdiv(_PROGRAMS, batch * heads))
+    pages = pl.cdiv(width, splits)  # blocks per program
+    splits = pl.cdiv(width, pages)
+    kernel = functools.partial(_kernel, block=block, pages=pages, rep=heads // kv_heads,
+                               scale=1.0 / math.sqrt(head_dim))
+    if splits == 1:
+        out_shape = [jax.ShapeDtypeStruct((batch, heads, head_dim), q.dtype)]
+        out_specs = [pl.BlockSpec((None, None, head_dim), lambda b, h, c: (b, h, 0))]
+    else:
+        out_shape = [jax.ShapeDtypeStruct((splits, batch, heads, n), jnp.float32) for n in (head_dim, 1, 1)]
+        out_specs = [pl.BlockSpec((None, None, None, n), lambda b, h, c: (c, b, h, 0)) for n in (head_dim, 1, 1)]
+    kw = {} if interpret else {"compiler_params": plgpu.CompilerParams(num_warps=4, num_stages=2)}
+    out = pl.pallas_call(
+        kernel,
+        out_shape=tuple(out_shape),
+        grid=(batch, heads, splits),
+        in_specs=[pl.no_block_spec] * 6,
+        out_specs=tuple(out_specs),
+        interpret=interpret,
+        **kw,
+    )(jnp.asarray(layer, jnp.int32).reshape(1), tables.astype(jnp.int32), lengths.astype(jnp.int32), q,
+      pool_k, pool_v)
+    if splits == 1:
+        return out[0]
+    acc, m, total = out  # splits past a row's length hold m = _NEG and zeros: their weight below is 0
+    weight = jnp.exp(m - m.max(axis=0))  # [splits, batch, heads, 1]
+    total = (total * weight).sum(0)
+    return ((acc * weight).sum(0) / jnp.where(total > 0, total, 1.0)).astype(q.dtype)
