@@ -53,7 +53,8 @@ def arrivals(n: int, rate: float | None, seed: int = 0):
     """Arrival times in seconds from the start: all at once (rate None), or a Poisson process."""
     if rate is None:
         return np.zeros(n)
-    return np.cumsum(np.random.default_rng(seed).exponential(1.0 / rate, n)) - 1.0 / rate
+    t = np.cumsum(np.random.default_rng(seed).exponential(1.0 / rate, n))
+    return t - t[0]  # the first request at 0
 
 
 def run_engine(engine, prompts, at, new) -> dict:
@@ -81,7 +82,7 @@ def run_engine(engine, prompts, at, new) -> dict:
         wait = t0 + arrival - time.perf_counter()
         if wait > 0:
             time.sleep(wait)
-        submitted[i] = time.perf_counter()
+        submitted[i] = t0 + arrival  # its scheduled arrival, as the peer counts it
         engine.submit(prompt, Request(max_tokens=new), on_tokens(i))
     done.wait()
     assert all(len(t) == new for t in times), "a request ended early"

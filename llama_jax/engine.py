@@ -29,8 +29,8 @@ flight, not max_batch times the context. Block ops.NO_BLOCK is never handed out:
 
 Shapes are bucketed so that the jitted calls compile once per bucket, not per request mix: decode rows to
 powers of two from 8; a prefill step to [prefill_tokens // chunk, chunk], its chunk length a power of two
-from 16; block tables to powers of two from 8 blocks. Sampling parameters are arrays, so a batch mixes them freely; a batch of greedy rows only
-compiles without the sampler.
+from 16; block tables to powers of two from 8 blocks. Sampling parameters are arrays, so a batch mixes
+them freely; a batch of greedy rows only compiles without the sampler.
 
 Each request is computed as if alone: its tokens sit at their own positions, attention reads only its own
 blocks, and token t is drawn from fold_in(key(seed), t) with a [1, vocab] draw, as `generate` draws it for
@@ -442,8 +442,9 @@ class Engine:
         self.last_error = error
 
     def _dispatch(self, rows: list[tuple[_Seq, int]]):
-        """Launch one jitted call for rows of (sequence, tokens to feed); returns the sampled tokens (on the
-        device, not waited for). Rows, chunk and table width are bucketed (see the module's docstring)."""
+        """Launch one jitted call for rows of (sequence, tokens to feed); returns the sampled tokens of the
+        bucket's rows, the first len(rows) of them real (on the device, not waited for). Rows, chunk and table
+        width are bucketed (see the module's docstring)."""
         chunk = max(n for _, n in rows)
         decode = chunk == 1
         seq_len = 1 if decode else _pow2(chunk, 16)
@@ -463,11 +464,12 @@ class Engine:
             tables[i, :len(seq.blocks)] = seq.blocks
             last[i] = n - 1
             r = seq.request
-            seeds[i], steps[i], temperature[i], top_k[i], top_p[i] = r.seed, seq.produced, r.temperature, r.top_k, r.top_p
+            seeds[i], steps[i], top_k[i] = r.seed, seq.produced, r.top_k
+            temperature[i], top_p[i] = r.temperature, r.top_p
         greedy = not temperature.any()
         token, k, v = _forward_and_sample(
             self.params, self._pool.k, self._pool.v, tables, tokens, positions, mask, last, seeds, steps,
             temperature, top_k, top_p, cfg=self.cfg, kernels=self.kernels,
             unroll=True if decode and self.kernels.decode_unroll else 1, greedy=bool(greedy))
         self._pool = PagedKVCache(k, v, self._pool.tables)
-        return token[:len(rows)]
+        return token  # all the bucket's rows: slicing on the device would compile a slice per row count

@@ -336,7 +336,8 @@ def _usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def _pieces(engine: Engine, rid: int, feed: _Feed, text: TextStream) -> AsyncIterator[tuple[str, str | None, int]]:
+async def _pieces(engine: Engine, rid: int, feed: _Feed,
+                  text: TextStream) -> AsyncIterator[tuple[str, str | None, int]]:
     """(text piece, finish reason or None, tokens so far) as the engine produces; the request is cancelled in
     the engine if this ends before the engine finished it (a stop string, a client gone)."""
     engine_done = False
@@ -380,7 +381,8 @@ async def _events(pieces, head: dict, chat: bool, prompt_len: int, include_usage
     n = 0
     async for piece, finish, n in pieces:
         if finish in ("cancelled", "error"):
-            yield f"data: {json.dumps({'error': {'message': f'the request ended: {finish}', 'type': 'server_error'}})}\n\n"
+            error = {"message": f"the request ended: {finish}", "type": "server_error"}
+            yield f"data: {json.dumps({'error': error})}\n\n"
             break
         if piece:
             body = {"delta": {"content": piece}} if chat else {"text": piece}

@@ -32,7 +32,8 @@ class Clock(BaseStreamer):
 
     def put(self, value):
         if self.prompt_seen:
-            torch.cuda.synchronize()  # the step's tokens exist now
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # the step's tokens exist now
             self.times.append(time.perf_counter())
         self.prompt_seen = True
 
