@@ -44,12 +44,10 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from llama_jax import sharding
 from llama_jax.config import LlamaConfig
 from llama_jax.data import read_text_file
-from llama_jax.model import apply
 from llama_jax.ops import Kernels
-from llama_jax.train import auto_loss_chunk, head_logits
+from llama_jax.train import scan_logits
 
 FIELDS = ("prompt", "chosen", "rejected")
 METRICS = ("reward_margin", "accuracy", "chosen_reward", "rejected_reward")  # besides the step's own
@@ -166,33 +164,17 @@ def response_logprobs(params, batch: dict, cfg: LlamaConfig, *, remat: str = "no
     response, the sum over the response's tokens. Logits are made a chunk of the sequence at a time,
     as train.loss_sums makes them, so [B, S, V] float32 never exists for a large vocabulary."""
     inputs, targets = batch["tokens"][:, :-1], batch["tokens"][:, 1:]  # [B, S] each
-    b, s = inputs.shape
     masks = jnp.stack([batch["chosen_mask"], batch["rejected_mask"]], axis=-1).astype(jnp.float32)  # [B, S, 2]
-    hidden, _ = apply(params, inputs, cfg, positions=batch["positions"], segment_ids=batch["segment_ids"],
-                      remat=remat, return_hidden=True, unroll=unroll, kernels=kernels)  # [B, S, D]
-    head = (params["embed"].T if cfg.tie_embeddings else params["lm_head"]).astype(cfg.compute_jnp_dtype)
-    mesh = jax.sharding.get_abstract_mesh()
-    rows = b if mesh.empty else max(1, b // sharding.batch_shard_count(mesh, sharding.current_rules()))
-    chunk = loss_chunk or auto_loss_chunk(s, cfg.vocab_size, rows)
-    if s % chunk:
-        raise ValueError(f"loss_chunk {chunk} does not divide the sequence length {s}")
-    n = s // chunk
 
-    def split(x):  # [B, S, ...] -> [n, B, chunk, ...]
-        return jnp.moveaxis(x.reshape((b, n, chunk) + x.shape[2:]), 1, 0)
-
-    def chunk_logprobs(total, xs):
-        h, t, m = xs  # [B, chunk, D], [B, chunk], [B, chunk, 2]
-        logits = sharding.constrain(head_logits(h, head), ("batch", "seq", "vocab"))
+    def chunk_logprobs(total, logits, xs):
+        t, m = xs  # [B, chunk], [B, chunk, 2]
         target = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
         logp = target - jax.nn.logsumexp(logits, axis=-1)  # [B, chunk]
-        return total + jnp.einsum("bc,bck->bk", logp, m), None
+        return total + jnp.einsum("bc,bck->bk", logp, m)
 
-    if n > 1:  # as in loss_sums: one chunk of logits alive at a time, in the backward pass too
-        chunk_logprobs = jax.checkpoint(chunk_logprobs, prevent_cse=False)
-    total, _ = jax.lax.scan(chunk_logprobs, jnp.zeros((b, 2), jnp.float32),
-                            (split(hidden), split(targets), split(masks)))
-    return total
+    return scan_logits(params, inputs, cfg, chunk_logprobs, jnp.zeros((inputs.shape[0], 2), jnp.float32),
+                       (targets, masks), positions=batch["positions"], segment_ids=batch["segment_ids"],
+                       remat=remat, loss_chunk=loss_chunk, unroll=unroll, kernels=kernels)
 
 
 def preference_loss(policy: jax.Array, reference: jax.Array, beta: float):

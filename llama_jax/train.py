@@ -233,25 +233,21 @@ def _head_logits_bwd(res, g):
 head_logits.defvjp(_head_logits_fwd, _head_logits_bwd)
 
 
-def loss_sums(params, batch: dict, cfg: LlamaConfig, *, remat: str = "none", loss_chunk: int | None = None,
-              unroll: int | bool = 1, kernels: Kernels = Kernels()):
-    """(summed cross-entropy over counted targets, number of counted targets), both float32 scalars.
+def scan_logits(params, inputs: jax.Array, cfg: LlamaConfig, step: Callable, init, xs, *, positions=None,
+                segment_ids=None, remat: str = "none", loss_chunk: int | None = None, unroll: int | bool = 1,
+                kernels: Kernels = Kernels()):
+    """The model on `inputs` [B, S], its next-token logits folded into a carry a chunk of the sequence at a
+    time: `step(carry, logits, xs_chunk) -> carry`, logits float32 [B, chunk, V] and xs_chunk the same
+    chunk of each of `xs` ([B, S, ...] arrays). Returns the last carry.
 
-    The final hidden states [B, S, D] are projected to float32 logits [B, chunk, V]. With several chunks
-    (a large vocabulary; `auto_loss_chunk`) each is one step of a rematerialised scan, so neither the
-    forward nor the backward pass holds more than one chunk of logits. One chunk is not rematerialised:
-    the backward pass starts from the loss, so recomputing its logits would save no peak memory.
-    `unroll`: layers of the layer scan unrolled (True: all), as in `Llama.__call__`; `kernels`: the
-    kernel policy (ops/policy.py)."""
-    if "targets" in batch:  # explicit targets: tokens are the inputs, both [B, S]
-        inputs, targets = batch["tokens"], batch["targets"]
-    else:
-        inputs, targets = batch["tokens"][:, :-1], batch["tokens"][:, 1:]  # [B, S] each
+    With several chunks (a large vocabulary; `auto_loss_chunk`) each is one step of a rematerialised
+    scan, so neither the forward nor the backward pass holds more than one chunk of logits. One chunk is
+    not rematerialised: the backward pass starts from the loss, so recomputing its logits would save no
+    peak memory. `unroll`: layers of the layer scan unrolled (True: all), as in `Llama.__call__`;
+    `kernels`: the kernel policy (ops/policy.py)."""
     b, s = inputs.shape
-    mask = batch.get("loss_mask")
-    mask = jnp.ones((b, s), jnp.float32) if mask is None else mask.astype(jnp.float32)
-    hidden, _ = apply(params, inputs, cfg, positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
-                      remat=remat, return_hidden=True, unroll=unroll, kernels=kernels)  # [B, S, D] compute dtype
+    hidden, _ = apply(params, inputs, cfg, positions=positions, segment_ids=segment_ids, remat=remat,
+                      return_hidden=True, unroll=unroll, kernels=kernels)  # [B, S, D] compute dtype
     head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]  # [D, V]
     head = head.astype(cfg.compute_jnp_dtype)
     mesh = jax.sharding.get_abstract_mesh()
@@ -264,16 +260,38 @@ def loss_sums(params, batch: dict, cfg: LlamaConfig, *, remat: str = "none", los
     def split(x):  # [B, S, ...] -> [n, B, chunk, ...]: the batch stays the sharded leading axis of a chunk
         return jnp.moveaxis(x.reshape((b, n, chunk) + x.shape[2:]), 1, 0)
 
-    def chunk_nll(total, xs):
-        h, t, m = xs  # [B, chunk, D], [B, chunk], [B, chunk]
+    def body(carry, chunk_xs):
+        h, rest = chunk_xs  # [B, chunk, D], the chunk of each of xs
         logits = sharding.constrain(head_logits(h, head), ("batch", "seq", "vocab"))
-        lse = jax.nn.logsumexp(logits, axis=-1)  # [B, chunk]
-        target = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-        return total + jnp.sum((lse - target) * m), None
+        return step(carry, logits, rest), None
 
     if n > 1:
-        chunk_nll = jax.checkpoint(chunk_nll, prevent_cse=False)
-    total, _ = jax.lax.scan(chunk_nll, jnp.zeros((), jnp.float32), (split(hidden), split(targets), split(mask)))
+        body = jax.checkpoint(body, prevent_cse=False)
+    carry, _ = jax.lax.scan(body, init, (split(hidden), jax.tree.map(split, xs)))
+    return carry
+
+
+def loss_sums(params, batch: dict, cfg: LlamaConfig, *, remat: str = "none", loss_chunk: int | None = None,
+              unroll: int | bool = 1, kernels: Kernels = Kernels()):
+    """(summed cross-entropy over counted targets, number of counted targets), both float32 scalars;
+    the logits made a chunk at a time (`scan_logits`)."""
+    if "targets" in batch:  # explicit targets: tokens are the inputs, both [B, S]
+        inputs, targets = batch["tokens"], batch["targets"]
+    else:
+        inputs, targets = batch["tokens"][:, :-1], batch["tokens"][:, 1:]  # [B, S] each
+    b, s = inputs.shape
+    mask = batch.get("loss_mask")
+    mask = jnp.ones((b, s), jnp.float32) if mask is None else mask.astype(jnp.float32)
+
+    def chunk_nll(total, logits, xs):
+        t, m = xs  # [B, chunk] each
+        lse = jax.nn.logsumexp(logits, axis=-1)  # [B, chunk]
+        target = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+        return total + jnp.sum((lse - target) * m)
+
+    total = scan_logits(params, inputs, cfg, chunk_nll, jnp.zeros((), jnp.float32), (targets, mask),
+                        positions=batch.get("positions"), segment_ids=batch.get("segment_ids"), remat=remat,
+                        loss_chunk=loss_chunk, unroll=unroll, kernels=kernels)
     return total, jnp.sum(mask)
 
 
