@@ -59,6 +59,7 @@ from pathlib import Path
 import grain
 import numpy as np
 from etils import epath
+from tqdm import tqdm
 
 from llama_jax.data import iter_documents
 
@@ -138,8 +139,6 @@ def tokenize(inputs: Sequence[str | os.PathLike], tokenizer, out: str | os.PathL
     `tokenizer.encode(document, eos=True)`, in the order read, into shards of about `shard_tokens`
     tokens (a document is never split between shards). Streams: memory holds one document and a
     write buffer. Returns the index (index.json's contents). On an error nothing is left but `out`."""
-    from tqdm import tqdm
-
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
     out = epath.Path(out)

@@ -1,0 +1,86 @@
+"""generate.decode_loop (prefill, then the on-device `lax.while_loop` of decode steps) compiled ahead of
+time for one TPU chip with libtpu, on any machine: XLA:TPU's memory analysis, and every copy of a
+stacked weight or a KV cache that the compiled program makes (the copies issue 30 asks to remove).
+
+    python bench/tpu_decode_loop.py                                   # Llama-2-7B bf16, batch 8, 1024 slots, v5p chip
+    python bench/tpu_decode_loop.py --topology v5e:1x1 --accelerator v5litepod-1 --new 496
+
+One JSON line: arguments and temporaries in GiB (or the compiler's out-of-memory message when the chip
+is too small), and the copies: shape, layout, what they copy. A v5e chip (15.75 GiB usable) cannot hold
+Llama-2-7B in bf16 (12.55 GiB) and a bf16 cache of batch 8 x 1024 slots (4.0 GiB) at once, whatever
+the program does; a v5p chip holds both, so it shows what the program adds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import math
+import os
+import re
+import time
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--topology", default="v5p:1x1x1")
+    p.add_argument("--accelerator", default="v5p-2", help="TPU_ACCELERATOR_TYPE for libtpu (quiets its warnings)")
+    p.add_argument("--preset", default="llama2-7b")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--prompt", type=int, default=16)
+    p.add_argument("--new", type=int, default=1008, help="new tokens: slots = prompt + new")
+    p.add_argument("--unroll", choices=["auto", "0", "1"], default="auto", help="the decode step's layer scan")
+    a = p.parse_args()
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # no TPU here: libtpu only compiles
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", a.accelerator)
+
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import topologies
+
+    import llama_jax as lj
+    from llama_jax import params as table
+    from llama_jax.ops import Kernels
+    from llama_jax.sharding import make_mesh
+
+    generate = importlib.import_module("llama_jax.generate")  # the module (lj.generate is the function)
+    device = topologies.get_topology_desc(platform="tpu", topology_name=a.topology).devices[0]
+    kernels = Kernels.auto(make_mesh(devices=[device]))
+    if a.unroll != "auto":
+        kernels = dataclasses.replace(kernels, decode_unroll=a.unroll == "1")
+    cfg = lj.PRESETS[a.preset].replace(param_dtype="bfloat16", compute_dtype="bfloat16")
+    on_chip = jax.sharding.SingleDeviceSharding(device)
+
+    def sds(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=on_chip)
+
+    params = jax.tree.map(lambda x: sds(x.shape, jnp.bfloat16), table.abstract(cfg))
+    loop = jax.jit(generate.decode_loop, static_argnames=("cfg", "max_new_tokens", "sampling", "cache_len", "kernels"))
+    out = dict(bench="tpu-aot-decode-loop", topology=a.topology, preset=a.preset, batch=a.batch,
+               slots=a.prompt + a.new, decode_unroll=kernels.decode_unroll, jax=jax.__version__)
+    t0 = time.perf_counter()
+    lowered = loop.lower(params, sds((a.batch, a.prompt), jnp.int32), sds((a.batch, a.prompt), jnp.bool_),
+                         jax.random.key(0), sds((), jnp.int32), cfg=cfg, max_new_tokens=a.new, kernels=kernels)
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 - XLA:TPU refuses a program larger than the chip
+        out.update(compiled=False, error=str(e).splitlines()[0][:300])
+        print(json.dumps(out), flush=True)
+        return
+    mem = compiled.memory_analysis()
+    stacked = re.compile(rf"= (bf16\[{cfg.n_layers},[0-9,]+\])(\{{[^}}]*\}}) copy(?:-start)?\((%[\w.-]+)")
+    copies = [dict(shape=m[1], layout=m[2], of=m[3]) for m in stacked.finditer(compiled.as_text())]
+    out.update(compiled=True, compile_s=round(time.perf_counter() - t0, 1),
+               arguments_gib=round(mem.argument_size_in_bytes / 2**30, 2),
+               temporaries_gib=round(mem.temp_size_in_bytes / 2**30, 2),
+               stacked_copies=copies,
+               stacked_copies_gib=round(sum(2 * math.prod(map(int, c["shape"][5:-1].split(","))) for c in copies)
+                                        / 2**30, 2))  # bf16: 2 bytes
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
