@@ -4,11 +4,14 @@ stacked weight or a KV cache that the compiled program makes (the copies issue 3
 
     python bench/tpu_decode_loop.py                                   # Llama-2-7B bf16, batch 8, 1024 slots, v5p chip
     python bench/tpu_decode_loop.py --topology v5e:1x1 --accelerator v5litepod-1 --new 496
+    python bench/tpu_decode_loop.py --auto-layout       # the params in the layout the compiled program picks
 
 One JSON line: arguments and temporaries in GiB (or the compiler's out-of-memory message when the chip
 is too small), and the copies: shape, layout, what they copy. A v5e chip (15.75 GiB usable) cannot hold
 Llama-2-7B in bf16 (12.55 GiB) and a bf16 cache of batch 8 x 1024 slots (4.0 GiB) at once, whatever
-the program does; a v5p chip holds both, so it shows what the program adds.
+the program does; a v5p chip holds both, so it shows what the program adds. `--auto-layout` lets the
+compiler choose the params' layout (`Layout.AUTO`; the caller then places them in it, once): the
+relaid copies of the stacked q/k/v weights go, the caches' copy between prefill and the loop stays.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ def main():
     p.add_argument("--prompt", type=int, default=16)
     p.add_argument("--new", type=int, default=1008, help="new tokens: slots = prompt + new")
     p.add_argument("--unroll", choices=["auto", "0", "1"], default="auto", help="the decode step's layer scan")
+    p.add_argument("--auto-layout", action="store_true", help="params in the layout the compiler picks")
     a = p.parse_args()
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # no TPU here: libtpu only compiles
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -40,6 +44,7 @@ def main():
     import jax
     import jax.numpy as jnp
     from jax.experimental import topologies
+    from jax.experimental.layout import Format, Layout
 
     import llama_jax as lj
     from llama_jax import params as table
@@ -58,12 +63,18 @@ def main():
         return jax.ShapeDtypeStruct(shape, dtype, sharding=on_chip)
 
     params = jax.tree.map(lambda x: sds(x.shape, jnp.bfloat16), table.abstract(cfg))
-    loop = jax.jit(generate.decode_loop, static_argnames=("cfg", "max_new_tokens", "sampling", "cache_len", "kernels"))
+    param_formats = jax.tree.map(lambda _: Format(Layout.AUTO, on_chip) if a.auto_layout else on_chip, params)
+
+    def run(params, tokens, mask, key, eos_id):
+        return generate.decode_loop(params, tokens, mask, key, eos_id, cfg, a.new, kernels=kernels)
+
+    loop = jax.jit(run, in_shardings=(param_formats, on_chip, on_chip, on_chip, on_chip))
     out = dict(bench="tpu-aot-decode-loop", topology=a.topology, preset=a.preset, batch=a.batch,
-               slots=a.prompt + a.new, decode_unroll=kernels.decode_unroll, jax=jax.__version__)
+               slots=a.prompt + a.new, decode_unroll=kernels.decode_unroll, auto_layout=a.auto_layout,
+               jax=jax.__version__)
     t0 = time.perf_counter()
     lowered = loop.lower(params, sds((a.batch, a.prompt), jnp.int32), sds((a.batch, a.prompt), jnp.bool_),
-                         jax.random.key(0), sds((), jnp.int32), cfg=cfg, max_new_tokens=a.new, kernels=kernels)
+                         jax.random.key(0), sds((), jnp.int32))
     try:
         compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - XLA:TPU refuses a program larger than the chip
