@@ -699,6 +699,13 @@ def _tensorboard(folder, command):
         print(f"llama-jax {command}: TensorBoard logging off (metrics.jsonl has every step); to enable it: "
               "pip install 'llama-jax[tensorboard]'", file=sys.stderr)
         return None
+    if str(folder).startswith("gs://"):
+        try:  # tensorboardX writes to gs:// through it (and half-builds a writer that fails in __del__ without)
+            import google.cloud.storage  # noqa: F401
+        except ImportError:
+            print(f"llama-jax {command}: TensorBoard logging off (metrics.jsonl has every step): events on gs:// "
+                  "need the Python package google-cloud-storage", file=sys.stderr)
+            return None
     return SummaryWriter(str(folder))
 
 
