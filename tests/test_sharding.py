@@ -129,13 +129,10 @@ def test_fsdp8_every_parameter_shard_is_one_eighth():
 def test_sharded_init_never_builds_the_whole_model_on_one_device():
     """The compiled init for fsdp=8 outputs 1/8 of the parameter bytes per device, and no array in it
     (random bits included) is bigger than a parameter's share: no device ever holds the whole model."""
-    from llama_jax.model import _init_state
-
     cfg = lj.PRESETS["tiny"].replace(n_layers=4, dim=256, ffn_dim=512)
     mesh = make_mesh(fsdp=8)
     total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(lj.abstract_params(cfg)))
-    compiled = jax.jit(_init_state, static_argnums=0, out_shardings=sharding.param_shardings(cfg, mesh)).lower(
-        cfg, jax.random.key(0)).compile()
+    compiled = jax.jit(lambda key: lj.init_params(cfg, key, mesh)).lower(jax.random.key(0)).compile()
     mem = compiled.memory_analysis()
     # (+ a few bytes: XLA's table of pointers to the output buffers)
     assert total // 8 <= mem.output_size_in_bytes <= total // 8 + 1024
