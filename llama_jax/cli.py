@@ -599,7 +599,7 @@ def _join_cluster():
 def _run_training(args, cfg, params, tok, data, batch, steps, meta, lora=None, objective=None, metric_names=()):
     """Shared by train, finetune and dpo: state (fresh or resumed from OUT), step, metrics writers, fit.
     `data(rows)`: this process's batches, given the rows of each global batch that are its share (a
-    slice): an iterator with load_state_dict (resume), its state_dict, and the epoch it is in. `lora`: the
+    slice): an iterator with state_dict / load_state_dict (its position) and `epoch`. `lora`: the
     optimizer trains adapters on `params`, frozen (and with --quantize-base, quantized). `objective`
     (make_train_step's, with the extra metrics `metric_names`): it reads `params`, frozen, as its reference."""
     import math
@@ -619,7 +619,7 @@ def _run_training(args, cfg, params, tok, data, batch, steps, meta, lora=None, o
         raise UsageError(f"--out {args.out}: exists and is not a folder")
     ckpt = TrainCheckpointer(out, save_every=args.save_every, keep=args.keep, meta=meta)
     rows = sharding.local_batch_rows(batch, mesh)
-    batches, data_state, epoch = data(rows)
+    batches = data(rows)
     resume = ckpt.latest_step()
     lead = jax.process_index() == 0  # one process writes the run's files; all write checkpoints (Orbax)
     metrics = MetricsLog(out / "metrics.jsonl") if lead else None
@@ -662,7 +662,7 @@ def _run_training(args, cfg, params, tok, data, batch, steps, meta, lora=None, o
     def log(m):
         if metrics is None:
             return
-        m = dict(m, epoch=epoch(), time=time.time())
+        m = dict(m, epoch=batches.epoch, time=time.time())
         metrics.write(m)
         if tb is not None:
             for k in ("loss", "grad_norm", "lr", "tokens_per_s", "mfu", "mfu_causal", "skipped", *metric_names):
@@ -671,7 +671,7 @@ def _run_training(args, cfg, params, tok, data, batch, steps, meta, lora=None, o
 
     try:
         result = train.fit(state, step_fn, batches, steps=steps, cfg=cfg, mesh=mesh, checkpoints=ckpt,
-                           data_state=data_state, log=log, max_nonfinite=args.max_nonfinite,
+                           data_state=batches.state_dict, log=log, max_nonfinite=args.max_nonfinite,
                            peak_flops=peak, progress=not args.no_progress and lead)
     except train.TrainingStopped as e:
         print(f"llama-jax {args.command}: stopped: {e}", file=sys.stderr)
@@ -736,9 +736,8 @@ def run_train(args):
         def data(rows):
             import jax
 
-            it = shards.ShardBatches(args.data[0], args.seq_len, rows.stop - rows.start, seed=args.seed,
-                                     process_index=jax.process_index(), process_count=jax.process_count())
-            return it, it.state_dict, lambda: it.epoch
+            return shards.ShardBatches(args.data[0], args.seq_len, rows.stop - rows.start, seed=args.seed,
+                                       process_index=jax.process_index(), process_count=jax.process_count())
     else:
         source = PackedText([tok.encode(d, eos=True) for d in docs], args.seq_len, seed=args.seed)
         data = _global_batches(source, args.batch)
@@ -752,25 +751,7 @@ def _global_batches(source, batch):
     batches and keeps its rows of each (fine for small runs; shards scale)."""
     from llama_jax.data import Batches
 
-    def data(rows):
-        batches = Batches(source, batch)
-        mine = ({k: v[rows] for k, v in b.items()} for b in batches)
-        return _Resumable(mine, batches), batches.state_dict, lambda: batches.epoch
-
-    return data
-
-
-class _Resumable:
-    """An iterator that resumes through another object's load_state_dict (the Batches under a generator)."""
-
-    def __init__(self, it, positioned):
-        self.it, self.load_state_dict = it, positioned.load_state_dict
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        return next(self.it)
+    return lambda rows: Batches(source, batch, rows)
 
 
 def run_finetune(args):
@@ -812,12 +793,11 @@ def run_finetune(args):
 
 
 def _model_source(spec: str) -> str:
-    """--model as a later run of the CLI finds it again: a preset's name, else an absolute path."""
-    import os
-
+    """--model as a later run of the CLI finds it again: a preset's name, else an absolute path (or URI)."""
+    from llama_jax.checkpoints import orbax_io
     from llama_jax.config import PRESETS
 
-    return spec if spec in PRESETS or "://" in spec else os.path.abspath(spec)
+    return spec if spec in PRESETS else str(orbax_io.as_path(spec))
 
 
 # === dpo (preference tuning) ===

@@ -280,12 +280,14 @@ class InstructionRows:
 
 class Batches:
     """`batch_size` rows at a time from `source`, epoch after epoch (each in its own seeded order).
-    `state_dict()` / `load_state_dict()` save and restore the position."""
+    `rows`: the rows of each batch this process feeds (sharding.local_batch_rows; default all): every
+    process lays out the same batches and keeps its own rows. `state_dict()` / `load_state_dict()` save
+    and restore the position."""
 
-    def __init__(self, source, batch_size: int):
+    def __init__(self, source, batch_size: int, rows: slice = slice(None)):
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
-        self.source, self.batch_size = source, batch_size
+        self.source, self.batch_size, self.rows = source, batch_size, rows
         self.epoch, self.row = 0, 0
         self._cache: tuple[int, dict] | None = None
 
@@ -311,7 +313,7 @@ class Batches:
             need -= take
             if self.row == len(rows["tokens"]):
                 self.epoch, self.row = self.epoch + 1, 0
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return {k: np.concatenate([p[k] for p in parts])[self.rows] for k in parts[0]}
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "row": self.row, "seed": self.source.seed,

@@ -157,13 +157,16 @@ def _matrices(params):
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
+def _matrices_in_compute_dtype(params, cfg: LlamaConfig):
+    return jax.tree.map(lambda p, m: p.astype(cfg.compute_jnp_dtype) if m else p, params, _matrices(params))
+
+
 def base_for_training(params, cfg: LlamaConfig, quantize_bits: int | None = None, mesh=None, rules=None):
     """A frozen base for LoRA: the weight matrices in the compute dtype (they are only read), or with
     `quantize_bits` as QArrays: 4, QLoRA's NF4 in groups of 64 (bench/qlora_formats.py: it costs less
     perplexity than int4 with zero points, in fewer bits), or 8, int8 groups of 64; the norms as they
     are. Placed by the sharding rules on `mesh`."""
-    mats = _matrices(params)
-    base = jax.tree.map(lambda p, m: p.astype(cfg.compute_jnp_dtype) if m else p, params, mats)
+    base = _matrices_in_compute_dtype(params, cfg)
     if quantize_bits:
         base = quantize_params(base, cfg, bits=quantize_bits, group=64,
                                codebook="nf4" if quantize_bits == 4 else None)
@@ -367,7 +370,7 @@ def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation, m
     def gradients(params, batch, base, key):
         # Gradients of the compute-dtype copies: half the bytes of float32 ones, in memory and in the update
         # (7B on two GPUs: 73.9 GB a card at batch 8 against 80.7; 7B width x 8 layers: 3% faster).
-        params = jax.tree.map(lambda p, m: p.astype(cfg.compute_jnp_dtype) if m else p, params, _matrices(params))
+        params = _matrices_in_compute_dtype(params, cfg)
         if accum_steps == 1:
             (total, (count, extra)), grads = grad_fn(params, batch, base, key)
             return grads, total, count, extra
