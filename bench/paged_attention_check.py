@@ -1,7 +1,7 @@
 """The paged-attention kernel on the GPU: correct against the XLA reference, and how fast.
 
     python bench/paged_attention_check.py
-    python bench/paged_attention_check.py --timing-only --block-sizes 16 32 64 --tokens-per-step 16 64 128
+    python bench/paged_attention_check.py --timing-only --block-sizes 16 32 64
 
 1. Values: ops/pallas_paged_attention.py in bf16 against the XLA reference (ops/paged_attention.py) run in
    float32 on the same inputs, relative L2, for the Llama-2-7B layer (32 heads of 128) at batch 256 with
@@ -9,7 +9,7 @@
    path). Padding rows (length 0) must come back as zeros.
 2. Time: one layer's decode attention at batch 256 and 192 tokens a row on average, the kernel against the
    reference (which gathers every row's blocks into a dense copy first), median of 50 runs, for each pool
-   block size of --block-sizes (default 16, the engine's) and keys a kernel loop step of --tokens-per-step.
+   block size of --block-sizes (default 16, the engine's).
 3. The engine: greedy tokens of a small float32 model (head_dim 64, so the kernel takes it) through the
    engine with Kernels.auto() against `generate_tokens` with Kernels.xla(), and whether the kernel was in
    the engine's decode step.
@@ -73,10 +73,8 @@ def values() -> None:
                               nan=bool(np.isnan(got).any()), device=DEVICE)), flush=True)
 
 
-def timing(block: int, tokens_per_step: int) -> None:
+def timing(block: int) -> None:
     q, pool_k, pool_v, tables, lengths = case(3, 256, 32, 32, 384, block=block)
-    kernel_at = jax.jit(lambda q, k, v, t, n: pallas_paged_attention.paged_attention(
-        q, k, v, jnp.int32(1), t, n, tokens_per_step=tokens_per_step))
     cache_bytes = int(2 * jnp.sum(lengths)) * 32 * 128 * 2
 
     def median_ms(fn):
@@ -88,8 +86,8 @@ def timing(block: int, tokens_per_step: int) -> None:
             runs.append(time.perf_counter() - t0)
         return float(np.median(runs)) * 1e3
 
-    k_ms, x_ms = median_ms(kernel_at), median_ms(xla)
-    print(json.dumps(dict(check="paged-attention-time", block_size=block, tokens_per_step=tokens_per_step,
+    k_ms, x_ms = median_ms(kernel), median_ms(xla)
+    print(json.dumps(dict(check="paged-attention-time", block_size=block,
                           batch=q.shape[0], mean_len=round(float(jnp.mean(lengths)), 1),
                           kernel_ms=round(k_ms, 4), xla_reference_ms=round(x_ms, 4),
                           kernel_cache_gbps=round(cache_bytes / k_ms / 1e6, 1), speedup=round(x_ms / k_ms, 2),
@@ -126,14 +124,11 @@ def kernel_in_program(kernels) -> bool:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--block-sizes", type=int, nargs="+", default=[16], help="the pool's block sizes to time")
-    p.add_argument("--tokens-per-step", type=int, nargs="+", default=[64],
-                   help="keys each kernel program reads a loop step (whole blocks, at least one)")
     p.add_argument("--timing-only", action="store_true")
     a = p.parse_args()
     if not a.timing_only:
         values()
     for block in a.block_sizes:
-        for tokens_per_step in a.tokens_per_step:
-            timing(block, tokens_per_step)
+        timing(block)
     if not a.timing_only:
         engine()

@@ -28,38 +28,30 @@ _NEG = -1e30  # a finite "minus infinity": exp(_NEG - _NEG) stays finite for a s
 _PROGRAMS = 264  # split the rows over programs until about two per SM of an H100 or H200
 
 
-def _kernel(layer_ref, tables_ref, lengths_ref, q_ref, k_ref, v_ref, *out_refs, block, pages, group, width, rep,
-            scale):
+def _kernel(layer_ref, tables_ref, lengths_ref, q_ref, k_ref, v_ref, *out_refs, block, pages, rep, scale):
     """Program (b, h, c): query head h of row b against kv head h // rep, over the row's blocks
-    c * pages .. (c + 1) * pages - 1 that hold keys (slot < length), `group` blocks a step: their loads are
-    independent, so they are in flight together (one 16-token block a step leaves the copy engine idle).
+    c * pages .. (c + 1) * pages - 1 that hold keys (slot < length), one block at a time.
     One split: the program writes the output. Several: its unnormalised sum, running max and total."""
     b, h, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     g = h // rep
     layer, length = layer_ref[0], lengths_ref[b]
     q = q_ref[b, h, :].astype(jnp.float32) * scale  # [head_dim]
 
-    def body(step, carry):
+    def body(i, carry):
         m, total, acc = carry
-        scores, values = [], []
-        for u in range(group):
-            i = step * group + u
-            page = tables_ref[b, jnp.minimum(i, width - 1)]  # past the table: masked below, read in bounds
-            k = k_ref[layer, page, :, g, :].astype(jnp.float32)  # [block, head_dim]
-            ok = i * block + jnp.arange(block) < length
-            scores.append(jnp.where(ok, jnp.sum(k * q[None, :], axis=1), _NEG))
-            values.append((ok, v_ref[layer, page, :, g, :].astype(jnp.float32)))
-        m_new = functools.reduce(jnp.maximum, [jnp.max(s) for s in scores], m)
+        page = tables_ref[b, i]
+        k = k_ref[layer, page, :, g, :].astype(jnp.float32)  # [block, head_dim]
+        ok = i * block + jnp.arange(block) < length
+        s = jnp.where(ok, jnp.sum(k * q[None, :], axis=1), _NEG)
+        m_new = jnp.maximum(m, jnp.max(s))
+        p = jnp.where(ok, jnp.exp(s - m_new), 0.0)  # padding slots stay 0 even while m_new is _NEG
         alpha = jnp.exp(m - m_new)
-        total, acc = total * alpha, acc * alpha
-        for s, (ok, v) in zip(scores, values):
-            p = jnp.where(ok, jnp.exp(s - m_new), 0.0)  # padding slots stay 0 even while m_new is _NEG
-            total, acc = total + jnp.sum(p), acc + jnp.sum(p[:, None] * v, axis=0)
-        return m_new, total, acc
+        v = v_ref[layer, page, :, g, :].astype(jnp.float32)
+        return m_new, total * alpha + jnp.sum(p), acc * alpha + jnp.sum(p[:, None] * v, axis=0)
 
     init = (jnp.float32(_NEG), jnp.float32(0.0), jnp.zeros(q.shape, jnp.float32))
-    last = jnp.minimum((c + 1) * pages, (length + block - 1) // block)  # pages is a multiple of group
-    m, total, acc = jax.lax.fori_loop(c * (pages // group), (last + group - 1) // group, body, init)
+    last = jnp.minimum((c + 1) * pages, (length + block - 1) // block)
+    m, total, acc = jax.lax.fori_loop(c * pages, last, body, init)
     if len(out_refs) == 1:  # a row of no keys (padding) gets zeros, not 0 / 0
         out_refs[0][...] = (acc / jnp.where(total > 0, total, 1.0)).astype(out_refs[0].dtype)
     else:
@@ -88,19 +80,16 @@ def paged_attention(
     tables: jax.Array,  # int32 [batch, width]: each row's blocks, in order
     lengths: jax.Array,  # int32 [batch]: keys per row (slots 0 .. length - 1); 0 for padding rows
     *,
-    tokens_per_step: int = 64,
     interpret: bool = False,
 ) -> jax.Array:  # [batch, heads, head_dim]
-    """Each row's query heads against the first `length` slots of its blocks in layer `layer` of the pool,
-    reading tokens_per_step keys (whole blocks, at least one) a step of each program's loop."""
+    """Each row's query heads against the first `length` slots of its blocks in layer `layer` of the pool."""
     batch, heads, head_dim = q.shape
     block, kv_heads = pool_k.shape[2], pool_k.shape[3]
     width = tables.shape[1]
-    group = max(1, tokens_per_step // block)  # blocks a loop step
     splits = min(width, pl.cdiv(_PROGRAMS, batch * heads))
-    pages = group * pl.cdiv(pl.cdiv(width, splits), group)  # blocks per program, whole loop steps
+    pages = pl.cdiv(width, splits)  # blocks per program
     splits = pl.cdiv(width, pages)
-    kernel = functools.partial(_kernel, block=block, pages=pages, group=group, width=width, rep=heads // kv_heads,
+    kernel = functools.partial(_kernel, block=block, pages=pages, rep=heads // kv_heads,
                                scale=1.0 / math.sqrt(head_dim))
     if splits == 1:
         out_shape = [jax.ShapeDtypeStruct((batch, heads, head_dim), q.dtype)]
