@@ -108,6 +108,8 @@ def ours(a) -> None:
     t0 = time.perf_counter()
     warm = prompts[:min(a.requests, a.max_batch + a.max_batch // 2)]  # every batch bucket, filling and emptying
     run_engine(engine, warm, arrivals(len(warm), None), a.new)
+    for n in (1, 2, 4, 8):  # prefill steps of few rows, as arrivals spread out in time make them
+        run_engine(engine, prompts[:n], arrivals(n, None), a.new)
     warm_s = time.perf_counter() - t0
     common = dict(preset=a.preset, requests=a.requests, prompt=a.prompt, new=a.new, max_batch=a.max_batch,
                   kv_blocks=engine.kv_blocks, block_size=a.block_size, prefill_tokens=a.prefill_tokens,

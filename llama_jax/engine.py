@@ -28,8 +28,8 @@ The paged cache (model.PagedKVCache) holds every layer's keys and values in `kv_
 flight, not max_batch times the context. Block ops.NO_BLOCK is never handed out: padding writes there.
 
 Shapes are bucketed so that the jitted calls compile once per bucket, not per request mix: decode rows to
-powers of two from 8; a prefill step to [prefill_tokens // chunk, chunk], its chunk length a power of two
-from 16; block tables to powers of two from 8 blocks. Sampling parameters are arrays, so a batch mixes
+powers of two from 8; a prefill step to [rows, chunk], its chunk length a power of two from 16 and its
+rows a power of two up to prefill_tokens // chunk; block tables to powers of two from 8 blocks. Sampling parameters are arrays, so a batch mixes
 them freely; a batch of greedy rows only compiles without the sampler.
 
 Each request is computed as if alone: its tokens sit at their own positions, attention reads only its own
@@ -373,8 +373,8 @@ class Engine:
             budget -= n
             if budget < 16:
                 break
-        # One shape per chunk length: [prefill_tokens // chunk, chunk]. Rows past it wait for the next step
-        # (the blocks they took stay theirs).
+        # At most prefill_tokens // chunk rows of the longest chunk's length. Rows past it wait for the next
+        # step (the blocks they took stay theirs).
         return rows[:self.prefill_tokens // _pow2(max((n for _, n in rows), default=1), 16)]
 
     def _blocks_for(self, n_tokens: int) -> int:
@@ -448,7 +448,9 @@ class Engine:
         chunk = max(n for _, n in rows)
         decode = chunk == 1
         seq_len = 1 if decode else _pow2(chunk, 16)
-        batch = _pow2(len(rows), 8) if decode else self.prefill_tokens // seq_len
+        # A prefill's rows round up to a power of two, so one prompt arriving alone costs its own chunk, not
+        # prefill_tokens of padding.
+        batch = _pow2(len(rows), 8) if decode else min(_pow2(len(rows), 1), self.prefill_tokens // seq_len)
         width = _pow2(max(len(s.blocks) for s, _ in rows), 8)
         tokens = np.zeros((batch, seq_len), np.int32)
         positions = np.zeros((batch, seq_len), np.int32)
