@@ -193,7 +193,7 @@ class Engine:
         self._free = [b for b in range(self.kv_blocks - 1, -1, -1) if b != NO_BLOCK]  # pop() takes low ids first
         self._spare = max(1, self.kv_blocks // 100)  # blocks admission leaves for the running decodes
         self._waiting: collections.deque[_Seq] = collections.deque()
-        self._running: list[_Seq] = []  # in admission order
+        self._running: dict[_Seq, None] = {}  # in admission order; a dict for O(1) membership and removal
         self._by_id: dict[int, _Seq] = {}
         self._ids = itertools.count()
         self._admissions = itertools.count()
@@ -342,7 +342,7 @@ class Engine:
                 break  # the queue waits for blocks (an empty batch takes its head anyway: it fits alone)
             seq = self._waiting.popleft()
             seq.admitted = next(self._admissions)
-            self._running.append(seq)
+            self._running[seq] = None
             promised += need
 
     def _plan_decode(self) -> list[tuple[_Seq, int]]:
@@ -359,7 +359,7 @@ class Engine:
     def _plan_prefill(self) -> list[tuple[_Seq, int]]:
         """Chunks of the contexts not yet in the cache, oldest sequence first, `prefill_tokens` in all."""
         rows, budget = [], self.prefill_tokens
-        for seq in self._running:
+        for seq in list(self._running):
             left = len(seq.tokens) - seq.cached
             if left <= 1:
                 continue
@@ -398,7 +398,7 @@ class Engine:
         has produced (which stay produced: the client saw them)."""
         self.preemptions += 1
         self._release(seq)
-        self._running.remove(seq)
+        del self._running[seq]
         seq.cached = 0
         self._waiting.appendleft(seq)
 
@@ -420,7 +420,7 @@ class Engine:
     def _finish(self, seq: _Seq, reason: str, tokens: list[int] | None = None):
         self._release(seq)
         if seq in self._running:
-            self._running.remove(seq)
+            del self._running[seq]
         elif seq in self._waiting:
             self._waiting.remove(seq)
         self._by_id.pop(seq.id, None)
@@ -452,22 +452,30 @@ class Engine:
         # prefill_tokens of padding.
         batch = _pow2(len(rows), 8) if decode else min(_pow2(len(rows), 1), self.prefill_tokens // seq_len)
         width = _pow2(max(len(s.blocks) for s, _ in rows), 8)
+        seqs = [seq for seq, _ in rows]
         tokens = np.zeros((batch, seq_len), np.int32)
         positions = np.zeros((batch, seq_len), np.int32)
         mask = np.zeros((batch, seq_len), bool)
+        if decode:  # column by column: a decode step has up to max_batch rows
+            tokens[:len(rows), 0] = [seq.tokens[seq.cached] for seq in seqs]
+            positions[:len(rows), 0] = [seq.cached for seq in seqs]
+            mask[:len(rows), 0] = True
+        else:
+            for i, (seq, n) in enumerate(rows):
+                tokens[i, :n] = seq.tokens[seq.cached:seq.cached + n]
+                positions[i, :n] = np.arange(seq.cached, seq.cached + n)
+                mask[i, :n] = True
         tables = np.full((batch, width), NO_BLOCK, np.int32)
+        tables[:len(rows)] = [seq.blocks + [NO_BLOCK] * (width - len(seq.blocks)) for seq in seqs]
         last = np.zeros(batch, np.int32)
+        last[:len(rows)] = [n - 1 for _, n in rows]
         seeds, steps, top_k = (np.zeros(batch, np.int32) for _ in range(3))
         temperature, top_p = np.zeros(batch, np.float32), np.ones(batch, np.float32)
-        for i, (seq, n) in enumerate(rows):
-            tokens[i, :n] = seq.tokens[seq.cached:seq.cached + n]
-            positions[i, :n] = np.arange(seq.cached, seq.cached + n)
-            mask[i, :n] = True
-            tables[i, :len(seq.blocks)] = seq.blocks
-            last[i] = n - 1
-            r = seq.request
-            seeds[i], steps[i], top_k[i] = r.seed, seq.produced, r.top_k
-            temperature[i], top_p[i] = r.temperature, r.top_p
+        seeds[:len(rows)] = [seq.request.seed for seq in seqs]
+        steps[:len(rows)] = [seq.produced for seq in seqs]
+        top_k[:len(rows)] = [seq.request.top_k for seq in seqs]
+        temperature[:len(rows)] = [seq.request.temperature for seq in seqs]
+        top_p[:len(rows)] = [seq.request.top_p for seq in seqs]
         greedy = not temperature.any()
         token, k, v = _forward_and_sample(
             self.params, self._pool.k, self._pool.v, tables, tokens, positions, mask, last, seeds, steps,
