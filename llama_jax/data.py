@@ -53,6 +53,24 @@ def read_text_file(path: str | os.PathLike) -> str:
     return text
 
 
+def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON Lines file. Errors name the file and the
+    line: a missing or empty file, a line that is not JSON, or JSON that is not an object."""
+    path = epath.Path(path)
+    records = []
+    for line_no, line in enumerate(read_text_file(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {line_no}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}: line {line_no}: expected a JSON object, got {type(obj).__name__}")
+        records.append((line_no, obj))
+    return records
+
+
 def iter_documents(paths: Sequence[str | os.PathLike], text_key: str = "text",
                    on_bytes: Callable[[int], None] | None = None) -> Iterator[str]:
     """Documents for pretraining, one at a time: a .jsonl file holds one JSON object per line, its

@@ -35,7 +35,6 @@ exactly on each response's tokens.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Sequence
 
@@ -45,7 +44,7 @@ import numpy as np
 from etils import epath
 
 from llama_jax.config import LlamaConfig
-from llama_jax.data import read_text_file
+from llama_jax.data import read_jsonl
 from llama_jax.ops import Kernels
 from llama_jax.train import scan_logits
 
@@ -58,19 +57,10 @@ METRICS = ("reward_margin", "accuracy", "chosen_reward", "rejected_reward")  # b
 
 def read_pairs(path: str | os.PathLike) -> list[dict]:
     """Preference pairs from a JSON Lines file, one {"prompt", "chosen", "rejected"} object (non-empty
-    strings) a line; blank lines are skipped. Errors name the file, the line and the field."""
+    strings) a line (data.read_jsonl). Errors name the file, the line and the field."""
     path = epath.Path(path)
     pairs = []
-    for line_no, line in enumerate(read_text_file(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {line_no}: not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path}: line {line_no}: expected an object with prompt/chosen/rejected, "  # noqa: TRY004
-                             f"got {type(obj).__name__}")
+    for line_no, obj in read_jsonl(path):
         for field in FIELDS:
             if field not in obj:
                 raise ValueError(f"{path}: line {line_no}: field '{field}' is missing")

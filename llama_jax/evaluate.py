@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.config import LlamaConfig
+from llama_jax.data import read_jsonl
 from llama_jax.model import apply, param_count
 from llama_jax.ops import Kernels
 
@@ -263,27 +264,6 @@ NORMS = {
 FORMATS = ("jsonl", "boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc-e", "arc-c", "obqa")
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    """(line number, record) for each non-blank line; a line that is not a JSON object is an error."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
-            records.append((n, rec))
-    if not records:
-        raise ValueError(f"{path}: no records (the file is empty)")
-    return records
-
-
 def _field(rec: dict, key: str, kind, where: str):
     if key not in rec:
         raise ValueError(f"{where}: missing field '{key}'")
@@ -421,7 +401,7 @@ def _attach_labels(path: Path, records: list[tuple[int, dict]]) -> None:
     lst = path.with_name(path.stem + "-labels.lst")
     if not lst.is_file():
         n = next(n for n, rec in records if "label" not in rec)
-        raise ValueError(f"{path}:{n}: no field 'label' and no labels file {lst.name} beside the data")
+        raise ValueError(f"{path}: line {n}: no field 'label' and no labels file {lst.name} beside the data")
     lines = lst.read_text().split()
     if len(lines) != len(records):
         raise ValueError(f"{lst}: {len(lines)} labels for {len(records)} records")
@@ -462,7 +442,7 @@ def read_task(path: str | Path, format: str = "auto", limit: int | None = None) 
     per choice), or the released files of BoolQ, PIQA (+ labels .lst), SIQA (+ labels .lst),
     HellaSwag, WinoGrande, ARC or OpenBookQA. Malformed records are errors naming file, line, field."""
     path = Path(path)
-    records = _read_jsonl(path)
+    records = read_jsonl(path)
     if format == "auto":
         format = detect_format(path, records[0][1])
     if format not in FORMATS:
@@ -474,7 +454,7 @@ def read_task(path: str | Path, format: str = "auto", limit: int | None = None) 
         "winogrande": _winogrande, "arc-e": _arc, "arc-c": _arc, "obqa": _obqa,
     }
     read = readers[format]
-    questions = [read(rec, f"{path}:{n}") for n, rec in records[:limit]]
+    questions = [read(rec, f"{path}: line {n}") for n, rec in records[:limit]]
     name = path.stem if format == "jsonl" else format
     return Task(name, questions, "answer" if format in ("boolq", "obqa") else "chars", str(path))
 

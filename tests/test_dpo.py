@@ -193,7 +193,7 @@ def test_dpo_raises_preference_accuracy_on_held_out_pairs():
     ('{"prompt": "a", "chosen": 3, "rejected": "c"}', "line 2: field 'chosen' must be a string, got int"),
     ('{"prompt": " ", "chosen": "b", "rejected": "c"}', "line 2: field 'prompt' is empty"),
     ('{"prompt": "a", "chosen": "b", "rejected": "c"', "line 2: not valid JSON"),
-    ('["a", "b", "c"]', "line 2: expected an object with prompt/chosen/rejected, got list"),
+    ('["a", "b", "c"]', "line 2: expected a JSON object, got list"),
 ])
 def test_bad_pairs_file_is_one_line_naming_file_line_and_field(tmp_path, capsys, line, error):
     data = tmp_path / "pairs.jsonl"

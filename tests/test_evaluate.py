@@ -260,17 +260,17 @@ def test_cli_perplexity_and_choice(capsys, stories, tmp_path):
 
 BAD = {
     "bad_json": ('{"context": "Q", "choices": [" a", " b"], "label": 0}\n{"context": "Q", "choices": \n',
-                 r"bad\.jsonl:2: not valid JSON"),
+                 r"bad\.jsonl: line 2: not valid JSON"),
     "missing_field": ('{"context": "Q", "choices": [" a", " b"], "label": 0}\n\n{"context": "Q", "label": 1}\n',
-                      r"bad\.jsonl:3: missing field 'choices'"),
+                      r"bad\.jsonl: line 3: missing field 'choices'"),
     "label_out_of_range": ('{"context": "Q", "choices": [" a", " b"], "label": 2}\n',
-                           r"bad\.jsonl:1: field 'label' = 2 is out of range for 2 choices"),
+                           r"bad\.jsonl: line 1: field 'label' = 2 is out of range for 2 choices"),
     "label_type": ('{"context": "Q", "choices": [" a", " b"], "label": "0"}\n',
-                   r"bad\.jsonl:1: field 'label' must be int"),
+                   r"bad\.jsonl: line 1: field 'label' must be int"),
     "choices_type": ('{"context": "Q", "choices": " a", "label": 0}\n',
-                     r"bad\.jsonl:1: field 'choices' must be list"),
-    "empty": ("\n", r"bad\.jsonl: no records \(the file is empty\)"),
-    "arc_key": (json.dumps(dict(ARC_RECORD, answerKey="E")) + "\n", r"bad\.jsonl:1: field 'answerKey' = 'E'"),
+                     r"bad\.jsonl: line 1: field 'choices' must be list"),
+    "empty": ("\n", r"bad\.jsonl: empty file"),
+    "arc_key": (json.dumps(dict(ARC_RECORD, answerKey="E")) + "\n", r"bad\.jsonl: line 1: field 'answerKey' = 'E'"),
 }
 
 
