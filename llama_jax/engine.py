@@ -29,8 +29,9 @@ flight, not max_batch times the context. Block ops.NO_BLOCK is never handed out:
 
 Shapes are bucketed so that the jitted calls compile once per bucket, not per request mix: decode rows to
 powers of two from 8; a prefill step to [rows, chunk], its chunk length a power of two from 16 and its
-rows a power of two up to prefill_tokens // chunk; block tables to powers of two from 8 blocks. Sampling parameters are arrays, so a batch mixes
-them freely; a batch of greedy rows only compiles without the sampler.
+rows a power of two up to prefill_tokens // chunk; block tables to powers of two from 8 blocks. Sampling
+parameters are arrays, so a batch mixes them freely; a batch of greedy rows only compiles without the
+sampler.
 
 Each request is computed as if alone: its tokens sit at their own positions, attention reads only its own
 blocks, and token t is drawn from fold_in(key(seed), t) with a [1, vocab] draw, as `generate` draws it for
