@@ -128,19 +128,13 @@ def read_documents(paths: Sequence[str | os.PathLike], text_key: str = "text") -
 
 def read_alpaca(path: str | os.PathLike) -> list[dict]:
     """Alpaca records: a JSON list (or a .jsonl file) of {"instruction", "input" (optional), "output"}
-    string fields. Errors name the file, the record (0-based index) and the field."""
+    string fields. Errors name the file, the record (0-based index) and the field; in a .jsonl file, a line
+    that is not a JSON object is named by its line (read_jsonl)."""
     path = epath.Path(path)
-    text = read_text_file(path)
     if path.suffix == ".jsonl":
-        records = []
-        for line_no, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: record {len(records)} (line {line_no}): not valid JSON ({e.msg})") \
-                        from None
+        records = [obj for _, obj in read_jsonl(path)]
     else:
+        text = read_text_file(path)
         try:
             records = json.loads(text)
         except json.JSONDecodeError as e:
