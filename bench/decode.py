@@ -13,6 +13,7 @@ One JSON line per figure. Each side runs in its own process so the frameworks ne
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import subprocess
@@ -34,7 +35,11 @@ def ours(a) -> None:
     from llama_jax.ops import Kernels
 
     kernels = Kernels.named(a.kernels)
+    if a.stacked:
+        kernels = dataclasses.replace(kernels, stacked_weights=tuple(a.stacked))
     cfg = lj.PRESETS[a.preset].replace(param_dtype="bfloat16", compute_dtype="bfloat16")
+    if a.layers:
+        cfg = cfg.replace(n_layers=a.layers)
     params = lj.init_params(cfg, jax.random.key(0))
     group = zero_points = None
     if a.bits:
@@ -107,7 +112,7 @@ def ours(a) -> None:
         full = jnp.argmax(lj.forward(params, seq, cfg)[:, a.prompt - 1:], axis=-1)
         match = float(jnp.mean(full == tokens))
         print(json.dumps(dict(
-            impl="llama-jax", preset=a.preset, bits=a.bits or 16, group=group, zero_points=zero_points,
+            impl="llama-jax", preset=a.preset, layers=cfg.n_layers, bits=a.bits or 16, group=group, zero_points=zero_points,
             embeddings_quantized=a.include_embeddings,
             batch=batch, prompt=a.prompt, new=a.new,
             prefill_s=round(prefill_s, 4), decode_ms_per_step=round(step_s * 1e3, 3),
@@ -216,6 +221,9 @@ def main():
                    help="with --bits 4: symmetric groups (a scale per group, no zero point), like GPTQ's and Q4_0")
     p.add_argument("--include-embeddings", action="store_true",
                    help="with --bits: quantize the embedding and the lm_head too (gpt-fast quantizes the lm_head)")
+    p.add_argument("--stacked", nargs="+", default=None,
+                   help="the bf16 weights the Pallas matmul reads from the stack (Kernels.stacked_weights)")
+    p.add_argument("--layers", type=int, default=0, help="the preset with this many layers (a quick look)")
     p.add_argument("--kernels", default="auto", choices=["auto", "xla"], help="the kernel policy (ops/policy.py)")
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--only-ours", action="store_true", help=argparse.SUPPRESS)

@@ -9,7 +9,8 @@
    path). Padding rows (length 0) must come back as zeros.
 2. Time: one layer's decode attention at batch 256 and 192 tokens a row on average, the kernel against the
    reference (which gathers every row's blocks into a dense copy first), median of 50 runs, for each pool
-   block size of --block-sizes (default 16, the engine's).
+   block size of --block-sizes (default 16, the engine's), and for each kernel setting of --variants
+   (GROUP:WARPS:STAGES, query heads a program and Triton's num_warps and num_stages; default the shipped).
 3. The engine: greedy tokens of a small float32 model (head_dim 64, so the kernel takes it) through the
    engine with Kernels.auto() against `generate_tokens` with Kernels.xla(), and whether the kernel was in
    the engine's decode step.
@@ -56,6 +57,14 @@ def reference(q, pool_k, pool_v, tables, lengths):
 
 
 kernel = jax.jit(lambda q, k, v, t, n: pallas_paged_attention.paged_attention(q, k, v, jnp.int32(1), t, n))
+SHIPPED = (f"{pallas_paged_attention.HEADS_PER_PROGRAM}:{pallas_paged_attention.NUM_WARPS}:"
+           f"{pallas_paged_attention.NUM_STAGES}")
+
+
+def kernel_with(variant: str):
+    group, warps, stages = map(int, variant.split(":"))
+    return jax.jit(lambda q, k, v, t, n: pallas_paged_attention.paged_attention(
+        q, k, v, jnp.int32(1), t, n, group=group, num_warps=warps, num_stages=stages))
 xla = jax.jit(reference)
 
 
@@ -73,7 +82,7 @@ def values() -> None:
                               nan=bool(np.isnan(got).any()), device=DEVICE)), flush=True)
 
 
-def timing(block: int) -> None:
+def timing(block: int, variants) -> None:
     q, pool_k, pool_v, tables, lengths = case(3, 256, 32, 32, 384, block=block)
     cache_bytes = int(2 * jnp.sum(lengths)) * 32 * 128 * 2
 
@@ -86,12 +95,19 @@ def timing(block: int) -> None:
             runs.append(time.perf_counter() - t0)
         return float(np.median(runs)) * 1e3
 
-    k_ms, x_ms = median_ms(kernel), median_ms(xla)
-    print(json.dumps(dict(check="paged-attention-time", block_size=block,
-                          batch=q.shape[0], mean_len=round(float(jnp.mean(lengths)), 1),
-                          kernel_ms=round(k_ms, 4), xla_reference_ms=round(x_ms, 4),
-                          kernel_cache_gbps=round(cache_bytes / k_ms / 1e6, 1), speedup=round(x_ms / k_ms, 2),
-                          device=DEVICE)), flush=True)
+    x_ms = median_ms(xla)
+    for variant in variants:
+        try:
+            k_ms = median_ms(kernel_with(variant))
+        except Exception as e:  # a setting Triton cannot build (registers, shared memory): say so, go on
+            print(json.dumps(dict(check="paged-attention-time", block_size=block, variant=variant,
+                                  error=str(e).splitlines()[0][:200])), flush=True)
+            continue
+        print(json.dumps(dict(check="paged-attention-time", block_size=block, variant=variant,
+                              shipped=variant == SHIPPED, batch=q.shape[0], mean_len=round(float(jnp.mean(lengths)), 1),
+                              kernel_ms=round(k_ms, 4), xla_reference_ms=round(x_ms, 4),
+                              kernel_cache_gbps=round(cache_bytes / k_ms / 1e6, 1), speedup=round(x_ms / k_ms, 2),
+                              device=DEVICE)), flush=True)
 
 
 def engine() -> None:
@@ -124,11 +140,12 @@ def kernel_in_program(kernels) -> bool:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--block-sizes", type=int, nargs="+", default=[16], help="the pool's block sizes to time")
+    p.add_argument("--variants", nargs="+", default=[SHIPPED], help="kernel settings GROUP:WARPS:STAGES to time")
     p.add_argument("--timing-only", action="store_true")
     a = p.parse_args()
     if not a.timing_only:
         values()
     for block in a.block_sizes:
-        timing(block)
+        timing(block, a.variants)
     if not a.timing_only:
         engine()

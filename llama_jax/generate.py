@@ -135,6 +135,7 @@ def decode_loop(params, tokens, mask, key, eos_id, cfg: LlamaConfig, max_new_tok
     batch, P = tokens.shape
     cache = KVCache.zeros(cfg, batch, cache_len or P + max_new_tokens)
     logits, cache, position = _prefill(params, tokens, mask, cache, cfg, kernels)
+    kernels = kernels.in_device_loop()
     out = jnp.full((batch, max_new_tokens), eos_id, jnp.int32)
     done = jnp.zeros((batch,), bool)
 

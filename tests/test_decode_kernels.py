@@ -17,7 +17,7 @@ import pytest
 
 import llama_jax as lj
 from llama_jax import model, ops
-from llama_jax.generate import next_logits
+from llama_jax.generate import Sampling, decode_loop, next_logits
 from llama_jax.model import KVCache
 from llama_jax.ops import Kernels, cuda_matvec, pallas_qmatmul
 from llama_jax.ops import pallas_decode_attention as PDA
@@ -365,3 +365,50 @@ def test_float32_weights_under_bf16_compute_stay_with_xla(monkeypatch):
     params16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
     next_logits(params16, token, pos, KVCache.zeros(cfg16, 2, 16), cfg16, kernels)
     assert len(calls) == 1 and len(views) == 1
+
+
+def _sliced_projections(jaxpr, shapes) -> int:
+    """How many of the stacked projection weights (by shape) a layer scan inside a while loop takes as
+    scanned inputs, i.e. slices a layer at a time, in a jaxpr and the jaxprs nested in it."""
+    def walk(jaxpr, in_loop):
+        n = 0
+        for e in jaxpr.eqns:
+            if e.primitive.name == "scan" and in_loop:  # a scanned input reaches the body a layer smaller
+                body = e.params["jaxpr"].jaxpr.invars
+                n += sum(tuple(v.aval.shape) in shapes and b.aval.shape != v.aval.shape
+                         for v, b in zip(e.invars, body))
+            for p in e.params.values():
+                for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if isinstance(inner, jax.extend.core.Jaxpr):
+                        n += walk(inner, in_loop or e.primitive.name == "while")
+        return n
+    return walk(jaxpr.jaxpr, False)
+
+
+def test_device_loop_reads_every_projection_from_the_stack():
+    """generate.decode_loop runs its decode step under Kernels.in_device_loop(): inside the while loop the
+    Pallas matmul reads every stacked bf16 projection in place, so the layer scan slices none of them
+    (XLA copies such a slice every iteration instead of fusing it into its GEMM). The one-GPU policy
+    itself keeps XLA's GEMMs (faster dispatched alone) and reads only `o` in place; the XLA policy is left
+    as it is."""
+    one_gpu = Kernels.auto(devices=_fake_devices(1))
+    assert set(one_gpu.in_device_loop().stacked_weights) == set(ALL_DENSE)
+    assert Kernels.xla().in_device_loop() == Kernels.xla()
+    cfg = CFG.replace(param_dtype="bfloat16", compute_dtype="bfloat16")
+    params = lj.init_params(cfg, jax.random.key(3))
+    layers = params["layers"]
+    shapes = {tuple(layers[m][w].shape) for m, ws in (("attn", "qkvo"), ("mlp", ("gate", "up", "down")))
+              for w in ws}
+    tokens, mask = jnp.ones((2, 8), jnp.int32), jnp.ones((2, 8), bool)
+    kernels = dataclasses.replace(PALLAS, interpret=True)
+
+    def sliced(kernels):
+        jaxpr = jax.make_jaxpr(lambda p: decode_loop(p, tokens, mask, jax.random.key(0), jnp.int32(-1), cfg, 4,
+                                                     Sampling(), 16, kernels))(params)
+        return _sliced_projections(jaxpr, shapes)
+
+    assert sliced(kernels) == 0
+    # The check can fail: the XLA policy slices all seven, and the host loop's step (next_logits under the
+    # policy as given) is not in a while loop.
+    assert sliced(Kernels.xla()) == 7

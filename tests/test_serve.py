@@ -99,14 +99,17 @@ def test_paged_reference_equals_dense_attention():
         np.testing.assert_allclose(np.asarray(out[b]), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("batch", [3, 70])  # split over programs (flash-decoding), and one program a head
-def test_paged_kernel_equals_reference(batch):
+# batch 3 splits rows over programs (flash-decoding), 70 does not; heads per program: GQA's pairs sharing a
+# kv head (default) or one head each, and without GQA four or two heads side by side, or one.
+@pytest.mark.parametrize("batch", [3, 70])
+@pytest.mark.parametrize("kv_heads,group", [(2, None), (2, 1), (4, None), (4, 2), (4, 1)])
+def test_paged_kernel_equals_reference(batch, kv_heads, group):
     """The Pallas kernel (in Pallas' interpreter) against the XLA reference for a decode step; a padding row
     (length 0) gets zeros, not NaN."""
     lengths = [int(n) for n in np.random.default_rng(batch).integers(1, 120, batch)]
-    q, pool_k, pool_v, tables, _ = _paged_case(batch, batch, lengths, blocks=8 * batch + 1)
+    q, pool_k, pool_v, tables, _ = _paged_case(batch, batch, lengths, kv_heads=kv_heads, blocks=8 * batch + 1)
     lengths[0] = 0
-    kernel = jax.jit(functools.partial(pallas_paged_attention.paged_attention, interpret=True))
+    kernel = jax.jit(functools.partial(pallas_paged_attention.paged_attention, group=group, interpret=True))
     got = kernel(q[:, 0], pool_k, pool_v, jnp.int32(1), tables, jnp.asarray(lengths, jnp.int32))
     want = jax.jit(paged.reference)(q, pool_k, pool_v, 1, tables, jnp.asarray(lengths, jnp.int32)[:, None] - 1)[:, 0]
     np.testing.assert_allclose(np.asarray(got[1:]), np.asarray(want[1:]), rtol=1e-5, atol=1e-5)

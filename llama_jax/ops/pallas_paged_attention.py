@@ -26,39 +26,47 @@ from jax.experimental.pallas import triton as plgpu
 
 _NEG = -1e30  # a finite "minus infinity": exp(_NEG - _NEG) stays finite for a split with no keys
 _PROGRAMS = 264  # split the rows over programs until about two per SM of an H100 or H200
+HEADS_PER_PROGRAM = 8  # query heads a program takes where they read distinct kv heads (no GQA)
+NUM_WARPS, NUM_STAGES = 4, 2
 
 
-def _kernel(layer_ref, tables_ref, lengths_ref, q_ref, k_ref, v_ref, *out_refs, block, pages, rep, scale):
-    """Program (b, h, c): query head h of row b against kv head h // rep, over the row's blocks
-    c * pages .. (c + 1) * pages - 1 that hold keys (slot < length), one block at a time.
-    One split: the program writes the output. Several: its unnormalised sum, running max and total."""
-    b, h, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    g = h // rep
+def _kernel(layer_ref, tables_ref, lengths_ref, q_ref, k_ref, v_ref, *out_refs, block, pages, group, rep, scale):
+    """Program (b, j, c): query heads j * group .. (j + 1) * group - 1 of row b, over the row's blocks
+    c * pages .. (c + 1) * pages - 1 that hold keys (slot < length), one block at a time. With group <= rep
+    the program's heads share one kv head, read once; otherwise (rep 1) each reads its own, side by side.
+    One split: the program writes the output. Several: its unnormalised sums, running maxima and totals."""
+    b, j, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     layer, length = layer_ref[0], lengths_ref[b]
-    q = q_ref[b, h, :].astype(jnp.float32) * scale  # [head_dim]
+    q = q_ref[b, pl.ds(j * group, group), :].astype(jnp.float32) * scale  # [group, head_dim]
+    shared = group <= rep
+
+    def read(ref, page):  # -> [block, 1, head_dim] (one kv head for all) or [block, group, head_dim]
+        if shared:
+            return ref[layer, page, :, (j * group) // rep, :].astype(jnp.float32)[:, None, :]
+        return ref[layer, page, :, pl.ds(j * group, group), :].astype(jnp.float32)
 
     def body(i, carry):
-        m, total, acc = carry
+        m, total, acc = carry  # [group], [group], [group, head_dim]
         page = tables_ref[b, i]
-        k = k_ref[layer, page, :, g, :].astype(jnp.float32)  # [block, head_dim]
-        ok = i * block + jnp.arange(block) < length
-        s = jnp.where(ok, jnp.sum(k * q[None, :], axis=1), _NEG)
-        m_new = jnp.maximum(m, jnp.max(s))
-        p = jnp.where(ok, jnp.exp(s - m_new), 0.0)  # padding slots stay 0 even while m_new is _NEG
+        ok = (i * block + jnp.arange(block) < length)[:, None]  # [block, 1]
+        s = jnp.where(ok, jnp.sum(read(k_ref, page) * q[None], axis=2), _NEG)  # [block, group]
+        m_new = jnp.maximum(m, jnp.max(s, axis=0))
+        p = jnp.where(ok, jnp.exp(s - m_new[None, :]), 0.0)  # padding slots stay 0 even while m_new is _NEG
         alpha = jnp.exp(m - m_new)
-        v = v_ref[layer, page, :, g, :].astype(jnp.float32)
-        return m_new, total * alpha + jnp.sum(p), acc * alpha + jnp.sum(p[:, None] * v, axis=0)
+        pv = jnp.sum(p[:, :, None] * read(v_ref, page), axis=0)  # [group, head_dim]
+        return m_new, total * alpha + jnp.sum(p, axis=0), acc * alpha[:, None] + pv
 
-    init = (jnp.float32(_NEG), jnp.float32(0.0), jnp.zeros(q.shape, jnp.float32))
+    init = (jnp.full((group,), _NEG, jnp.float32), jnp.zeros((group,), jnp.float32),
+            jnp.zeros(q.shape, jnp.float32))
     last = jnp.minimum((c + 1) * pages, (length + block - 1) // block)
     m, total, acc = jax.lax.fori_loop(c * pages, last, body, init)
     if len(out_refs) == 1:  # a row of no keys (padding) gets zeros, not 0 / 0
-        out_refs[0][...] = (acc / jnp.where(total > 0, total, 1.0)).astype(out_refs[0].dtype)
+        out_refs[0][...] = (acc / jnp.where(total > 0, total, 1.0)[:, None]).astype(out_refs[0].dtype)
     else:
         acc_ref, m_ref, total_ref = out_refs
         acc_ref[...] = acc
-        m_ref[...] = jnp.broadcast_to(m, (1,))
-        total_ref[...] = jnp.broadcast_to(total, (1,))
+        m_ref[...] = m[:, None]
+        total_ref[...] = total[:, None]
 
 
 def _pow2(n: int) -> bool:
@@ -72,6 +80,16 @@ def supported(q: jax.Array, pool_k: jax.Array) -> bool:
             and pool_k.dtype == q.dtype and _pow2(pool_k.shape[2]) and _pow2(q.shape[-1]) and q.shape[-1] >= 16)
 
 
+def heads_per_program(heads: int, kv_heads: int) -> int:
+    """A kv head's query heads together (each block read once for all of them); without GQA,
+    HEADS_PER_PROGRAM heads side by side (longer contiguous reads, fewer loop steps in all)."""
+    rep = heads // kv_heads
+    group = rep if rep > 1 else HEADS_PER_PROGRAM
+    while heads % group or not _pow2(group):
+        group //= 2
+    return max(group, 1)
+
+
 def paged_attention(
     q: jax.Array,  # [batch, heads, head_dim], after rotary
     pool_k: jax.Array,  # [layers, blocks, block, kv_heads, head_dim]
@@ -80,28 +98,37 @@ def paged_attention(
     tables: jax.Array,  # int32 [batch, width]: each row's blocks, in order
     lengths: jax.Array,  # int32 [batch]: keys per row (slots 0 .. length - 1); 0 for padding rows
     *,
+    group: int | None = None,  # query heads a program takes (default: heads_per_program)
+    num_warps: int = NUM_WARPS,
+    num_stages: int = NUM_STAGES,
     interpret: bool = False,
 ) -> jax.Array:  # [batch, heads, head_dim]
     """Each row's query heads against the first `length` slots of its blocks in layer `layer` of the pool."""
     batch, heads, head_dim = q.shape
     block, kv_heads = pool_k.shape[2], pool_k.shape[3]
+    rep = heads // kv_heads
+    group = group or heads_per_program(heads, kv_heads)
+    if heads % group or not _pow2(group) or (group > rep and rep > 1) or (group < rep and rep % group):
+        raise ValueError(f"group={group}: expected a power of two dividing the {heads} heads, at most the "
+                         f"{rep} query heads of a kv head unless there is one each")
     width = tables.shape[1]
-    splits = min(width, pl.cdiv(_PROGRAMS, batch * heads))
+    programs = batch * (heads // group)
+    splits = min(width, pl.cdiv(_PROGRAMS, programs))
     pages = pl.cdiv(width, splits)  # blocks per program
     splits = pl.cdiv(width, pages)
-    kernel = functools.partial(_kernel, block=block, pages=pages, rep=heads // kv_heads,
+    kernel = functools.partial(_kernel, block=block, pages=pages, group=group, rep=rep,
                                scale=1.0 / math.sqrt(head_dim))
     if splits == 1:
         out_shape = [jax.ShapeDtypeStruct((batch, heads, head_dim), q.dtype)]
-        out_specs = [pl.BlockSpec((None, None, head_dim), lambda b, h, c: (b, h, 0))]
+        out_specs = [pl.BlockSpec((None, group, head_dim), lambda b, j, c: (b, j, 0))]
     else:
         out_shape = [jax.ShapeDtypeStruct((splits, batch, heads, n), jnp.float32) for n in (head_dim, 1, 1)]
-        out_specs = [pl.BlockSpec((None, None, None, n), lambda b, h, c: (c, b, h, 0)) for n in (head_dim, 1, 1)]
-    kw = {} if interpret else {"compiler_params": plgpu.CompilerParams(num_warps=4, num_stages=2)}
+        out_specs = [pl.BlockSpec((None, None, group, n), lambda b, j, c: (c, b, j, 0)) for n in (head_dim, 1, 1)]
+    kw = {} if interpret else {"compiler_params": plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)}
     out = pl.pallas_call(
         kernel,
         out_shape=tuple(out_shape),
-        grid=(batch, heads, splits),
+        grid=(batch, heads // group, splits),
         in_specs=[pl.no_block_spec] * 6,
         out_specs=tuple(out_specs),
         interpret=interpret,

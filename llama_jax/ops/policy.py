@@ -49,6 +49,7 @@ CHOICES = {
     "matvec": ("xla", "cuda"),
 }
 NAMES = ("auto", "xla")  # what --kernels takes
+STACKED_WEIGHTS = ("q", "k", "v", "o", "gate", "up", "down")  # every projection of a layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +93,15 @@ class Kernels:
         if platform == "cpu":
             return cls(matmul="native" if one and cpu_qmatmul.available() else "xla")
         return cls(attention="splash", masked_attention="splash", decode_unroll=True)  # TPU
+
+    def in_device_loop(self) -> "Kernels":
+        """The policy for a decode step inside `lax.while_loop` (generate.decode_loop): where the Pallas
+        matmul serves, it reads every stacked bf16 weight in place. XLA's GEMMs are the faster step
+        dispatched alone, but inside a while loop XLA copies each layer's weight slice out of the stack
+        every iteration instead of fusing the slice into its GEMM (bench/BENCHMARKS.md)."""
+        if self.matmul != "pallas" or not self.stacked_weights:
+            return self
+        return dataclasses.replace(self, stacked_weights=STACKED_WEIGHTS)
 
     @classmethod
     def named(cls, name: str, mesh: jax.sharding.Mesh | None = None) -> "Kernels":
