@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.experimental.layout import Layout, with_layout_constraint
+
 from llama_jax.config import LlamaConfig
 from llama_jax.model import CACHE_AXES, KVCache, apply
 from llama_jax.ops import Kernels
@@ -125,16 +127,31 @@ def _sample_jit(logits, key, step, sampling):
     return sample(logits, jax.random.fold_in(key, step), sampling)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "cache_len", "kernels"))
+def _pinned(cache: KVCache, kernels: Kernels) -> KVCache:
+    """The cache's keys and values held in the policy's memory order (Kernels.cache_layout), where it names
+    one: prefill and the decode loop then agree on it, and XLA copies neither cache between them."""
+    if not kernels.cache_layout:
+        return cache
+    layout = Layout(kernels.cache_layout)
+    return dataclasses.replace(cache, k=with_layout_constraint(cache.k, layout),
+                               v=with_layout_constraint(cache.v, layout))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "cache_len", "kernels",
+                                             "cache_dtype"))
 def decode_loop(params, tokens, mask, key, eos_id, cfg: LlamaConfig, max_new_tokens: int,
-                sampling: Sampling = Sampling(), cache_len: int | None = None, kernels: Kernels = Kernels()):
+                sampling: Sampling = Sampling(), cache_len: int | None = None, kernels: Kernels = Kernels(),
+                cache_dtype: str | None = None):
     """The on-device runner, arrays in and out (what a benchmark times):
     tokens int32, mask bool [batch, P] (left-padded), key (jax.random.key), eos_id int32 scalar (-1:
     never stop early) -> new tokens int32 [batch, max_new_tokens] (eos_id after a row's EOS) and each
-    row's count of generated tokens before its EOS [batch]. The loop ends when every row is done."""
+    row's count of generated tokens before its EOS [batch]. The loop ends when every row is done.
+    cache_dtype: the KV cache's dtype (default the compute dtype; "float8_e4m3fn" halves a bf16 cache,
+    each key and value rounded to 8 bits as it is written)."""
     batch, P = tokens.shape
-    cache = KVCache.zeros(cfg, batch, cache_len or P + max_new_tokens)
+    cache = KVCache.zeros(cfg, batch, cache_len or P + max_new_tokens, dtype=cache_dtype)
     logits, cache, position = _prefill(params, tokens, mask, cache, cfg, kernels)
+    cache = _pinned(cache, kernels)
     kernels = kernels.in_device_loop()
     out = jnp.full((batch, max_new_tokens), eos_id, jnp.int32)
     done = jnp.zeros((batch,), bool)
@@ -152,8 +169,8 @@ def decode_loop(params, tokens, mask, key, eos_id, cfg: LlamaConfig, max_new_tok
     def body(carry):
         step, logits, cache, position, done, out = carry
         token, done, out = pick(step, logits, done, out)
-        logits, cache = next_logits(params, token, position, cache, cfg, kernels)
-        return step + 1, logits, cache, position + 1, done, out
+        logits, cache = next_logits(params, token, position, _pinned(cache, kernels), cfg, kernels)
+        return step + 1, logits, _pinned(cache, kernels), position + 1, done, out
 
     init = (jnp.zeros((), jnp.int32), logits, cache, position, done, out)
     step, logits, _, _, done, out = jax.lax.while_loop(cond, body, init)
@@ -174,14 +191,14 @@ def _pick_and_step(params, logits, key, step, position, cache, done, eos_id, cfg
 
 def decode_host_loop(params, tokens, mask, key, eos_id, cfg: LlamaConfig, max_new_tokens: int,
                      sampling: Sampling = Sampling(), cache_len: int | None = None, kernels: Kernels = Kernels(),
-                     check_every: int = 16):
+                     cache_dtype: str | None = None, check_every: int = 16):
     """decode_loop's steps dispatched one by one from Python, with the same arguments and results.
     Dispatch is asynchronous, so the device never waits on the host; the host asks whether every
     row is done only every `check_every` steps. On an H100 with jax 0.11 this runs the unrolled
     bf16 decode step 2.5x faster than the same step inside `lax.while_loop`, where XLA copies each
     layer's weights every iteration (bench/BENCHMARKS.md)."""
     batch, P = tokens.shape
-    cache = KVCache.zeros(cfg, batch, cache_len or P + max_new_tokens)
+    cache = KVCache.zeros(cfg, batch, cache_len or P + max_new_tokens, dtype=cache_dtype)
     logits, cache, position = prefill(params, tokens, mask, cache, cfg=cfg, kernels=kernels)
     done = jnp.zeros((batch,), bool)
     out = []
@@ -249,6 +266,19 @@ def _check(cfg: LlamaConfig, prompts: Sequence[Sequence[int]], max_new_tokens: i
                 f"{len(p) + max_new_tokens}, more than the model's context of {cfg.max_seq_len} tokens")
 
 
+def _cache_dtype(name: str | None) -> str | None:
+    """A KV cache dtype by name, checked: a float type (keys and values are rounded into it as written)."""
+    if name is None:
+        return None
+    try:
+        dtype = jnp.dtype(name)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"cache_dtype {name!r}: expected a float dtype, e.g. 'bfloat16' or 'float8_e4m3fn'")
+    return dtype.name
+
+
 def _on(mesh):
     """The mesh in context for tracing (the model's and the cache's sharding constraints), or nothing."""
     return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
@@ -257,15 +287,17 @@ def _on(mesh):
 def generate_tokens(params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, *,
                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                     eos_id: int | None = None, mesh: jax.sharding.Mesh | None = None,
-                    kernels: Kernels | None = None) -> list[list[int]]:
+                    kernels: Kernels | None = None, cache_dtype: str | None = None) -> list[list[int]]:
     """Token ids in, token ids out: each prompt's new tokens, up to (not including) its EOS.
     The whole batch runs through `throughput_runner`: one jitted call (prefill + `lax.while_loop`
     of decode steps), or on GPU the same steps dispatched from Python. With `mesh`
     (params sharded on it, e.g. lj.load(path, mesh=mesh)) activations and cache are sharded by the
-    same rules. kernels: the kernel policy (default Kernels.auto(mesh))."""
+    same rules. kernels: the kernel policy (default Kernels.auto(mesh)). cache_dtype: the KV cache's
+    float dtype (default the compute dtype; "float8_e4m3fn" holds twice the tokens of a bf16 cache)."""
     kernels = Kernels.auto(mesh) if kernels is None else kernels
     sampling = Sampling(float(temperature), int(top_k), float(top_p))
     _check(cfg, prompts, max_new_tokens)
+    cache_dtype = _cache_dtype(cache_dtype)
     if max_new_tokens == 0:
         return [[] for _ in prompts]
     eos = cfg.eos_id if eos_id is None else eos_id
@@ -274,7 +306,7 @@ def generate_tokens(params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], 
     with _on(mesh):
         out, lengths = throughput_runner(kernels)(
             params, jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(seed), jnp.int32(eos), cfg,
-            int(max_new_tokens), sampling, _cache_len(tokens.shape[1], max_new_tokens), kernels)
+            int(max_new_tokens), sampling, _cache_len(tokens.shape[1], max_new_tokens), kernels, cache_dtype)
     out, lengths = np.asarray(out), np.asarray(lengths)
     return [out[i, :lengths[i]].tolist() for i in range(len(prompts))]
 
@@ -282,17 +314,18 @@ def generate_tokens(params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], 
 def stream_tokens(params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, *,
                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                   eos_id: int | None = None, mesh: jax.sharding.Mesh | None = None,
-                  kernels: Kernels | None = None) -> Iterator[np.ndarray]:
+                  kernels: Kernels | None = None, cache_dtype: str | None = None) -> Iterator[np.ndarray]:
     """Yields each step's tokens, int32 [batch] (eos_id for rows already finished), until every
-    row has produced EOS or max_new_tokens steps have run. kernels: as in `generate_tokens`."""
+    row has produced EOS or max_new_tokens steps have run. kernels, cache_dtype: as in `generate_tokens`."""
     kernels = Kernels.auto(mesh) if kernels is None else kernels
     sampling = Sampling(float(temperature), int(top_k), float(top_p))
     _check(cfg, prompts, max_new_tokens)
+    cache_dtype = _cache_dtype(cache_dtype)
     eos = cfg.eos_id if eos_id is None else eos_id
     eos = -1 if eos is None else int(eos)
     tokens, mask = pad_left(prompts)
     key = jax.random.key(seed)
-    cache = KVCache.zeros(cfg, len(prompts), _cache_len(tokens.shape[1], max_new_tokens))
+    cache = KVCache.zeros(cfg, len(prompts), _cache_len(tokens.shape[1], max_new_tokens), dtype=cache_dtype)
     done = np.zeros(len(prompts), bool)
     position = None
     for step in range(max_new_tokens):

@@ -1,6 +1,9 @@
 """Generation: KV-cache decoding against full forwards, batching, samplers, seeds, real models
 against transformers' generate, and the generate / chat command line."""
 
+import dataclasses
+import math
+import re
 import subprocess
 import sys
 
@@ -16,7 +19,8 @@ from llama_jax.checkpoints import Loaded, params_from_reader
 from llama_jax.cli import main
 from llama_jax.config import from_hf_config
 from llama_jax.generate import (
-    Sampling, decode_step, filter_logits, generate, generate_tokens, prefill, sample, stream, stream_tokens)
+    Sampling, decode_loop, decode_step, filter_logits, generate, generate_tokens, pad_left, prefill, sample, stream,
+    stream_tokens)
 from llama_jax.model import KVCache
 from llama_jax.ops import Kernels
 from llama_jax.tokenizer import load_tokenizer
@@ -155,6 +159,79 @@ def test_host_loop_equals_on_device_loop(eos_from_step):
     np.testing.assert_array_equal(np.asarray(got_len), np.asarray(want_len))
     if eos_from_step is not None:
         assert int(want_len[0]) <= eos_from_step
+
+
+def test_float8_cache_decodes_close_to_the_full_forward(stories):
+    """cache_dtype="float8_e4m3fn" keeps the KV cache in 8 bits (every key and value rounded as written):
+    stories260K's greedy tokens still agree with the argmax of a float32 full forward over the same
+    sequence at most steps (the rounding costs some near-ties; a bf16 cache agrees at every step), and
+    the cache in the compiled loop is 8-bit. A dtype that is not a float is refused."""
+    cfg, params = stories.config, stories.params
+    prompts = [[1], [1, 365, 251], [1, 403, 301, 263, 431]]
+    agree = {}
+    for dtype in ("bfloat16", "float8_e4m3fn"):
+        out = generate_tokens(params, cfg, prompts, 96, eos_id=-1, cache_dtype=dtype)
+        same = []
+        for p, o in zip(prompts, out):
+            full = jnp.argmax(lj.forward(params, jnp.asarray([p + o[:-1]]), cfg)[0, len(p) - 1:], axis=-1)
+            same.append(np.mean(np.asarray(full) == np.asarray(o)))
+        agree[dtype] = float(np.mean(same))
+    assert agree["bfloat16"] == 1.0
+    assert 0.8 <= agree["float8_e4m3fn"] < 1.0, agree  # close, and the 8-bit cache really was used
+    tokens, mask = pad_left(prompts)
+    text = decode_loop.lower(params, tokens, mask, jax.random.key(0), jnp.int32(-1), cfg, 8,
+                             cache_dtype="float8_e4m3fn").as_text()
+    assert f"tensor<{cfg.n_layers}x3x16x{cfg.n_kv_heads}x{cfg.head_dim}xf8E4M3FN>" in text
+    with pytest.raises(ValueError, match="cache_dtype 'int8': expected a float dtype"):
+        generate_tokens(params, cfg, [[1]], 4, cache_dtype="int8")
+
+
+def test_decode_loop_keeps_one_cache_layout_on_tpu(monkeypatch):
+    """On a TPU chip (compiled here by libtpu) XLA lays the cache out one way for prefill and another for
+    the decode loop, and copies both caches between them; Kernels.auto's cache_layout for TPUs pins one
+    order for both, and the compiled loop copies no cache. On the CPU the pinned order gives the same
+    tokens as the compiler's own."""
+    pytest.importorskip("libtpu")
+    from jax.experimental import topologies
+
+    from llama_jax import params as table
+    from llama_jax.sharding import make_mesh
+
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "localhost")  # libtpu on a machine without TPUs
+    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    chip = topologies.get_topology_desc(platform="tpu", topology_name="v5p:1x1x1").devices[0]
+    tpu = Kernels.auto(make_mesh(devices=[chip]))
+    assert tpu.cache_layout == (0, 1, 3, 2, 4)
+    cfg = lj.PRESETS["tiny"].replace(dim=256, n_heads=2, n_kv_heads=2, n_layers=2, param_dtype="bfloat16",
+                                     compute_dtype="bfloat16")
+    on_chip = jax.sharding.SingleDeviceSharding(chip)
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16, sharding=on_chip), table.abstract(cfg))
+    prompt = jax.ShapeDtypeStruct((8, 16), jnp.int32, sharding=on_chip)
+    mask = jax.ShapeDtypeStruct((8, 16), jnp.bool_, sharding=on_chip)
+    cache_copy = re.compile(rf"= bf16\[{cfg.n_layers},8,128,2,128\]\{{[^}}]*\}} copy")
+
+    def copies(kernels):
+        loop = jax.jit(lambda p, t, m: decode_loop(p, t, m, jax.random.key(0), jnp.int32(-1), cfg, 112,
+                                                   kernels=kernels))
+        keep = jax.config.jax_persistent_cache_min_compile_time_secs  # (no TPU executables in the suite's cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", math.inf)
+        try:
+            return len(cache_copy.findall(loop.lower(params, prompt, mask).compile().as_text()))
+        finally:
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", keep)
+
+    assert copies(tpu) == 0
+    assert copies(dataclasses.replace(tpu, cache_layout=())) > 0
+
+    cfg = lj.PRESETS["tiny-gqa"]
+    weights = lj.init_params(cfg, jax.random.key(3))
+    tokens = jnp.asarray([[0, 0, 5, 6], [7, 8, 9, 10]], jnp.int32)
+    pinned, free = (decode_loop(weights, tokens, tokens > 0, jax.random.key(5), jnp.int32(-1), cfg, 12,
+                                Sampling(0.9, 20, 0.95), kernels=Kernels(cache_layout=layout))[0]
+                    for layout in ((0, 1, 3, 2, 4), ()))
+    np.testing.assert_array_equal(np.asarray(pinned), np.asarray(free))
+    with pytest.raises(ValueError, match="cache_layout"):
+        Kernels(cache_layout=(0, 1, 2))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,10 @@ Fields and their choices (the first is always the XLA reference):
                     kernel instead of XLA's slice-then-dot ("o": XLA copies that slice before cuBLAS)
   decode_unroll     unroll the decode step's layer scan (accelerators: a rolled scan copies each layer's
                     weights; on CPU the unrolled program compiles slowly and runs slower)
+  cache_layout      the KV cache's order in memory (KVCache.k and .v, major to minor) that prefill and
+                    the on-device decode loop both use; () leaves it to the compiler. TPUs: (0, 1, 3, 2, 4),
+                    each kv head's slots together: XLA:TPU picks that order for prefill and another for
+                    the decode step, and copies both caches between them (bench/BENCHMARKS.md)
   interpret         run the Pallas kernels in Pallas' interpreter (how the CPU tests run GPU and TPU kernels)
 
 Under a mesh the Pallas attention kernels run on each device's shard (sharded.py); cuDNN's partitions
@@ -49,6 +53,7 @@ CHOICES = {
     "matvec": ("xla", "cuda"),
 }
 NAMES = ("auto", "xla")  # what --kernels takes
+TPU_CACHE_LAYOUT = (0, 1, 3, 2, 4)  # [layers, batch, kv_heads, slots, head_dim] in memory
 STACKED_WEIGHTS = ("q", "k", "v", "o", "gate", "up", "down")  # every projection of a layer
 
 
@@ -62,12 +67,15 @@ class Kernels:
     matvec: str = "xla"
     stacked_weights: tuple[str, ...] = ()
     decode_unroll: bool = False
+    cache_layout: tuple[int, ...] = ()
     interpret: bool = False
 
     def __post_init__(self):
         for field, allowed in CHOICES.items():
             if getattr(self, field) not in allowed:
                 raise ValueError(f"Kernels.{field}={getattr(self, field)!r}: expected one of {', '.join(allowed)}")
+        if self.cache_layout and sorted(self.cache_layout) != list(range(5)):
+            raise ValueError(f"Kernels.cache_layout={self.cache_layout!r}: expected an order of the cache's five axes")
 
     @classmethod
     def xla(cls) -> "Kernels":
@@ -92,7 +100,8 @@ class Kernels:
                        stacked_weights=("o",) if one else (), decode_unroll=True)
         if platform == "cpu":
             return cls(matmul="native" if one and cpu_qmatmul.available() else "xla")
-        return cls(attention="splash", masked_attention="splash", decode_unroll=True)  # TPU
+        return cls(attention="splash", masked_attention="splash", decode_unroll=True,  # TPU
+                   cache_layout=TPU_CACHE_LAYOUT)
 
     def in_device_loop(self) -> "Kernels":
         """The policy for a decode step inside `lax.while_loop` (generate.decode_loop): where the Pallas
