@@ -194,9 +194,10 @@ def decode_host_loop(params, tokens, mask, key, eos_id, cfg: LlamaConfig, max_ne
                      cache_dtype: str | None = None, check_every: int = 16):
     """decode_loop's steps dispatched one by one from Python, with the same arguments and results.
     Dispatch is asynchronous, so the device never waits on the host; the host asks whether every
-    row is done only every `check_every` steps. On an H100 with jax 0.11 this runs the unrolled
-    bf16 decode step 2.5x faster than the same step inside `lax.while_loop`, where XLA copies each
-    layer's weights every iteration (bench/BENCHMARKS.md)."""
+    row is done only every `check_every` steps. On one GPU each step keeps XLA's GEMMs, which read a
+    layer's weight slice in place when the step is dispatched alone; `decode_loop` reads them through
+    the Pallas matmul instead (Kernels.in_device_loop), 4.5% slower at batch 16 and 9% at batch 64 on
+    an H100 (bench/BENCHMARKS.md)."""
     batch, P = tokens.shape
     cache = KVCache.zeros(cfg, batch, cache_len or P + max_new_tokens, dtype=cache_dtype)
     logits, cache, position = prefill(params, tokens, mask, cache, cfg=cfg, kernels=kernels)

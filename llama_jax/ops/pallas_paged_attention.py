@@ -1,8 +1,10 @@
 """A decode step's attention over a paged KV cache, as one Pallas (Triton) kernel for GPUs.
 
 Each sequence's keys and values lie in fixed-size blocks of a pool shared by every sequence, in the order
-its block table names them. A program takes one query head of one row and walks that row's blocks up to
-its length with an online softmax, reading each block where it lies. The XLA reference
+its block table names them. A program takes several query heads of one row (a kv head's group under
+GQA, each block read once for all of them; otherwise HEADS_PER_PROGRAM heads side by side, for longer
+contiguous reads) and walks that row's blocks up to its length with an online softmax, reading each
+block where it lies. The XLA reference
 (paged_attention.py) gathers every row's blocks into a dense copy first, which a decode step at batch 256
 pays for in HBM traffic: the copy is written once and read back. Long rows of a small batch are split
 over several programs (flash-decoding) and combined here.
@@ -12,6 +14,7 @@ takes one layer's pool laid out head-major ([kv_heads, blocks, block, head_dim])
 query group to 16 rows for its dot. The decode scan carries every layer's pool, and XLA copies a slice it
 hands to a custom call, so this kernel takes the whole pool and a layer index, in our layout
 ([layers, blocks, block, kv_heads, head_dim]), and one query row per program with vector products.
+HEADS_PER_PROGRAM, NUM_WARPS and NUM_STAGES are the fastest of a sweep on an H100 (bench/BENCHMARKS.md).
 """
 
 from __future__ import annotations
