@@ -106,6 +106,9 @@ def _add_sampling_args(p, max_new_tokens):
                    help="compute dtype (auto: float32 on CPU, the model config's elsewhere)")
     p.add_argument("--keep-quantized", action="store_true",
                    help="run a GGUF's Q8_0/Q4_0/Q4_1 weights quantized as shipped (else decoded to floats)")
+    p.add_argument("--cache-dtype", choices=["float8_e4m3fn", "bfloat16", "float32"], default=None,
+                   help="the KV cache's dtype (default: the compute dtype); float8_e4m3fn holds twice a bf16 "
+                        "cache's tokens, each key and value rounded to 8 bits")
     _add_kernels_arg(p)
 
 
@@ -124,7 +127,7 @@ def _check_sampling_args(args):
 
 def _sampling_kwargs(args, kernels):
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                top_k=args.top_k, seed=args.seed, kernels=kernels)
+                top_k=args.top_k, seed=args.seed, kernels=kernels, cache_dtype=args.cache_dtype)
 
 
 @command

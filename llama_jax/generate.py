@@ -382,28 +382,31 @@ def _eos(model) -> int | None:
 
 def generate(model, prompts: str | Sequence[str], max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, seed: int = 0, mesh: jax.sharding.Mesh | None = None,
-             kernels: Kernels | None = None) -> list[str]:
-    """Generated text (without the prompt) for each prompt. `model` is a `Loaded` (lj.load)."""
+             kernels: Kernels | None = None, cache_dtype: str | None = None) -> list[str]:
+    """Generated text (without the prompt) for each prompt. `model` is a `Loaded` (lj.load).
+    cache_dtype: as in `generate_tokens`."""
     if isinstance(prompts, str):
         prompts = [prompts]
     ids = _encode_prompts(model, prompts)
     out = generate_tokens(model.params, model.config, ids, max_new_tokens, temperature=temperature, top_k=top_k,
-                          top_p=top_p, seed=seed, eos_id=_eos(model), mesh=mesh, kernels=kernels)
+                          top_p=top_p, seed=seed, eos_id=_eos(model), mesh=mesh, kernels=kernels,
+                          cache_dtype=cache_dtype)
     return [_continuation(model.tokenizer, p, row) for p, row in zip(ids, out)]
 
 
 def stream(model, prompt: str | Sequence[int], max_new_tokens: int = 256, temperature: float = 0.0,
            top_p: float = 1.0, top_k: int = 0, seed: int = 0, mesh: jax.sharding.Mesh | None = None,
-           kernels: Kernels | None = None) -> Iterator[str]:
+           kernels: Kernels | None = None, cache_dtype: str | None = None) -> Iterator[str]:
     """Yields the text of one prompt (a string, or token ids) piece by piece as tokens arrive.
     Text is released only once it is whole: a character split across byte tokens waits for
-    its last byte."""
+    its last byte. cache_dtype: as in `generate_tokens`."""
     ids = list(prompt) if not isinstance(prompt, str) else _encode_prompts(model, [prompt])[0]
     eos = _eos(model)
     new: list[int] = []
     shown = ""
     for token in stream_tokens(model.params, model.config, [ids], max_new_tokens, temperature=temperature,
-                               top_k=top_k, top_p=top_p, seed=seed, eos_id=eos, mesh=mesh, kernels=kernels):
+                               top_k=top_k, top_p=top_p, seed=seed, eos_id=eos, mesh=mesh, kernels=kernels,
+                               cache_dtype=cache_dtype):
         if int(token[0]) == eos:
             break
         new.append(int(token[0]))

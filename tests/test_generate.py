@@ -342,6 +342,20 @@ def test_cli_generate_prints_only_the_text(stories):
     assert proc.stdout == generate(stories, "Once upon a time", max_new_tokens=30)[0] + "\n"
 
 
+def test_cli_generate_with_an_8_bit_cache(capsys, stories):
+    """--cache-dtype reaches the decode: the text is generate()'s with the same cache_dtype. A dtype it
+    does not offer is refused in one line, exit 2."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--cache-dtype", "int8", "hi"])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "--cache-dtype: invalid choice: 'int8'" in err
+    rc, out, err = run_cli(capsys, "generate", "--model", str(STORIES_GGUF), "--max-new-tokens", "24",
+                           "--cache-dtype", "float8_e4m3fn", "Once upon a time")
+    assert rc == 0, err
+    assert out == generate(stories, "Once upon a time", max_new_tokens=24, cache_dtype="float8_e4m3fn")[0] + "\n"
+
+
 def test_cli_chat_keeps_the_conversation(capsys, monkeypatch, stories):
     """Two turns through `chat`: the second reply is generated from both turns in the template."""
     import io
