@@ -21,6 +21,8 @@ Which kernels run the model is the kernel policy's (ops/policy.py): `kernels=Non
 `Kernels.auto(mesh)` once, at the entry point, and passes it down. It also says whether the decode step
 runs the layer scan unrolled (accelerators: decode is memory-bound, and a rolled scan copies each
 layer's weight slice; bench/BENCHMARKS.md) or rolled (CPU, where the unrolled program compiles slowly).
+Inside `decode_loop` the step runs under `kernels.in_device_loop()`, which reads in place every stacked
+weight a kernel can take, and the cache keeps the order in memory `Kernels.cache_layout` names (TPUs).
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from typing import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from jax.experimental.layout import Layout, with_layout_constraint
 
 from llama_jax.config import LlamaConfig
