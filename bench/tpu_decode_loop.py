@@ -11,8 +11,8 @@ stacked weight or a KV cache that the compiled program makes (the copies issue 3
 One JSON line: arguments and temporaries in GiB (or the compiler's out-of-memory message when the chip
 is too small), and the copies: shape, layout, what they copy. The TPU policy pins the cache's order in
 memory (Kernels.cache_layout), so prefill and the loop agree and neither cache is copied between them;
-`--auto-layout` lets the compiler choose the params' layout (`Layout.AUTO`; the caller then places them in
-it, once), and the relaid copies of the stacked q/k/v weights (made once, before the loop) go. A v5e chip
+`--auto-layout` lets the compiler choose the params' layout (`Layout.AUTO`, through
+`generate.compile_decode_loop`; the caller then places them in it, once), and the relaid copies of the stacked q/k/v weights (made once, before the loop) go. A v5e chip
 (15.75 GiB usable) cannot hold Llama-2-7B in bf16 (12.55 GiB) and a bf16 cache of batch 8 x 1024 slots
 (4.0 GiB) at once, whatever the program does; with an 8-bit cache (2.0 GiB) it can.
 """
@@ -55,7 +55,6 @@ def main():
     import jax
     import jax.numpy as jnp
     from jax.experimental import topologies
-    from jax.experimental.layout import Format, Layout
 
     import llama_jax as lj
     from llama_jax import params as table
@@ -76,22 +75,26 @@ def main():
         return jax.ShapeDtypeStruct(shape, dtype, sharding=on_chip)
 
     params = jax.tree.map(lambda x: sds(x.shape, jnp.bfloat16), table.abstract(cfg))
-    param_formats = jax.tree.map(lambda _: Format(Layout.AUTO, on_chip) if a.auto_layout else on_chip, params)
 
     def run(params, tokens, mask, key, eos_id):
         return generate.decode_loop(params, tokens, mask, key, eos_id, cfg, a.new, kernels=kernels,
                                     cache_dtype=a.cache_dtype)
 
-    loop = jax.jit(run, in_shardings=(param_formats, on_chip, on_chip, on_chip, on_chip))
+    def compile_loop():  # -> the compiled program; XLA:TPU raises when it is larger than the chip
+        if a.auto_layout:  # the library's way: params in the layouts the compiled loop asks for
+            return generate.compile_decode_loop(params, cfg, a.batch, a.prompt, a.new, kernels=kernels,
+                                                cache_dtype=a.cache_dtype, device=device)
+        loop = jax.jit(run, in_shardings=(on_chip,) * 5)
+        return loop.lower(params, sds((a.batch, a.prompt), jnp.int32), sds((a.batch, a.prompt), jnp.bool_),
+                          jax.random.key(0), sds((), jnp.int32)).compile()
+
     out = dict(bench="tpu-aot-decode-loop", topology=a.topology, preset=a.preset, batch=a.batch,
                slots=a.prompt + a.new, decode_unroll=kernels.decode_unroll, auto_layout=a.auto_layout,
                cache_dtype=a.cache_dtype or "bfloat16", cache_layout=kernels.cache_layout,
                jax=jax.__version__)
     t0 = time.perf_counter()
-    lowered = loop.lower(params, sds((a.batch, a.prompt), jnp.int32), sds((a.batch, a.prompt), jnp.bool_),
-                         jax.random.key(0), sds((), jnp.int32))
     try:
-        compiled = lowered.compile()
+        compiled = compile_loop()
     except Exception as e:  # noqa: BLE001 - XLA:TPU refuses a program larger than the chip
         out.update(compiled=False, error=str(e).splitlines()[0][:300])
         print(json.dumps(out), flush=True)

@@ -19,7 +19,7 @@ from llama_jax.checkpoints import Loaded, params_from_reader
 from llama_jax.cli import main
 from llama_jax.config import from_hf_config
 from llama_jax.generate import (
-    Sampling, decode_loop, decode_step, filter_logits, generate, generate_tokens, pad_left, prefill, sample, stream,
+    Sampling, compile_decode_loop, decode_loop, decode_step, filter_logits, generate, generate_tokens, pad_left, prefill, sample, stream,
     stream_tokens)
 from llama_jax.model import KVCache
 from llama_jax.ops import Kernels
@@ -161,6 +161,22 @@ def test_host_loop_equals_on_device_loop(eos_from_step):
         assert int(want_len[0]) <= eos_from_step
 
 
+def test_compiled_decode_loop_equals_decode_loop():
+    """compile_decode_loop: decode_loop compiled ahead of time with the params placed in the layouts it
+    asks for gives decode_loop's tokens and lengths."""
+    cfg = lj.PRESETS["tiny-gqa"]
+    params = lj.init_params(cfg, jax.random.key(3))
+    tokens = jnp.asarray([[0, 0, 5, 6], [7, 8, 9, 10]], jnp.int32)
+    sampling = Sampling(0.9, 20, 0.95)
+    loop = compile_decode_loop(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params), cfg,
+                               2, 4, 12, sampling=sampling)
+    got = loop(jax.device_put(params, loop.input_formats[0][0]), tokens, tokens > 0, jax.random.key(5),
+               jnp.int32(-1))
+    want = decode_loop(params, tokens, tokens > 0, jax.random.key(5), jnp.int32(-1), cfg, 12, sampling)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
 def test_float8_cache_decodes_close_to_the_full_forward(stories):
     """cache_dtype="float8_e4m3fn" keeps the KV cache in 8 bits (every key and value rounded as written):
     stories260K's greedy tokens still agree with the argmax of a float32 full forward over the same
@@ -210,18 +226,25 @@ def test_decode_loop_keeps_one_cache_layout_on_tpu(monkeypatch):
     mask = jax.ShapeDtypeStruct((8, 16), jnp.bool_, sharding=on_chip)
     cache_copy = re.compile(rf"= bf16\[{cfg.n_layers},8,128,2,128\]\{{[^}}]*\}} copy")
 
+    keep = jax.config.jax_persistent_cache_min_compile_time_secs  # (no TPU executables in the suite's cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", math.inf)
+
     def copies(kernels):
         loop = jax.jit(lambda p, t, m: decode_loop(p, t, m, jax.random.key(0), jnp.int32(-1), cfg, 112,
                                                    kernels=kernels))
-        keep = jax.config.jax_persistent_cache_min_compile_time_secs  # (no TPU executables in the suite's cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", math.inf)
-        try:
-            return len(cache_copy.findall(loop.lower(params, prompt, mask).compile().as_text()))
-        finally:
-            jax.config.update("jax_persistent_cache_min_compile_time_secs", keep)
+        return len(cache_copy.findall(loop.lower(params, prompt, mask).compile().as_text()))
 
-    assert copies(tpu) == 0
-    assert copies(dataclasses.replace(tpu, cache_layout=())) > 0
+    try:
+        assert copies(tpu) == 0
+        assert copies(dataclasses.replace(tpu, cache_layout=())) > 0
+        # compile_decode_loop (params in the compiled program's own layout) for a v5e chip, 8-bit cache: no
+        # stacked weight or cache is copied in HBM (S(1) marks XLA:TPU's prefetches into on-chip memory).
+        v5e = topologies.get_topology_desc(platform="tpu", topology_name="v5e:1x1").devices[0]
+        loop = compile_decode_loop(params, cfg, 8, 16, 112, kernels=tpu, cache_dtype="float8_e4m3fn", device=v5e)
+        stacked = re.findall(rf"= \w+\[{cfg.n_layers},[0-9,]+\](\{{[^}}]*\}}) copy", loop.as_text())
+        assert [layout for layout in stacked if "S(" not in layout] == []
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", keep)
 
     cfg = lj.PRESETS["tiny-gqa"]
     weights = lj.init_params(cfg, jax.random.key(3))
