@@ -170,7 +170,7 @@ def decode_loop(params, tokens, mask, key, eos_id, cfg: LlamaConfig, max_new_tok
     def body(carry):
         step, logits, cache, position, done, out = carry
         token, done, out = pick(step, logits, done, out)
-        logits, cache = next_logits(params, token, position, _pinned(cache, kernels), cfg, kernels)
+        logits, cache = next_logits(params, token, position, cache, cfg, kernels)
         return step + 1, logits, _pinned(cache, kernels), position + 1, done, out
 
     init = (jnp.zeros((), jnp.int32), logits, cache, position, done, out)
