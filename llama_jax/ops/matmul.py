@@ -29,7 +29,7 @@ import numpy as np
 
 from llama_jax.lora import LoraWeight
 from llama_jax.ops import cpu_qmatmul, cuda_matvec, pallas_qmatmul
-from llama_jax.ops.policy import Kernels
+from llama_jax.ops.policy import STACKED_WEIGHTS, Kernels
 from llama_jax.qarray import QArray
 from llama_jax.sharding import constrain
 
@@ -239,7 +239,7 @@ def embed(w, tokens: jax.Array, dtype) -> jax.Array:
 # Decode steps: which stacked weights stay whole
 
 # The weights the CUDA kernel reads at batch 1 (every projection, and the norms for the fused layer).
-MATVEC_WEIGHTS = ("q", "k", "v", "o", "gate", "up", "down", "attn_norm", "mlp_norm")
+MATVEC_WEIGHTS = STACKED_WEIGHTS + ("attn_norm", "mlp_norm")
 
 
 def decode_views(kernels: Kernels, stacked, rows: int, dtype):
