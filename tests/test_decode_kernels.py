@@ -409,6 +409,5 @@ def test_device_loop_reads_every_projection_from_the_stack():
         return _sliced_projections(jaxpr, shapes)
 
     assert sliced(kernels) == 0
-    # The check can fail: the XLA policy slices all seven, and the host loop's step (next_logits under the
-    # policy as given) is not in a while loop.
+    # The check can fail: under the XLA policy the loop's layer scan slices all seven.
     assert sliced(Kernels.xla()) == 7

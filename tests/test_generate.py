@@ -19,8 +19,8 @@ from llama_jax.checkpoints import Loaded, params_from_reader
 from llama_jax.cli import main
 from llama_jax.config import from_hf_config
 from llama_jax.generate import (
-    Sampling, compile_decode_loop, decode_loop, decode_step, filter_logits, generate, generate_tokens, pad_left, prefill, sample, stream,
-    stream_tokens)
+    Sampling, compile_decode_loop, decode_host_loop, decode_loop, decode_step, filter_logits, generate,
+    generate_tokens, pad_left, prefill, sample, stream, stream_tokens)
 from llama_jax.model import KVCache
 from llama_jax.ops import Kernels
 from llama_jax.tokenizer import load_tokenizer
@@ -143,8 +143,6 @@ def test_stream_equals_loop_and_seeds(stories):
 def test_host_loop_equals_on_device_loop(eos_from_step):
     """decode_host_loop (GPU's runner) gives decode_loop's tokens and lengths: sampled, running to
     the end, and with a row stopping at an EOS it produces."""
-    from llama_jax.generate import decode_host_loop, decode_loop
-
     cfg = lj.PRESETS["tiny-gqa"]
     params = lj.init_params(cfg, jax.random.key(3))
     tokens = jnp.asarray([[0, 0, 5, 6], [7, 8, 9, 10], [0, 0, 0, 11]], jnp.int32)
