@@ -20,8 +20,16 @@ Each step (docs/serving.md draws it):
    prefilled again from its prompt and the tokens it has produced (its output does not change).
 4. Prefill: sequences whose context is not yet in the cache feed chunks of it, up to `prefill_tokens` a
    step in all, so a long prompt takes several steps and never stalls the decodes beside it.
-5. Both run (each one jitted call: the model over the paged cache, then sampling), the new tokens come back
-   in one transfer, and finished sequences free their blocks.
+5. Both run (each one jitted call: the model over the paged cache, then sampling). The host does not wait
+   for them: it takes the tokens of the step before (already done on the device), hands them out, and
+   finished sequences free their blocks; then it plans the next step while this one runs.
+
+The host plans step i+1 before it has seen step i's tokens: a sequence that step i gives a token decodes it
+at step i+1 without the host, from a device array of every running sequence's last sampled token (one slot
+each). `max_tokens` is known in advance, so only a sequence that ends on EOS costs one wasted row (its
+token in the step already dispatched is dropped). Blocks and slots freed while a step is in flight are
+safe to hand out again: the device runs the steps in order, so a new owner's writes land after the old
+owner's, and attention reads no slot beyond a row's own length.
 
 The paged cache (model.PagedKVCache) holds every layer's keys and values in `kv_blocks` blocks of
 `block_size` tokens; a sequence's block table lists its blocks in order, so memory follows the tokens in
@@ -97,12 +105,21 @@ class _Seq:
     request: Request
     on_tokens: OnTokens
     blocks: list[int] = dataclasses.field(default_factory=list)
-    cached: int = 0  # tokens whose keys and values are in the cache (a prefix of `tokens`)
+    cached: int = 0  # tokens whose keys and values are in the cache or written by a dispatched step
+    pending: int = 0  # tokens sampled by a dispatched step that the host has not seen yet (0 or 1)
+    slot: int = -1  # its entry in the device array of last sampled tokens, while running
     admitted: int = 0  # admission order: the youngest is preempted first
+    finished: bool = False
 
     @property
     def produced(self) -> int:
+        """Tokens handed out so far."""
         return len(self.tokens) - self.prompt_len
+
+    @property
+    def length(self) -> int:
+        """The context: the prompt, the tokens produced and the one in flight."""
+        return len(self.tokens) + self.pending
 
 
 def _pow2(n: int, low: int) -> int:
@@ -151,11 +168,15 @@ def sample_rows(logits, seeds, steps, temperature, top_k, top_p):
     return jax.vmap(one)(logits, seeds, steps, temperature, top_k, top_p)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "kernels", "unroll", "greedy"), donate_argnames=("k", "v"))
-def _forward_and_sample(params, k, v, tables, tokens, positions, token_mask, last, seeds, steps, temperature,
-                        top_k, top_p, *, cfg, kernels, unroll, greedy):
+@functools.partial(jax.jit, static_argnames=("cfg", "kernels", "unroll", "greedy"),
+                   donate_argnames=("k", "v", "slot_tokens"))
+def _forward_and_sample(params, k, v, slot_tokens, tables, tokens, from_slot, slots, positions, token_mask, last,
+                        seeds, steps, temperature, top_k, top_p, *, cfg, kernels, unroll, greedy):
     """The model over [rows, seq] tokens at their positions through the paged cache, then each row's next
-    token from the logits of its token `last`. Returns the tokens [rows] and the updated pools."""
+    token from the logits of its token `last`. A row with from_slot set feeds slot_tokens[slots[row]] as its
+    first token (the token the step before sampled for it, which the host has not seen); every row's sampled
+    token goes to its slot. Returns the tokens [rows], the updated pools and the slot tokens."""
+    tokens = tokens.at[:, 0].set(jnp.where(from_slot, slot_tokens[slots], tokens[:, 0]))
     cache = PagedKVCache(k, v, tables)
     logits, cache = apply(params, tokens, cfg, positions=positions, cache=cache, token_mask=token_mask,
                           logits_at=last, kernels=kernels, unroll=unroll)
@@ -164,7 +185,7 @@ def _forward_and_sample(params, k, v, tables, tokens, positions, token_mask, las
         token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     else:
         token = sample_rows(logits, seeds, steps, temperature, top_k, top_p)
-    return token, cache.k, cache.v
+    return token, cache.k, cache.v, slot_tokens.at[slots].set(token)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,6 +213,10 @@ class Engine:
             raise ValueError(f"kv_blocks must be >= 2 (block {NO_BLOCK} takes padding), got {self.kv_blocks}")
         self._pool = PagedKVCache.zeros(cfg, self.kv_blocks, block_size)
         self._free = [b for b in range(self.kv_blocks - 1, -1, -1) if b != NO_BLOCK]  # pop() takes low ids first
+        # int32 [max_batch + 1]: each running sequence's last sampled token; the last entry takes padding rows.
+        self._slot_tokens = jnp.zeros(max_batch + 1, jnp.int32)
+        self._free_slots = list(range(max_batch - 1, -1, -1))
+        self._in_flight: list[tuple[list[tuple[_Seq, bool]], jax.Array]] = []  # the last step's calls: rows, tokens
         self._spare = max(1, self.kv_blocks // 100)  # blocks admission leaves for the running decodes
         self._waiting: collections.deque[_Seq] = collections.deque()
         self._running: dict[_Seq, None] = {}  # in admission order; a dict for O(1) membership and removal
@@ -205,6 +230,7 @@ class Engine:
         self._closed = False
         self._thread: threading.Thread | None = None
         self.tokens_out = 0  # tokens produced since the start
+        self.steps_dispatched = 0
         self.preemptions = 0
         self.last_error: Exception | None = None
         self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) of recent steps
@@ -264,11 +290,12 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
         else:
-            self.step()  # a driven engine: the cancellations
+            while not self.idle:  # a driven engine: the cancellations, and the step in flight
+                self.step()
 
     @property
     def idle(self) -> bool:
-        return not (self._inbox or self._waiting or self._running or self._cancels)
+        return not (self._inbox or self._waiting or self._running or self._cancels or self._in_flight)
 
     def stats(self) -> dict:
         """What /metrics shows: queue length, running sequences, KV blocks in use of the total, tokens
@@ -297,22 +324,26 @@ class Engine:
                 self._fail_all(e)
 
     def step(self) -> int:
-        """One iteration: take new requests and cancellations, admit, decode and prefill one chunk, hand the
-        new tokens out. Returns how many tokens it produced."""
+        """One iteration: take new requests and cancellations, admit, dispatch a decode and a prefill chunk,
+        then hand out the tokens of the step dispatched before this one. Returns how many tokens it handed
+        out."""
         self._take_inbox()
         self._admit()
         decode = self._plan_decode()
         prefill = self._plan_prefill()
-        if not decode and not prefill and self._running:  # no block for anyone: the youngest makes room
-            self._preempt(max(self._running, key=lambda s: s.admitted))
-        calls = [(rows, self._dispatch(rows)) for rows in (prefill, decode) if rows]
+        if not decode and not prefill and not self._in_flight and self._running:
+            self._preempt(max(self._running, key=lambda s: s.admitted))  # no block for anyone: the youngest
+        calls = [self._dispatch(rows) for rows in (prefill, decode) if rows]
+        self.steps_dispatched += bool(calls)
+        previous, self._in_flight = self._in_flight, calls
         produced = 0
-        for rows, future in calls:
-            tokens = np.asarray(future)  # the host waits here (both calls were queued on the device first)
-            for (seq, n), token in zip(rows, tokens):
-                seq.cached += n
-                if seq.cached == len(seq.tokens):
-                    produced += self._take_token(seq, int(token))
+        for rows, future in previous:
+            tokens = np.asarray(future)  # done on the device by now, or nearly: this step's calls queue behind it
+            for (seq, produces), token in zip(rows, tokens):
+                if produces:
+                    seq.pending -= 1
+                    if not seq.finished:
+                        produced += self._take_token(seq, int(token))
         if produced:
             now = time.monotonic()
             with self._cond:
@@ -335,24 +366,29 @@ class Engine:
                 self._finish(seq, "cancelled")
 
     def _admit(self):
-        promised = sum(self._blocks_for(len(s.tokens) + 1) - len(s.blocks) for s in self._running
-                       if s.cached < len(s.tokens) - 1)  # what the running prefills will still take
+        promised = sum(self._blocks_for(s.length + 1) - len(s.blocks) for s in self._running
+                       if s.cached < s.length - 1)  # what the running prefills will still take
         while self._waiting and len(self._running) < self.max_batch:
-            need = self._blocks_for(len(self._waiting[0].tokens) + 1)
+            if self._waiting[0].pending:
+                break  # preempted with a token in flight: its context is known once the token is
+            need = self._blocks_for(self._waiting[0].length + 1)
             if len(self._free) - promised - need < self._spare and self._running:
                 break  # the queue waits for blocks (an empty batch takes its head anyway: it fits alone)
             seq = self._waiting.popleft()
             seq.admitted = next(self._admissions)
+            seq.slot = self._free_slots.pop()
             self._running[seq] = None
             promised += need
 
     def _plan_decode(self) -> list[tuple[_Seq, int]]:
-        """Every running sequence with only its last token outside the cache, its block for that token
-        taken (preempting the youngest where none is free)."""
+        """Every running sequence with only its last token outside the cache and tokens still to make, its
+        block for that token taken (preempting the youngest where none is free)."""
         rows = []
         for seq in list(self._running):
-            if seq not in self._running or seq.cached != len(seq.tokens) - 1:
+            if seq not in self._running or seq.cached != seq.length - 1:
                 continue  # preempted above, or still prefilling
+            if seq.produced + seq.pending >= seq.request.max_tokens:
+                continue  # its last token is in flight
             if self._grow(seq, seq.cached + 1):
                 rows.append(seq)
         return [(s, 1) for s in rows if s in self._running]
@@ -361,7 +397,7 @@ class Engine:
         """Chunks of the contexts not yet in the cache, oldest sequence first, `prefill_tokens` in all."""
         rows, budget = [], self.prefill_tokens
         for seq in list(self._running):
-            left = len(seq.tokens) - seq.cached
+            left = seq.length - seq.cached
             if left <= 1:
                 continue
             n = min(left, budget)
@@ -406,6 +442,9 @@ class Engine:
     def _release(self, seq: _Seq):
         self._free.extend(reversed(seq.blocks))
         seq.blocks = []
+        if seq.slot >= 0:
+            self._free_slots.append(seq.slot)
+            seq.slot = -1
 
     def _take_token(self, seq: _Seq, token: int) -> int:
         if token == self.eos_id:
@@ -419,6 +458,7 @@ class Engine:
         return 1
 
     def _finish(self, seq: _Seq, reason: str, tokens: list[int] | None = None):
+        seq.finished = True
         self._release(seq)
         if seq in self._running:
             del self._running[seq]
@@ -439,13 +479,16 @@ class Engine:
         (a failed call may have consumed the donated pools)."""
         for seq in list(self._running) + list(self._waiting):
             self._finish(seq, "error")
+        self._in_flight = []
         self._pool = PagedKVCache.zeros(self.cfg, self.kv_blocks, self.block_size)
+        self._slot_tokens = jnp.zeros(self.max_batch + 1, jnp.int32)
         self.last_error = error
 
-    def _dispatch(self, rows: list[tuple[_Seq, int]]):
-        """Launch one jitted call for rows of (sequence, tokens to feed); returns the sampled tokens of the
-        bucket's rows, the first len(rows) of them real (on the device, not waited for). Rows, chunk and table
-        width are bucketed (see the module's docstring)."""
+    def _dispatch(self, rows: list[tuple[_Seq, int]]) -> tuple[list[tuple[_Seq, bool]], jax.Array]:
+        """Launch one jitted call for rows of (sequence, tokens to feed) and count the fed tokens as cached.
+        Returns each row's sequence with whether the row samples its next token (its chunk reaches the end of
+        its context), and the sampled tokens of the bucket's rows, the first len(rows) of them real (on the
+        device, not waited for). Rows, chunk and table width are bucketed (see the module's docstring)."""
         chunk = max(n for _, n in rows)
         decode = chunk == 1
         seq_len = 1 if decode else _pow2(chunk, 16)
@@ -457,8 +500,14 @@ class Engine:
         tokens = np.zeros((batch, seq_len), np.int32)
         positions = np.zeros((batch, seq_len), np.int32)
         mask = np.zeros((batch, seq_len), bool)
+        from_slot = np.zeros(batch, bool)
+        slots = np.full(batch, self.max_batch, np.int32)  # padding rows write the spare entry
+        slots[:len(rows)] = [seq.slot for seq in seqs]
         if decode:  # column by column: a decode step has up to max_batch rows
-            tokens[:len(rows), 0] = [seq.tokens[seq.cached] for seq in seqs]
+            # A token still in flight comes from its slot on the device (a prefill never feeds one: it runs
+            # only while more than one token is outside the cache, all of them seen by the host).
+            from_slot[:len(rows)] = [seq.pending > 0 for seq in seqs]
+            tokens[:len(rows), 0] = [0 if seq.pending else seq.tokens[seq.cached] for seq in seqs]
             positions[:len(rows), 0] = [seq.cached for seq in seqs]
             mask[:len(rows), 0] = True
         else:
@@ -473,14 +522,21 @@ class Engine:
         seeds, steps, top_k = (np.zeros(batch, np.int32) for _ in range(3))
         temperature, top_p = np.zeros(batch, np.float32), np.ones(batch, np.float32)
         seeds[:len(rows)] = [seq.request.seed for seq in seqs]
-        steps[:len(rows)] = [seq.produced for seq in seqs]
+        steps[:len(rows)] = [seq.produced + seq.pending for seq in seqs]  # the index of the token it samples
         top_k[:len(rows)] = [seq.request.top_k for seq in seqs]
         temperature[:len(rows)] = [seq.request.temperature for seq in seqs]
         top_p[:len(rows)] = [seq.request.top_p for seq in seqs]
         greedy = not temperature.any()
-        token, k, v = _forward_and_sample(
-            self.params, self._pool.k, self._pool.v, tables, tokens, positions, mask, last, seeds, steps,
-            temperature, top_k, top_p, cfg=self.cfg, kernels=self.kernels,
+        token, k, v, self._slot_tokens = _forward_and_sample(
+            self.params, self._pool.k, self._pool.v, self._slot_tokens, tables, tokens, from_slot, slots, positions,
+            mask, last, seeds, steps, temperature, top_k, top_p, cfg=self.cfg, kernels=self.kernels,
             unroll=True if decode and self.kernels.decode_unroll else 1, greedy=bool(greedy))
         self._pool = PagedKVCache(k, v, self._pool.tables)
-        return token  # all the bucket's rows: slicing on the device would compile a slice per row count
+        token.copy_to_host_async()  # the host reads it a step later
+        fed = []
+        for seq, n in rows:
+            seq.cached += n
+            produces = seq.cached == seq.length
+            seq.pending += produces
+            fed.append((seq, produces))
+        return fed, token  # all the bucket's rows: slicing on the device would compile a slice per row count

@@ -177,6 +177,38 @@ def test_engine_greedy_equals_generate_as_prompts_join(stories, reference):
     assert engine.stats()["preemptions"] > 0
 
 
+def test_engine_feeds_a_token_to_the_next_step_before_the_host_sees_it(stories, reference):
+    """The host plans step i+1 while step i runs: a prompt's first token is decoded on the device at the step
+    after its prefill, before on_tokens has it. A sequence that ends on EOS has one more row in flight; its
+    token is dropped, its blocks and slot go to the next request, whose tokens are still generate's."""
+    ids, want = reference
+    engine = Engine(stories.params, stories.config, eos_id=stories.tokenizer.eos_id, **ENGINE)
+    outs = {}
+    engine.submit(ids[0], Request(max_tokens=6), _collect(outs, 0))
+    engine.step()  # the prefill, dispatched
+    assert engine.steps_dispatched == 1 and not outs
+    engine.step()  # the decode of the prefill's token, dispatched; then that token is handed out
+    assert engine.steps_dispatched == 2 and outs[0] == want[0][:1]
+    while not engine.idle:
+        engine.step()
+    assert outs[0] == want[0][:6] and engine.steps_dispatched == 6  # no step past max_tokens
+
+    stop_at = next(i for i, t in enumerate(want[1]) if t not in want[1][:i] and i >= 3)
+    engine.eos_id = want[1][stop_at]
+    engine.submit(ids[1], Request(max_tokens=40), _collect(outs, 1))
+    while not engine.idle:
+        engine.step()
+    assert outs[1] == want[1][:stop_at] and outs[("finish", 1)] == "stop"
+    assert engine.steps_dispatched == 6 + stop_at + 2  # the prefill, stop_at decodes, and the dropped row
+    assert engine.stats()["kv_blocks_used"] == 0
+    engine.eos_id = stories.tokenizer.eos_id
+    for i in (2, 3):
+        engine.submit(ids[i], Request(max_tokens=20), _collect(outs, i))
+    while not engine.idle:
+        engine.step()
+    assert [outs[2], outs[3]] == [want[2][:20], want[3][:20]]
+
+
 def test_engine_seeded_sampling_equals_generate(stories):
     """A seeded sample is generate's for the same seed, beside a greedy row in the same batch."""
     tok = stories.tokenizer
