@@ -10,7 +10,8 @@
 2. Time: one layer's decode attention at batch 256 and 192 tokens a row on average, the kernel against the
    reference (which gathers every row's blocks into a dense copy first), median of 50 runs, for each pool
    block size of --block-sizes (default 16, the engine's), and for each kernel setting of --variants
-   (GROUP:WARPS:STAGES, query heads a program and Triton's num_warps and num_stages; default the shipped).
+   (GROUP:WARPS:STAGES[:BLOCKS], query heads a program, Triton's num_warps and num_stages, and pool blocks
+   a loop step reads, default 1; default the shipped).
 3. The engine: greedy tokens of a small float32 model (head_dim 64, so the kernel takes it) through the
    engine with Kernels.auto() against `generate_tokens` with Kernels.xla(), and whether the kernel was in
    the engine's decode step.
@@ -58,13 +59,18 @@ def reference(q, pool_k, pool_v, tables, lengths):
 
 kernel = jax.jit(lambda q, k, v, t, n: pallas_paged_attention.paged_attention(q, k, v, jnp.int32(1), t, n))
 SHIPPED = (f"{pallas_paged_attention.HEADS_PER_PROGRAM}:{pallas_paged_attention.NUM_WARPS}:"
-           f"{pallas_paged_attention.NUM_STAGES}")
+           f"{pallas_paged_attention.NUM_STAGES}:{pallas_paged_attention.BLOCKS_PER_STEP}")
+
+
+def setting(variant: str) -> tuple[int, ...]:
+    """GROUP:WARPS:STAGES[:BLOCKS] -> (group, warps, stages, blocks a step)."""
+    return tuple((list(map(int, variant.split(":"))) + [1])[:4])
 
 
 def kernel_with(variant: str):
-    group, warps, stages = map(int, variant.split(":"))
+    group, warps, stages, per_step = setting(variant)
     return jax.jit(lambda q, k, v, t, n: pallas_paged_attention.paged_attention(
-        q, k, v, jnp.int32(1), t, n, group=group, num_warps=warps, num_stages=stages))
+        q, k, v, jnp.int32(1), t, n, group=group, num_warps=warps, num_stages=stages, blocks_per_step=per_step))
 xla = jax.jit(reference)
 
 
@@ -104,7 +110,7 @@ def timing(block: int, variants) -> None:
                                   error=str(e).splitlines()[0][:200])), flush=True)
             continue
         print(json.dumps(dict(check="paged-attention-time", block_size=block, variant=variant,
-                              shipped=variant == SHIPPED, batch=q.shape[0], mean_len=round(float(jnp.mean(lengths)), 1),
+                              shipped=setting(variant) == setting(SHIPPED), batch=q.shape[0], mean_len=round(float(jnp.mean(lengths)), 1),
                               kernel_ms=round(k_ms, 4), xla_reference_ms=round(x_ms, 4),
                               kernel_cache_gbps=round(cache_bytes / k_ms / 1e6, 1), speedup=round(x_ms / k_ms, 2),
                               device=DEVICE)), flush=True)
@@ -140,7 +146,7 @@ def kernel_in_program(kernels) -> bool:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--block-sizes", type=int, nargs="+", default=[16], help="the pool's block sizes to time")
-    p.add_argument("--variants", nargs="+", default=[SHIPPED], help="kernel settings GROUP:WARPS:STAGES to time")
+    p.add_argument("--variants", nargs="+", default=[SHIPPED], help="kernel settings GROUP:WARPS:STAGES[:BLOCKS] to time")
     p.add_argument("--timing-only", action="store_true")
     a = p.parse_args()
     if not a.timing_only:

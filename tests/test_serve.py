@@ -100,16 +100,19 @@ def test_paged_reference_equals_dense_attention():
 
 
 # batch 3 splits rows over programs (flash-decoding), 70 does not; heads per program: GQA's pairs sharing a
-# kv head (default) or one head each, and without GQA four or two heads side by side, or one.
+# kv head (default) or one head each, and without GQA four or two heads side by side, or one; blocks a loop
+# step: one, or two and four (a row's last step then reaches past its keys).
 @pytest.mark.parametrize("batch", [3, 70])
-@pytest.mark.parametrize("kv_heads,group", [(2, None), (2, 1), (4, None), (4, 2), (4, 1)])
-def test_paged_kernel_equals_reference(batch, kv_heads, group):
+@pytest.mark.parametrize("kv_heads,group,per_step", [(2, None, 1), (2, 1, 1), (4, None, 1), (4, 2, 1), (4, 1, 1),
+                                                      (2, None, 4), (4, 2, 2)])
+def test_paged_kernel_equals_reference(batch, kv_heads, group, per_step):
     """The Pallas kernel (in Pallas' interpreter) against the XLA reference for a decode step; a padding row
     (length 0) gets zeros, not NaN."""
     lengths = [int(n) for n in np.random.default_rng(batch).integers(1, 120, batch)]
     q, pool_k, pool_v, tables, _ = _paged_case(batch, batch, lengths, kv_heads=kv_heads, blocks=8 * batch + 1)
     lengths[0] = 0
-    kernel = jax.jit(functools.partial(pallas_paged_attention.paged_attention, group=group, interpret=True))
+    kernel = jax.jit(functools.partial(pallas_paged_attention.paged_attention, group=group,
+                                       blocks_per_step=per_step, interpret=True))
     got = kernel(q[:, 0], pool_k, pool_v, jnp.int32(1), tables, jnp.asarray(lengths, jnp.int32))
     want = jax.jit(paged.reference)(q, pool_k, pool_v, 1, tables, jnp.asarray(lengths, jnp.int32)[:, None] - 1)[:, 0]
     np.testing.assert_allclose(np.asarray(got[1:]), np.asarray(want[1:]), rtol=1e-5, atol=1e-5)

@@ -15,6 +15,8 @@ query group to 16 rows for its dot. The decode scan carries every layer's pool, 
 hands to a custom call, so this kernel takes the whole pool and a layer index, in our layout
 ([layers, blocks, block, kv_heads, head_dim]), and one query row per program with vector products.
 HEADS_PER_PROGRAM, NUM_WARPS and NUM_STAGES are the fastest of a sweep on an H100 (bench/BENCHMARKS.md).
+A loop step can read several blocks, their loads independent so that more bytes are in flight a program;
+BLOCKS_PER_STEP stays 1 until a sweep on a GPU (`bench/paged_attention_check.py --variants`) favours more.
 """
 
 from __future__ import annotations
@@ -31,13 +33,16 @@ _NEG = -1e30  # a finite "minus infinity": exp(_NEG - _NEG) stays finite for a s
 _PROGRAMS = 264  # split the rows over programs until about two per SM of an H100 or H200
 HEADS_PER_PROGRAM = 8  # query heads a program takes where they read distinct kv heads (no GQA)
 NUM_WARPS, NUM_STAGES = 4, 2
+BLOCKS_PER_STEP = 1  # pool blocks a loop step reads
 
 
-def _kernel(layer_ref, tables_ref, lengths_ref, q_ref, k_ref, v_ref, *out_refs, block, pages, group, rep, scale):
+def _kernel(layer_ref, tables_ref, lengths_ref, q_ref, k_ref, v_ref, *out_refs, block, pages, group, rep, per_step,
+            scale):
     """Program (b, j, c): query heads j * group .. (j + 1) * group - 1 of row b, over the row's blocks
-    c * pages .. (c + 1) * pages - 1 that hold keys (slot < length), one block at a time. With group <= rep
-    the program's heads share one kv head, read once; otherwise (rep 1) each reads its own, side by side.
-    One split: the program writes the output. Several: its unnormalised sums, running maxima and totals."""
+    c * pages .. (c + 1) * pages - 1 that hold keys (slot < length), `per_step` blocks a loop step (their
+    loads independent of each other, so they are in flight together). With group <= rep the program's heads
+    share one kv head, read once; otherwise (rep 1) each reads its own, side by side. One split: the
+    program writes the output. Several: its unnormalised sums, running maxima and totals."""
     b, j, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     layer, length = layer_ref[0], lengths_ref[b]
     q = q_ref[b, pl.ds(j * group, group), :].astype(jnp.float32) * scale  # [group, head_dim]
@@ -50,19 +55,24 @@ def _kernel(layer_ref, tables_ref, lengths_ref, q_ref, k_ref, v_ref, *out_refs, 
 
     def body(i, carry):
         m, total, acc = carry  # [group], [group], [group, head_dim]
-        page = tables_ref[b, i]
-        ok = (i * block + jnp.arange(block) < length)[:, None]  # [block, 1]
-        s = jnp.where(ok, jnp.sum(read(k_ref, page) * q[None], axis=2), _NEG)  # [block, group]
-        m_new = jnp.maximum(m, jnp.max(s, axis=0))
-        p = jnp.where(ok, jnp.exp(s - m_new[None, :]), 0.0)  # padding slots stay 0 even while m_new is _NEG
+        firsts = [(i * per_step + n) * block for n in range(per_step)]  # each block's first slot
+        ids = [tables_ref[b, i * per_step + n] for n in range(per_step)]
+        oks = [(first + jnp.arange(block) < length)[:, None] for first in firsts]  # [block, 1] each
+        scores = [jnp.where(ok, jnp.sum(read(k_ref, page) * q[None], axis=2), _NEG)  # [block, group] each
+                  for ok, page in zip(oks, ids)]
+        m_new = functools.reduce(jnp.maximum, [jnp.max(s, axis=0) for s in scores], m)
         alpha = jnp.exp(m - m_new)
-        pv = jnp.sum(p[:, :, None] * read(v_ref, page), axis=0)  # [group, head_dim]
-        return m_new, total * alpha + jnp.sum(p, axis=0), acc * alpha[:, None] + pv
+        total, acc = total * alpha, acc * alpha[:, None]
+        for ok, s, page in zip(oks, scores, ids):
+            p = jnp.where(ok, jnp.exp(s - m_new[None, :]), 0.0)  # padding slots stay 0 even while m_new is _NEG
+            total = total + jnp.sum(p, axis=0)
+            acc = acc + jnp.sum(p[:, :, None] * read(v_ref, page), axis=0)  # [group, head_dim]
+        return m_new, total, acc
 
     init = (jnp.full((group,), _NEG, jnp.float32), jnp.zeros((group,), jnp.float32),
             jnp.zeros(q.shape, jnp.float32))
-    last = jnp.minimum((c + 1) * pages, (length + block - 1) // block)
-    m, total, acc = jax.lax.fori_loop(c * pages, last, body, init)
+    last = jnp.minimum((c + 1) * pages, (length + block - 1) // block)  # blocks past the row's keys are masked
+    m, total, acc = jax.lax.fori_loop(c * pages // per_step, (last + per_step - 1) // per_step, body, init)
     if len(out_refs) == 1:  # a row of no keys (padding) gets zeros, not 0 / 0
         out_refs[0][...] = (acc / jnp.where(total > 0, total, 1.0)[:, None]).astype(out_refs[0].dtype)
     else:
@@ -102,6 +112,7 @@ def paged_attention(
     lengths: jax.Array,  # int32 [batch]: keys per row (slots 0 .. length - 1); 0 for padding rows
     *,
     group: int | None = None,  # query heads a program takes (default: heads_per_program)
+    blocks_per_step: int = BLOCKS_PER_STEP,  # a power of two, at most the table's width
     num_warps: int = NUM_WARPS,
     num_stages: int = NUM_STAGES,
     interpret: bool = False,
@@ -115,11 +126,15 @@ def paged_attention(
         raise ValueError(f"group={group}: expected a power of two dividing the {heads} heads, at most the "
                          f"{rep} query heads of a kv head unless there is one each")
     width = tables.shape[1]
+    if not _pow2(blocks_per_step) or width % blocks_per_step:
+        raise ValueError(f"blocks_per_step={blocks_per_step}: expected a power of two dividing the block "
+                         f"tables' width {width}")
     programs = batch * (heads // group)
-    splits = min(width, pl.cdiv(_PROGRAMS, programs))
-    pages = pl.cdiv(width, splits)  # blocks per program
+    splits = min(width // blocks_per_step, pl.cdiv(_PROGRAMS, programs))
+    # Blocks per program, a multiple of blocks_per_step so that no loop step crosses into the next program's.
+    pages = pl.cdiv(pl.cdiv(width, splits), blocks_per_step) * blocks_per_step
     splits = pl.cdiv(width, pages)
-    kernel = functools.partial(_kernel, block=block, pages=pages, group=group, rep=rep,
+    kernel = functools.partial(_kernel, block=block, pages=pages, group=group, rep=rep, per_step=blocks_per_step,
                                scale=1.0 / math.sqrt(head_dim))
     if splits == 1:
         out_shape = [jax.ShapeDtypeStruct((batch, heads, head_dim), q.dtype)]
