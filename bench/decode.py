@@ -5,8 +5,10 @@
     python bench/decode.py --batch 1 --bits 4 --group 128 --symmetric --include-embeddings   # int4, GPTQ-style
 
 Random bf16 weights (timing does not depend on the values). For each batch: prefill seconds, ms per
-decode step, tokens/s, GB/s moved (weights + the KV cache slots attended), compile seconds, and a
-correctness check (greedy tokens against the argmax of a full forward over the same sequence).
+decode step, tokens/s of the decode steps and of the whole call (prefill included), GB/s moved (weights +
+the KV cache slots attended), compile seconds, and a correctness check (greedy tokens against the argmax
+of a full forward over the same sequence). `--preset llama3.1-8b` is the Llama-3-8B shape (8 kv heads, a
+vocabulary of 128256, llama3 rope scaling).
 One JSON line per figure. Each side runs in its own process so the frameworks never share GPU memory.
 """
 
@@ -116,11 +118,13 @@ def ours(a) -> None:
             embeddings_quantized=a.include_embeddings,
             batch=batch, prompt=a.prompt, new=a.new,
             prefill_s=round(prefill_s, 4), decode_ms_per_step=round(step_s * 1e3, 3),
-            decode_tok_s=round(batch / step_s, 1), weight_gb=round(weight_bytes / 1e9, 2),
+            decode_tok_s=round(batch / step_s, 1), tok_s_with_prefill=round(batch * a.new / total_s, 1),
+            weight_gb=round(weight_bytes / 1e9, 2),
             achieved_weight_gbps=round(weight_bytes / step_s / 1e9, 1),
             achieved_weight_cache_gbps=round((weight_bytes + cache_bytes) / step_s / 1e9, 1),
             first_call_s=round(compile_s, 1), greedy_match_full_forward=round(match, 4),
             host_loop_ms_per_step=round(host_step_s * 1e3, 3), host_loop_tok_s=round(batch / host_step_s, 1),
+            host_loop_tok_s_with_prefill=round(batch * a.new / host_total_s, 1),
             host_loop_weight_gbps=round(weight_bytes / host_step_s / 1e9, 1), host_loop_first_call_s=round(host_compile_s, 1),
             step_first_call_s=round(step_first_call_s, 1), kernels=kernels.describe(), device=device,
             jax=jax.__version__)), flush=True)

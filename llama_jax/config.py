@@ -226,6 +226,9 @@ PRESETS: dict[str, LlamaConfig] = {
     "llama2-7b": _llama(4096, 32, 32, 1e-5, 4096),
     "llama2-13b": _llama(5120, 40, 40, 1e-5, 4096),
     "llama2-70b": _llama(8192, 80, 64, 1e-5, 4096, n_kv_heads=8, multiple_of=4096, mult=1.3),
+    "llama3.1-8b": LlamaConfig(
+        vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, norm_eps=1e-5,
+        rope_theta=500000.0, rope_scaling=RopeScaling(), max_seq_len=131072, bos_id=128000, eos_id=128001),
     "smollm2-135m": LlamaConfig(
         vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536, norm_eps=1e-5,
         rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True, bos_id=1, eos_id=2),

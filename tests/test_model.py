@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 
 import llama_jax as lj
 from llama_jax.config import LlamaConfig, from_hf_config
@@ -95,6 +97,26 @@ def test_from_params_json(params_json, preset, tmp_path):
     want = lj.PRESETS[preset]
     for field in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "norm_eps", "rope_theta"):
         assert getattr(cfg, field) == getattr(want, field), field
+
+
+# meta-llama/Llama-3.1-8B's config.json, as released (the fields a LlamaConfig reads).
+LLAMA31_8B_CONFIG_JSON = {
+    "architectures": ["LlamaForCausalLM"], "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu",
+    "hidden_size": 4096, "intermediate_size": 14336, "max_position_embeddings": 131072, "model_type": "llama",
+    "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "vocab_size": 128256}
+
+
+def test_llama31_8b_preset_is_the_released_config():
+    """The Llama-3-8B shape of the decode benchmark (8 kv heads, 128256 tokens, llama3 rope scaling) is the
+    release's config.json read by from_hf_config, and transformers counts the same 8.03B parameters."""
+    assert from_hf_config(LLAMA31_8B_CONFIG_JSON) == lj.PRESETS["llama3.1-8b"]
+    hf = transformers.LlamaConfig(**{k: v for k, v in LLAMA31_8B_CONFIG_JSON.items() if k != "architectures"})
+    with torch.device("meta"):
+        n = sum(p.numel() for p in transformers.LlamaForCausalLM(hf).parameters())
+    assert lj.param_count(lj.PRESETS["llama3.1-8b"]) == n == 8_030_261_248
 
 
 def test_from_hf_config_reads_transformers_config():
