@@ -170,7 +170,7 @@ def sample_rows(logits, seeds, steps, temperature, top_k, top_p):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "kernels", "unroll", "greedy"),
                    donate_argnames=("k", "v", "slot_tokens"))
-def _forward_and_sample(params, k, v, slot_tokens, tables, tokens, from_slot, slots, positions, token_mask, last,
+def forward_and_sample(params, k, v, slot_tokens, tables, tokens, from_slot, slots, positions, token_mask, last,
                         seeds, steps, temperature, top_k, top_p, *, cfg, kernels, unroll, greedy):
     """The model over [rows, seq] tokens at their positions through the paged cache, then each row's next
     token from the logits of its token `last`. A row with from_slot set feeds slot_tokens[slots[row]] as its
@@ -527,7 +527,7 @@ class Engine:
         temperature[:len(rows)] = [seq.request.temperature for seq in seqs]
         top_p[:len(rows)] = [seq.request.top_p for seq in seqs]
         greedy = not temperature.any()
-        token, k, v, self._slot_tokens = _forward_and_sample(
+        token, k, v, self._slot_tokens = forward_and_sample(
             self.params, self._pool.k, self._pool.v, self._slot_tokens, tables, tokens, from_slot, slots, positions,
             mask, last, seeds, steps, temperature, top_k, top_p, cfg=self.cfg, kernels=self.kernels,
             unroll=True if decode and self.kernels.decode_unroll else 1, greedy=bool(greedy))

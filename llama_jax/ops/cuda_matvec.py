@@ -93,13 +93,13 @@ def nvcc_flags(arch: str) -> list[str]:
             "-I", jax.ffi.include_dir()]
 
 
-def _build(device) -> Path:
+def _build(arch: str) -> Path:
     """The compiled library (built now unless the cache holds it); raises on failure."""
     nvcc = _nvcc()
     if nvcc is None:
         raise RuntimeError("no nvcc (set NVCC or CUDA_HOME, or put it on PATH)")
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-    return native.build([nvcc, *nvcc_flags(_arch(device))], SOURCES, "matvec_gpu", version, HEADERS)
+    return native.build([nvcc, *nvcc_flags(arch)], SOURCES, "matvec_gpu", version, HEADERS)
 
 
 def is_hopper(device) -> bool:
@@ -110,20 +110,34 @@ def is_hopper(device) -> bool:
         return False
 
 
+_registered_for: list[str] = []  # the architecture the library is registered for, once it is
+
+
 @functools.cache
-def available(device=None) -> bool:
-    """Whether the library is built and registered with XLA for `device` (default: the first local
-    device), once per process. When it cannot be, says why once."""
-    device = device or jax.local_devices()[0]
+def _register(arch: str | None) -> bool:
     try:
-        native.register(_build(device), {TARGET: "LlamaJaxMatvecGpu", LAYER_TARGET: "LlamaJaxDecodeLayerGpu"},
-                        "CUDA")
+        if arch is None:
+            raise RuntimeError("the device is not a CUDA GPU")
+        native.register(_build(arch), {TARGET: "LlamaJaxMatvecGpu", LAYER_TARGET: "LlamaJaxDecodeLayerGpu"}, "CUDA")
     except Exception as e:  # noqa: BLE001 - any failure means: fall back, and say why
         warnings.warn(f"the CUDA one-row matmul is unavailable, so batch-1 decoding uses the Pallas kernel "
                       f"and XLA (slower); --kernels xla (Kernels.xla()) silences this. Reason: {e}",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=4)
         return False
+    _registered_for.append(arch)
     return True
+
+
+def available(device=None) -> bool:
+    """Whether the library is built and registered with XLA for `device`, once per process. Without a
+    device (the ops layer, at trace time): whether it is registered already, as the kernel policy
+    (Kernels.auto) leaves it for the device it chose for; else for the first local device. When it cannot
+    be, says why once."""
+    if device is None:
+        if _registered_for:
+            return True
+        device = jax.local_devices()[0]
+    return _register(_arch(device) if hasattr(device, "compute_capability") else None)
 
 
 def _bits(w) -> int:

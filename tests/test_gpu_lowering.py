@@ -1,0 +1,195 @@
+"""The one-GPU programs, lowered for an H100 on this CPU. JAX lowers a Pallas kernel to Triton IR, and a
+custom call to its target name, without a GPU once the trace names an abstract device (an AbstractMesh).
+So CI checks, without a GPU, that each kernel lowers at the shapes of the models it serves, and that the
+kernel policy for one H100 (Kernels.auto) puts its kernels in the programs users run: at batch 1 the CUDA
+decode layer, at larger batches the Pallas decode attention and matmul, the paged kernel in the serving
+engine's step, flash attention forward and backward in a packed training step. Compiling to PTX and
+running happen on a GPU only (bench/decode.py, bench/paged_attention_check.py, bench/matvec_gpu_check.py).
+"""
+
+import dataclasses
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import llama_jax as lj
+from llama_jax import engine, qarray
+from llama_jax.generate import decode_loop, next_logits
+from llama_jax.model import PagedKVCache
+from llama_jax.ops import Kernels, cuda_matvec, pallas_decode_attention, pallas_flash_attention, \
+    pallas_paged_attention, pallas_qmatmul
+from llama_jax.sharding import MESH_AXES
+from llama_jax.train import loss_fn
+
+# JAX 0.12 deprecates Pallas' Triton backend (for Mosaic GPU); the GPU machine's jax 0.11 does not warn.
+pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+S = jax.ShapeDtypeStruct
+KIND = "NVIDIA H100 80GB HBM3"
+TRITON = "__gpu$xla.gpu.triton"
+H100_MESH = jax.sharding.AbstractMesh(
+    (1, 1, 1), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+    abstract_device=jax.sharding.AbstractDevice(device_kind=KIND, num_cores=132, platform="gpu"))
+
+
+@dataclasses.dataclass(frozen=True)
+class _H100:
+    """What Kernels.auto reads of a device."""
+
+    platform: str = "gpu"
+    device_kind: str = KIND
+    compute_capability: str = "9.0"
+    id: int = 0
+
+
+@pytest.fixture(scope="module")
+def h100():
+    """Kernels.auto for one H100: it builds the CUDA library with nvcc where there is one (the CI machine
+    has it) and registers it, as it does on the GPU."""
+    return Kernels.auto(devices=[_H100()])
+
+
+def lower(fn, *args) -> str:
+    """fn(*args) (ShapeDtypeStructs: nothing is allocated) lowered for one H100: StableHLO text."""
+    with jax.sharding.use_abstract_mesh(H100_MESH):
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def custom_calls(text: str) -> list[str]:
+    return re.findall(r"custom_call @([\w$.]+)", text)
+
+
+def test_the_policy_for_one_h100(h100):
+    assert (h100.attention, h100.masked_attention, h100.decode_attention, h100.paged_attention, h100.matmul) == (
+        "cudnn", "pallas", "pallas", "pallas", "pallas")
+    assert h100.matvec == ("cuda" if cuda_matvec.available(_H100()) else "xla")
+
+
+# ---------------------------------------------------------------------------------------------
+# Each kernel at the shapes it serves (Llama-2-7B: 32 heads of 128; Llama-3-8B: 32 over 8 kv heads)
+
+
+@pytest.mark.parametrize("batch,kv_heads,width,group,per_step", [
+    (256, 32, 16, None, 1), (256, 32, 16, 2, 4), (256, 32, 16, 8, 2), (256, 32, 16, 1, 1),  # the bench's sweep
+    (256, 8, 16, None, 1), (256, 8, 16, None, 4),  # GQA: a kv head's 4 query heads a program
+    (4, 32, 256, None, 1), (4, 8, 256, None, 2),  # few long rows: split over programs
+])
+def test_paged_attention_lowers(batch, kv_heads, width, group, per_step):
+    pool = S((32, 4097, 16, kv_heads, 128), jnp.bfloat16)
+    fn = functools.partial(pallas_paged_attention.paged_attention, group=group, blocks_per_step=per_step)
+    text = lower(fn, S((batch, 32, 128), jnp.bfloat16), pool, pool, S((), jnp.int32), S((batch, width), jnp.int32),
+                 S((batch,), jnp.int32))
+    assert custom_calls(text) == [TRITON]
+
+
+@pytest.mark.parametrize("batch,kv_heads", [(1, 32), (16, 32), (64, 32), (16, 8)])
+def test_decode_attention_lowers(batch, kv_heads):
+    q, kv = S((batch, 1, 32, 128), jnp.bfloat16), S((batch, 1, kv_heads, 128), jnp.bfloat16)
+    rope = (S((batch, 1, 1, 64), jnp.float32),) * 2
+    cache = S((32, batch, 256, kv_heads, 128), jnp.bfloat16)
+    text = lower(pallas_decode_attention.decode_attention, q, kv, kv, rope, cache, cache, S((), jnp.int32),
+                 S((), jnp.int32), S((batch, 1, 256), bool))
+    assert TRITON in custom_calls(text)
+
+
+@pytest.mark.parametrize("kv_heads", [32, 8])
+def test_flash_attention_lowers_forward_and_backward(kv_heads):
+    """Packed rows (k_start), gradients for q, k and v: the forward kernel and both backward kernels."""
+    q, kv = S((1, 1024, 32, 128), jnp.bfloat16), S((1, 1024, kv_heads, 128), jnp.bfloat16)
+
+    def loss(q, k, v, k_start):
+        return pallas_flash_attention.flash_attention(q, k, v, k_start).astype(jnp.float32).sum()
+
+    text = lower(jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv, S((1, 1024), jnp.int32))
+    assert custom_calls(text).count(TRITON) == 3
+
+
+@pytest.mark.parametrize("rows", [1, 16, 64])
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_matmul_lowers(rows, bits):
+    """The Pallas matmul over a stacked Llama-2-7B q/k/v (one launch for the three) at a decode step's rows."""
+    w = S((32, 4096, 4096), jnp.bfloat16)
+    if bits == 16:
+        ws = (w,) * 3
+        fn = pallas_qmatmul.matmul
+    else:
+        q = jax.eval_shape(functools.partial(qarray.quantize, bits=bits, group=128 if bits == 4 else None), w)
+        ws = (q,) * 3
+        fn = pallas_qmatmul.qmatmul
+    text = lower(lambda x, ws, layer: fn(x, ws, layer), S((rows, 4096), jnp.bfloat16), ws, S((), jnp.int32))
+    assert TRITON in custom_calls(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole programs: the policy's kernels are in them (two layers of the released shapes, abstract params)
+
+
+def _cfg(preset):
+    return lj.PRESETS[preset].replace(n_layers=2, param_dtype="bfloat16", compute_dtype="bfloat16", max_seq_len=4096)
+
+
+@pytest.mark.parametrize("preset", ["llama2-7b", "llama3.1-8b"])
+@pytest.mark.parametrize("batch", [1, 16])
+def test_decode_step_holds_the_policy_kernels(h100, preset, batch):
+    """generate's decode step: at batch 1 each layer is one CUDA decode-layer call and the lm_head the CUDA
+    matmul (where the library builds); at batch 16 the Pallas decode attention and the matmul for `o`.
+    The XLA policy's step holds no custom call."""
+    cfg = _cfg(preset)
+    cache = jax.eval_shape(lambda: lj.KVCache.zeros(cfg, batch, 256))
+    args = (lj.abstract_params(cfg), S((batch,), jnp.int32), S((batch,), jnp.int32), cache)
+    calls = custom_calls(lower(lambda p, t, pos, c: next_logits(p, t, pos, c, cfg, h100), *args))
+    if batch == 1 and h100.matvec == "cuda":
+        assert set(calls) == {cuda_matvec.LAYER_TARGET, cuda_matvec.TARGET}
+    else:  # the decode attention: a Triton launch in each layer of the unrolled scan
+        no_attention = dataclasses.replace(h100, decode_attention="xla")
+        fewer = custom_calls(lower(lambda p, t, pos, c: next_logits(p, t, pos, c, cfg, no_attention), *args))
+        assert calls.count(TRITON) - fewer.count(TRITON) == cfg.n_layers
+    assert custom_calls(lower(lambda p, t, pos, c: next_logits(p, t, pos, c, cfg, Kernels.xla()), *args)) == []
+
+
+def test_device_loop_runs_every_projection_through_the_matmul_kernel(h100):
+    """decode_loop's step (Kernels.in_device_loop) at batch 16 launches the Pallas matmul for q/k/v (one
+    launch), gate/up (one) and down besides the host step's `o` and decode attention, and the loop's program
+    holds them. (Counts are of the call sites in the lowered text: a layer scan's body is written once.)"""
+    cfg = _cfg("llama2-7b")
+    args = (lj.abstract_params(cfg), S((16,), jnp.int32), S((16,), jnp.int32),
+            jax.eval_shape(lambda: lj.KVCache.zeros(cfg, 16, 256)))
+
+    def step(kernels):
+        return custom_calls(lower(lambda p, t, pos, c: next_logits(p, t, pos, c, cfg, kernels), *args)).count(TRITON)
+
+    loop = custom_calls(lower(
+        lambda p, t, m, key: decode_loop(p, t, m, key, jnp.int32(-1), cfg, 8, cache_len=256, kernels=h100),
+        lj.abstract_params(cfg), S((16, 64), jnp.int32), S((16, 64), bool), jax.eval_shape(jax.random.key, 0)))
+    assert step(h100.in_device_loop()) - step(h100) == 3
+    assert loop.count(TRITON) >= step(h100.in_device_loop())
+
+
+def test_engine_decode_step_holds_the_paged_kernel(h100):
+    cfg = _cfg("llama3.1-8b")
+    pool = jax.eval_shape(lambda: PagedKVCache.zeros(cfg, 4097, 16))
+    rows = 64
+    i32 = lambda *shape: S(shape, jnp.int32)  # noqa: E731
+    args = (lj.abstract_params(cfg), pool.k, pool.v, i32(rows + 1), i32(rows, 16), i32(rows, 1), S((rows,), bool),
+            i32(rows), i32(rows, 1), S((rows, 1), bool), i32(rows), i32(rows), i32(rows), S((rows,), jnp.float32),
+            i32(rows), S((rows,), jnp.float32))
+
+    def step(kernels):
+        return custom_calls(lower(functools.partial(engine.forward_and_sample, cfg=cfg, kernels=kernels,
+                                                    unroll=True, greedy=True), *args))
+
+    paged_sites = step(h100).count(TRITON) - step(dataclasses.replace(h100, paged_attention="xla")).count(TRITON)
+    assert paged_sites == cfg.n_layers  # one a layer of the unrolled scan
+    assert step(Kernels.xla()) == []
+
+
+def test_packed_training_step_holds_flash_attention(h100):
+    """The loss gradient over packed rows (segment ids): each layer's flash attention forward and its two
+    backward kernels."""
+    cfg = _cfg("llama2-7b")
+    batch = {"tokens": S((1, 1025), jnp.int32), "segment_ids": S((1, 1024), jnp.int32),
+             "positions": S((1, 1024), jnp.int32)}
+    grad = jax.grad(functools.partial(loss_fn, cfg=cfg, kernels=h100))
+    assert custom_calls(lower(grad, lj.abstract_params(cfg), batch)).count(TRITON) == 3
