@@ -24,7 +24,7 @@ from llama_jax.ops import Kernels, cuda_matvec, pallas_decode_attention, pallas_
 from llama_jax.sharding import MESH_AXES
 from llama_jax.train import loss_fn
 
-# JAX 0.12 deprecates Pallas' Triton backend (for Mosaic GPU); the GPU machine's jax 0.11 does not warn.
+# JAX 0.12 deprecates Pallas' Triton backend in favour of Mosaic GPU; the kernels here are written for it.
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 S = jax.ShapeDtypeStruct
 KIND = "NVIDIA H100 80GB HBM3"
