@@ -171,7 +171,7 @@ def sample_rows(logits, seeds, steps, temperature, top_k, top_p):
 @functools.partial(jax.jit, static_argnames=("cfg", "kernels", "unroll", "greedy"),
                    donate_argnames=("k", "v", "slot_tokens"))
 def forward_and_sample(params, k, v, slot_tokens, tables, tokens, from_slot, slots, positions, token_mask, last,
-                        seeds, steps, temperature, top_k, top_p, *, cfg, kernels, unroll, greedy):
+                       seeds, steps, temperature, top_k, top_p, *, cfg, kernels, unroll, greedy):
     """The model over [rows, seq] tokens at their positions through the paged cache, then each row's next
     token from the logits of its token `last`. A row with from_slot set feeds slot_tokens[slots[row]] as its
     first token (the token the step before sampled for it, which the host has not seen); every row's sampled
