@@ -10,7 +10,9 @@ produces --new tokens. The requests are offered all at once, then again as a Poi
 requests a second (default: 80% of the rate the all-at-once run sustained, the same arrivals for both
 sides). Figures: output tokens/s over the run (first arrival to last token); time to first token
 (arrival to first token) and inter-token latency (between a request's successive tokens), p50 and p99.
-One JSON line per figure.
+One JSON line per figure, then one of the run's facts: among them the engine thread's time a step in the
+all-at-once run, host work (planning, arrays, dispatch, callbacks: hidden behind the device while it is
+shorter than a step) and waiting for the device's tokens.
 
 The engine is driven in-process, without HTTP: the figures are the engine's (the server adds a JSON
 encode and a socket write per token). A warm-up run first compiles every shape the runs use. Each side
@@ -114,7 +116,10 @@ def ours(a) -> None:
     common = dict(preset=a.preset, requests=a.requests, prompt=a.prompt, new=a.new, max_batch=a.max_batch,
                   kv_blocks=engine.kv_blocks, block_size=a.block_size, prefill_tokens=a.prefill_tokens,
                   kernels=kernels.describe(), device=jax.devices()[0].device_kind, jax=jax.__version__)
+    before = (engine.steps_dispatched, engine.step_seconds, engine.wait_seconds)
     all_at_once = run_engine(engine, prompts, arrivals(a.requests, None), a.new)
+    steps, step_s, wait_s = (x - y for x, y in zip((engine.steps_dispatched, engine.step_seconds,
+                                                     engine.wait_seconds), before))
     rate = a.rate or 0.8 * all_at_once["output_tok_s"] / a.new
     poisson = run_engine(engine, prompts, arrivals(a.requests, rate, seed=2), a.new)
     engine.stop()
@@ -123,6 +128,8 @@ def ours(a) -> None:
         print(json.dumps(line), flush=True)
     print(json.dumps(dict(bench="serve", system="llama-jax", rate_rps=round(rate, 3), warmup_s=round(warm_s, 1),
                           all_at_once_s=round(all_at_once["seconds"], 2), poisson_s=round(poisson["seconds"], 2),
+                          all_at_once_steps=steps, host_ms_per_step=round((step_s - wait_s) / steps * 1e3, 3),
+                          wait_ms_per_step=round(wait_s / steps * 1e3, 3),
                           preemptions=engine.stats()["preemptions"], **common)), flush=True)
 
 

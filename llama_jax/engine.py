@@ -231,6 +231,10 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.tokens_out = 0  # tokens produced since the start
         self.steps_dispatched = 0
+        # Where the engine thread's time goes: waiting for the device's tokens, and the rest of step() (planning,
+        # building the arrays, dispatching, the callbacks). The device idles only while the host works on a
+        # step whose predecessor is done, so a wait near zero says the host is the bottleneck.
+        self.wait_seconds = self.step_seconds = 0.0
         self.preemptions = 0
         self.last_error: Exception | None = None
         self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) of recent steps
@@ -327,6 +331,7 @@ class Engine:
         """One iteration: take new requests and cancellations, admit, dispatch a decode and a prefill chunk,
         then hand out the tokens of the step dispatched before this one. Returns how many tokens it handed
         out."""
+        start = time.perf_counter()
         self._take_inbox()
         self._admit()
         decode = self._plan_decode()
@@ -338,7 +343,9 @@ class Engine:
         previous, self._in_flight = self._in_flight, calls
         produced = 0
         for rows, future in previous:
+            waited = time.perf_counter()
             tokens = np.asarray(future)  # done on the device by now, or nearly: this step's calls queue behind it
+            self.wait_seconds += time.perf_counter() - waited
             for (seq, produces), token in zip(rows, tokens):
                 if produces:
                     seq.pending -= 1
@@ -351,6 +358,7 @@ class Engine:
                 self._recent.append((now, produced))
                 while self._recent[0][0] < now - 10:
                     self._recent.popleft()
+        self.step_seconds += time.perf_counter() - start
         return produced
 
     def _take_inbox(self):
