@@ -14,7 +14,8 @@ Runners:
 - `generate_tokens` (`decode_loop` on arrays): prefill then a `lax.while_loop` of decode steps,
   all in one jitted call (no host round trip per token); stops early once every row has produced EOS.
 - `stream_tokens` / `stream`: jitted prefill and decode step called from Python, yielding each
-  token as it comes (chat). The cache buffers are donated to each call, so XLA updates them in place.
+  token as it comes (chat), read once the next step is dispatched so that the device never waits for
+  the caller. The cache buffers are donated to each call, so XLA updates them in place.
 Both draw the sample for step t from fold_in(key(seed), t), so they give the same tokens.
 
 Which kernels run the model is the kernel policy's (ops/policy.py): `kernels=None` takes
@@ -355,21 +356,27 @@ def stream_tokens(params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], ma
     tokens, mask = pad_left(prompts)
     key = jax.random.key(seed)
     cache = KVCache.zeros(cfg, len(prompts), _cache_len(tokens.shape[1], max_new_tokens), dtype=cache_dtype)
-    done = np.zeros(len(prompts), bool)
-    position = None
+    with _on(mesh):
+        logits, cache, position = prefill(params, jnp.asarray(tokens), jnp.asarray(mask), cache, cfg, kernels)
+    done = jnp.zeros(len(prompts), bool)
+    # Token t is read (and the caller handed it) only once step t + 1 is dispatched: the device samples and
+    # runs the next step without waiting for the host. Once every row is done, one dispatched step is dropped.
+    ahead = None
     for step in range(max_new_tokens):
-        if step == 0:
-            with _on(mesh):
-                logits, cache, position = prefill(params, jnp.asarray(tokens), jnp.asarray(mask), cache, cfg, kernels)
-        token = np.asarray(_sample_jit(logits, key, step, sampling))
-        token = np.where(done, eos, token).astype(np.int32)
-        done |= token == eos
-        yield token
-        if done.all() or step + 1 == max_new_tokens:
-            return
         with _on(mesh):
-            logits, cache = decode_step(params, jnp.asarray(token), position, cache, cfg, kernels)
-        position = position + 1
+            if step + 1 < max_new_tokens:
+                token, logits, cache, position, done = _pick_and_step(
+                    params, logits, key, step, position, cache, done, eos, cfg=cfg, sampling=sampling,
+                    kernels=kernels)
+            else:  # the last token needs no forward pass after it
+                token = jnp.where(done, eos, _sample_jit(logits, key, step, sampling))
+        if ahead is not None:
+            out = np.asarray(ahead)
+            yield out
+            if (out == eos).all():  # finished rows repeat eos_id
+                return
+        ahead = token
+    yield np.asarray(ahead)
 
 
 # ---------------------------------------------------------------------------------------------

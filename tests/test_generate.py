@@ -120,6 +120,14 @@ def test_stop_at_eos_per_row():
     for f, s in zip(free, stopped):
         assert s == (f[:f.index(eos)] if eos in f else f)
     assert len(stopped[0]) == 4
+    # Streamed: each row's tokens, then EOS repeated once it is done; the stream ends at the step where
+    # the last row produces its EOS (or at max_new_tokens).
+    for rows in ([0, 1, 2], [0, 2]):  # the second stream ends early, at step 11 of 20
+        streamed = np.stack(list(stream_tokens(params, cfg, [prompts[i] for i in rows], 20, eos_id=eos)), axis=1)
+        ends = [free[i].index(eos) + 1 if eos in free[i] else 20 for i in rows]
+        assert streamed.shape == (len(rows), max(ends))
+        for row, i, end in zip(streamed.tolist(), rows, ends):
+            assert row == free[i][:end] + [eos] * (max(ends) - end)
 
 
 def test_stream_equals_loop_and_seeds(stories):
