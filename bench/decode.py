@@ -5,7 +5,8 @@
     python bench/decode.py --batch 1 --bits 4 --group 128 --symmetric --include-embeddings   # int4, GPTQ-style
 
 Random bf16 weights (timing does not depend on the values). For each batch: prefill seconds, ms per
-decode step, tokens/s of the decode steps and of the whole call (prefill included), GB/s moved (weights +
+decode step, tokens/s of the decode steps and of the whole call (prefill included; also through
+`stream_tokens`, what chat runs), GB/s moved (weights +
 the KV cache slots attended), compile seconds, and a correctness check (greedy tokens against the argmax
 of a full forward over the same sequence). `--preset llama3.1-8b` is the Llama-3-8B shape (8 kv heads, a
 vocabulary of 128256, llama3 rope scaling).
@@ -33,7 +34,7 @@ def ours(a) -> None:
     import numpy as np
 
     import llama_jax as lj
-    from llama_jax.generate import Sampling, decode_loop, next_logits, prefill
+    from llama_jax.generate import Sampling, decode_loop, next_logits, prefill, stream_tokens
     from llama_jax.ops import Kernels
 
     kernels = Kernels.named(a.kernels)
@@ -99,6 +100,13 @@ def ours(a) -> None:
         host_loop().block_until_ready()
         host_compile_s = time.perf_counter() - t0
         host_total_s = min(_timed(host_loop) for _ in range(3))
+        prompt_rows = prompt.tolist()
+
+        def streamed():  # what chat sees: stream_tokens, every token on the host as it comes, prefill included
+            return jnp.asarray(list(stream_tokens(params, cfg, prompt_rows, a.new, eos_id=-1, kernels=kernels)))
+
+        streamed()
+        stream_s = min(_timed(streamed) for _ in range(2))
         t0 = time.perf_counter()
         tokens = generate_all()
         tokens.block_until_ready()
@@ -125,6 +133,7 @@ def ours(a) -> None:
             first_call_s=round(compile_s, 1), greedy_match_full_forward=round(match, 4),
             host_loop_ms_per_step=round(host_step_s * 1e3, 3), host_loop_tok_s=round(batch / host_step_s, 1),
             host_loop_tok_s_with_prefill=round(batch * a.new / host_total_s, 1),
+            stream_tok_s_with_prefill=round(batch * a.new / stream_s, 1),
             host_loop_weight_gbps=round(weight_bytes / host_step_s / 1e9, 1), host_loop_first_call_s=round(host_compile_s, 1),
             step_first_call_s=round(step_first_call_s, 1), kernels=kernels.describe(), device=device,
             jax=jax.__version__)), flush=True)
