@@ -37,7 +37,9 @@ flight, not max_batch times the context. Block ops.NO_BLOCK is never handed out:
 
 Shapes are bucketed so that the jitted calls compile once per bucket, not per request mix: decode rows to
 powers of two from 8; a prefill step to [rows, chunk], its chunk length a power of two from 16 and its
-rows a power of two up to prefill_tokens // chunk; block tables to powers of two from 8 blocks. Sampling
+rows a power of two up to prefill_tokens // chunk; block tables to powers of two from 8 blocks, except a
+decode step's where the kernel reads blocks in place (ops.decode_reads_in_place): those are as wide as the
+longest context, one width for every step, so no decode step recompiles as sequences grow. Sampling
 parameters are arrays, so a batch mixes them freely; a batch of greedy rows only compiles without the
 sampler.
 
@@ -65,7 +67,7 @@ import numpy as np
 from llama_jax.config import LlamaConfig
 from llama_jax.generate import Sampling
 from llama_jax.model import PagedKVCache, apply
-from llama_jax.ops import NO_BLOCK, Kernels
+from llama_jax.ops import NO_BLOCK, Kernels, decode_reads_in_place
 
 OnTokens = Callable[[list[int], "str | None"], None]  # new token ids, and the finish reason once finished
 log = logging.getLogger(__name__)
@@ -218,6 +220,13 @@ class Engine:
         self._free_slots = list(range(max_batch - 1, -1, -1))
         self._in_flight: list[tuple[list[tuple[_Seq, bool]], jax.Array]] = []  # the last step's calls: rows, tokens
         self._spare = max(1, self.kv_blocks // 100)  # blocks admission leaves for the running decodes
+        # Where the kernel reads each row's blocks in place, every decode step passes block tables as wide as
+        # the longest sequence's: one program a row bucket, and no recompile (a stall of every stream) when a
+        # sequence grows past a width. The XLA reference gathers the whole width, so there it is bucketed.
+        longest = min(self._blocks_for(cfg.max_seq_len), self.kv_blocks - 1)
+        in_place = decode_reads_in_place(self.kernels, self._pool.k, cfg.n_heads)
+        self._decode_width = _pow2(longest, 8) if in_place else None
+        self.shapes_dispatched: set[tuple[int, int, int]] = set()  # (rows, tokens a row, table width): a program each
         self._waiting: collections.deque[_Seq] = collections.deque()
         self._running: dict[_Seq, None] = {}  # in admission order; a dict for O(1) membership and removal
         self._by_id: dict[int, _Seq] = {}
@@ -503,7 +512,8 @@ class Engine:
         # A prefill's rows round up to a power of two, so one prompt arriving alone costs its own chunk, not
         # prefill_tokens of padding.
         batch = _pow2(len(rows), 8) if decode else min(_pow2(len(rows), 1), self.prefill_tokens // seq_len)
-        width = _pow2(max(len(s.blocks) for s, _ in rows), 8)
+        width = (self._decode_width if decode else None) or _pow2(max(len(s.blocks) for s, _ in rows), 8)
+        self.shapes_dispatched.add((batch, seq_len, width))
         seqs = [seq for seq, _ in rows]
         tokens = np.zeros((batch, seq_len), np.int32)
         positions = np.zeros((batch, seq_len), np.int32)
@@ -524,7 +534,8 @@ class Engine:
                 positions[i, :n] = np.arange(seq.cached, seq.cached + n)
                 mask[i, :n] = True
         tables = np.full((batch, width), NO_BLOCK, np.int32)
-        tables[:len(rows)] = [seq.blocks + [NO_BLOCK] * (width - len(seq.blocks)) for seq in seqs]
+        for i, seq in enumerate(seqs):
+            tables[i, :len(seq.blocks)] = seq.blocks
         last = np.zeros(batch, np.int32)
         last[:len(rows)] = [n - 1 for _, n in rows]
         seeds, steps, top_k = (np.zeros(batch, np.int32) for _ in range(3))

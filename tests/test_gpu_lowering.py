@@ -168,11 +168,12 @@ def test_device_loop_runs_every_projection_through_the_matmul_kernel(h100):
 
 
 def test_engine_decode_step_holds_the_paged_kernel(h100):
+    """The engine's decode step at 64 rows, tables as wide as a 4096-token context (256 blocks of 16)."""
     cfg = _cfg("llama3.1-8b")
     pool = jax.eval_shape(lambda: PagedKVCache.zeros(cfg, 4097, 16))
     rows = 64
     i32 = lambda *shape: S(shape, jnp.int32)  # noqa: E731
-    args = (lj.abstract_params(cfg), pool.k, pool.v, i32(rows + 1), i32(rows, 16), i32(rows, 1), S((rows,), bool),
+    args = (lj.abstract_params(cfg), pool.k, pool.v, i32(rows + 1), i32(rows, 256), i32(rows, 1), S((rows,), bool),
             i32(rows), i32(rows, 1), S((rows, 1), bool), i32(rows), i32(rows), i32(rows), S((rows,), jnp.float32),
             i32(rows), S((rows,), jnp.float32))
 

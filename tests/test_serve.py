@@ -101,15 +101,19 @@ def test_paged_reference_equals_dense_attention():
 
 # batch 3 splits rows over programs (flash-decoding), 70 does not; heads per program: GQA's pairs sharing a
 # kv head (default) or one head each, and without GQA four or two heads side by side, or one; blocks a loop
-# step: one, or two and four (a row's last step then reaches past its keys).
+# step: one, or two and four (a row's last step then reaches past its keys); tables of 8 blocks (as wide as
+# the longest row) or 32 (the engine's one width for every decode step: the split parts divide each row's
+# own blocks).
 @pytest.mark.parametrize("batch", [3, 70])
-@pytest.mark.parametrize("kv_heads,group,per_step", [(2, None, 1), (2, 1, 1), (4, None, 1), (4, 2, 1), (4, 1, 1),
-                                                      (2, None, 4), (4, 2, 2)])
-def test_paged_kernel_equals_reference(batch, kv_heads, group, per_step):
+@pytest.mark.parametrize("kv_heads,group,per_step,width", [
+    (2, None, 1, 8), (2, 1, 1, 8), (4, None, 1, 8), (4, 2, 1, 8), (4, 1, 1, 8), (2, None, 4, 8), (4, 2, 2, 8),
+    (2, None, 1, 32), (4, 2, 4, 32)])
+def test_paged_kernel_equals_reference(batch, kv_heads, group, per_step, width):
     """The Pallas kernel (in Pallas' interpreter) against the XLA reference for a decode step; a padding row
     (length 0) gets zeros, not NaN."""
     lengths = [int(n) for n in np.random.default_rng(batch).integers(1, 120, batch)]
-    q, pool_k, pool_v, tables, _ = _paged_case(batch, batch, lengths, kv_heads=kv_heads, blocks=8 * batch + 1)
+    q, pool_k, pool_v, tables, _ = _paged_case(batch, batch, lengths, kv_heads=kv_heads, blocks=8 * batch + 1,
+                                               width=width)
     lengths[0] = 0
     kernel = jax.jit(functools.partial(pallas_paged_attention.paged_attention, group=group,
                                        blocks_per_step=per_step, interpret=True))
@@ -210,6 +214,28 @@ def test_engine_feeds_a_token_to_the_next_step_before_the_host_sees_it(stories, 
     while not engine.idle:
         engine.step()
     assert [outs[2], outs[3]] == [want[2][:20], want[3][:20]]
+
+
+def test_engine_decodes_at_one_table_width_through_the_kernel():
+    """Where the kernel reads blocks in place, every decode step passes tables of one width (the longest
+    context's: one program a row bucket, no recompile as sequences grow); with the XLA reference, which
+    gathers the whole width, widths follow the longest row. Both give generate's tokens."""
+    cfg = lj.PRESETS["tiny"]  # head_dim 16: the kernel takes it
+    params = lj.init_params(cfg, jax.random.key(4))
+    prompts = [list(map(int, np.random.default_rng(n).integers(3, cfg.vocab_size, n))) for n in (5, 20, 30)]
+    want = lj.generate_tokens(params, cfg, prompts, max_new_tokens=24, eos_id=-1)
+    widths = {}
+    for name, kernels in (("xla", Kernels.xla()), ("kernel", Kernels(paged_attention="pallas", interpret=True))):
+        engine = Engine(params, cfg, eos_id=-1, max_batch=8, kv_blocks=64, block_size=4, prefill_tokens=16,
+                        kernels=kernels)
+        outs = {}
+        for i, p in enumerate(prompts):
+            engine.submit(p, Request(max_tokens=24), _collect(outs, i))
+        while not engine.idle:
+            engine.step()
+        assert [outs[i] for i in range(3)] == want, name
+        widths[name] = {width for _, tokens, width in engine.shapes_dispatched if tokens == 1}
+    assert widths == {"xla": {8, 16}, "kernel": {32}}  # 54 tokens at most: 14 blocks of 4; the context: 32
 
 
 def test_engine_seeded_sampling_equals_generate(stories):

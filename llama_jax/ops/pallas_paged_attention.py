@@ -36,13 +36,14 @@ NUM_WARPS, NUM_STAGES = 4, 2
 BLOCKS_PER_STEP = 1  # pool blocks a loop step reads
 
 
-def _kernel(layer_ref, tables_ref, lengths_ref, q_ref, k_ref, v_ref, *out_refs, block, pages, group, rep, per_step,
-            scale):
-    """Program (b, j, c): query heads j * group .. (j + 1) * group - 1 of row b, over the row's blocks
-    c * pages .. (c + 1) * pages - 1 that hold keys (slot < length), `per_step` blocks a loop step (their
-    loads independent of each other, so they are in flight together). With group <= rep the program's heads
-    share one kv head, read once; otherwise (rep 1) each reads its own, side by side. One split: the
-    program writes the output. Several: its unnormalised sums, running maxima and totals."""
+def _kernel(layer_ref, tables_ref, lengths_ref, q_ref, k_ref, v_ref, *out_refs, block, splits, group, rep,
+            per_step, scale):
+    """Program (b, j, c): query heads j * group .. (j + 1) * group - 1 of row b, over part c of `splits` of
+    the row's blocks that hold keys (slot < length), `per_step` blocks a loop step (their loads independent
+    of each other, so they are in flight together). The parts divide each row's own blocks, not the table's
+    width, so a wide table costs nothing. With group <= rep the program's heads share one kv head, read
+    once; otherwise (rep 1) each reads its own, side by side. One split: the program writes the output.
+    Several: its unnormalised sums, running maxima and totals."""
     b, j, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     layer, length = layer_ref[0], lengths_ref[b]
     q = q_ref[b, pl.ds(j * group, group), :].astype(jnp.float32) * scale  # [group, head_dim]
@@ -71,8 +72,10 @@ def _kernel(layer_ref, tables_ref, lengths_ref, q_ref, k_ref, v_ref, *out_refs, 
 
     init = (jnp.full((group,), _NEG, jnp.float32), jnp.zeros((group,), jnp.float32),
             jnp.zeros(q.shape, jnp.float32))
-    last = jnp.minimum((c + 1) * pages, (length + block - 1) // block)  # blocks past the row's keys are masked
-    m, total, acc = jax.lax.fori_loop(c * pages // per_step, (last + per_step - 1) // per_step, body, init)
+    used = (length + block - 1) // block  # the row's blocks
+    part = (used + splits * per_step - 1) // (splits * per_step) * per_step  # blocks a program, whole loop steps
+    last = jnp.minimum((c + 1) * part, used)  # slots past the row's keys in the last step are masked
+    m, total, acc = jax.lax.fori_loop(c * part // per_step, (last + per_step - 1) // per_step, body, init)
     if len(out_refs) == 1:  # a row of no keys (padding) gets zeros, not 0 / 0
         out_refs[0][...] = (acc / jnp.where(total > 0, total, 1.0)[:, None]).astype(out_refs[0].dtype)
     else:
@@ -131,10 +134,7 @@ def paged_attention(
                          f"tables' width {width}")
     programs = batch * (heads // group)
     splits = min(width // blocks_per_step, pl.cdiv(_PROGRAMS, programs))
-    # Blocks per program, a multiple of blocks_per_step so that no loop step crosses into the next program's.
-    pages = pl.cdiv(pl.cdiv(width, splits), blocks_per_step) * blocks_per_step
-    splits = pl.cdiv(width, pages)
-    kernel = functools.partial(_kernel, block=block, pages=pages, group=group, rep=rep, per_step=blocks_per_step,
+    kernel = functools.partial(_kernel, block=block, splits=splits, group=group, rep=rep, per_step=blocks_per_step,
                                scale=1.0 / math.sqrt(head_dim))
     if splits == 1:
         out_shape = [jax.ShapeDtypeStruct((batch, heads, head_dim), q.dtype)]
