@@ -944,6 +944,9 @@ def add_serve(sub):
                    help="prompt tokens prefilled a step at most, a power of two (a long prompt takes several steps)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGTERM gives requests in flight before they are cancelled")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="skip compiling the decode steps at start (then each compiles when the batch first reaches "
+                        "its size, stalling the streams in flight)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="compute dtype (auto: float32 on CPU, the model config's elsewhere)")
     p.add_argument("--keep-quantized", action="store_true",
@@ -980,7 +983,7 @@ def run_serve(args):
 
     return serve(model, name, sock, max_batch=args.max_batch, kv_blocks=args.kv_blocks,
                  block_size=args.block_size, max_queue=args.max_queue, prefill_tokens=args.prefill_tokens,
-                 drain_timeout=args.drain_timeout, kernels=_kernels(args), on_ready=ready)
+                 drain_timeout=args.drain_timeout, kernels=_kernels(args), warm_up=not args.no_warmup, on_ready=ready)
 
 
 # === quantize (quantization) ===
@@ -1216,15 +1219,17 @@ def main(argv: list[str] | None = None, *, process_exit: bool = False) -> int:
 
 
 class _MainThreadOnly:
-    """The `llama-jax` script's stderr without --verbose: what the main thread writes (our messages,
-    progress bars, warnings) passes; what other threads write is dropped. After a failed restore,
-    TensorStore's callbacks into Orbax's closed event loop print tracebacks from their own threads."""
+    """The `llama-jax` script's stderr without --verbose: what the main thread and llama-jax's own threads
+    (named "llama-jax-...", as the serving engine's) write passes (our messages, progress bars, warnings);
+    what other threads write is dropped. After a failed restore, TensorStore's callbacks into Orbax's
+    closed event loop print tracebacks from their own threads."""
 
     def __init__(self, stream):
         self.stream = stream
 
     def write(self, text: str) -> int:
-        if threading.current_thread() is threading.main_thread():
+        thread = threading.current_thread()
+        if thread is threading.main_thread() or thread.name.startswith("llama-jax"):
             return self.stream.write(text)
         return len(text)
 

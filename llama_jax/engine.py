@@ -56,6 +56,7 @@ import dataclasses
 import functools
 import itertools
 import logging
+import sys
 import threading
 import time
 from typing import Callable, Sequence
@@ -63,6 +64,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from llama_jax.config import LlamaConfig
 from llama_jax.generate import Sampling
@@ -240,6 +242,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.tokens_out = 0  # tokens produced since the start
         self.steps_dispatched = 0
+        self.warming = False  # compiling the decode steps ahead (start(warm_up=True))
         # Where the engine thread's time goes: waiting for the device's tokens, and the rest of step() (planning,
         # building the arrays, dispatching, the callbacks). The device idles only while the host works on a
         # step whose predecessor is done, so a wait near zero says the host is the bottleneck.
@@ -283,9 +286,12 @@ class Engine:
             self._cancels.add(request_id)
             self._cond.notify()
 
-    def start(self) -> None:
-        """Run the steps in a thread of the engine's own until `stop`."""
-        self._thread = threading.Thread(target=self._loop, name="llama-jax-engine", daemon=True)
+    def start(self, warm_up: bool = False, progress: bool = False) -> None:
+        """Run the steps in a thread of the engine's own until `stop`; with `warm_up`, the thread first runs
+        `warm_up(progress)` (`warming` is True until it is done; requests wait in the queue meanwhile)."""
+        self.warming = warm_up
+        self._thread = threading.Thread(target=self._loop, args=(warm_up, progress), name="llama-jax-engine",
+                                        daemon=True)
         self._thread.start()
 
     def stop(self, deadline: float = 30.0) -> None:
@@ -323,7 +329,14 @@ class Engine:
 
     # --- the steps ---
 
-    def _loop(self):
+    def _loop(self, warm_up: bool, progress: bool):
+        if warm_up:
+            try:
+                self.warm_up(progress)
+            except Exception:  # noqa: BLE001 - serving goes on; the steps compile on first use instead
+                log.exception("llama-jax engine: the warm-up failed; steps compile when first needed")
+            finally:
+                self.warming = False
         while True:
             with self._cond:
                 while self.idle and not self._closed:
@@ -513,7 +526,6 @@ class Engine:
         # prefill_tokens of padding.
         batch = _pow2(len(rows), 8) if decode else min(_pow2(len(rows), 1), self.prefill_tokens // seq_len)
         width = (self._decode_width if decode else None) or _pow2(max(len(s.blocks) for s, _ in rows), 8)
-        self.shapes_dispatched.add((batch, seq_len, width))
         seqs = [seq for seq, _ in rows]
         tokens = np.zeros((batch, seq_len), np.int32)
         positions = np.zeros((batch, seq_len), np.int32)
@@ -545,12 +557,8 @@ class Engine:
         top_k[:len(rows)] = [seq.request.top_k for seq in seqs]
         temperature[:len(rows)] = [seq.request.temperature for seq in seqs]
         top_p[:len(rows)] = [seq.request.top_p for seq in seqs]
-        greedy = not temperature.any()
-        token, k, v, self._slot_tokens = forward_and_sample(
-            self.params, self._pool.k, self._pool.v, self._slot_tokens, tables, tokens, from_slot, slots, positions,
-            mask, last, seeds, steps, temperature, top_k, top_p, cfg=self.cfg, kernels=self.kernels,
-            unroll=True if decode and self.kernels.decode_unroll else 1, greedy=bool(greedy))
-        self._pool = PagedKVCache(k, v, self._pool.tables)
+        token = self._launch(tables, tokens, from_slot, slots, positions, mask, last, seeds, steps, temperature,
+                             top_k, top_p)
         token.copy_to_host_async()  # the host reads it a step later
         fed = []
         for seq, n in rows:
@@ -559,3 +567,38 @@ class Engine:
             seq.pending += produces
             fed.append((seq, produces))
         return fed, token  # all the bucket's rows: slicing on the device would compile a slice per row count
+
+    def _launch(self, tables, tokens, from_slot, slots, positions, mask, last, seeds, steps, temperature, top_k,
+                top_p) -> jax.Array:
+        """forward_and_sample on the engine's pools and slot tokens (both replaced by the call's results)."""
+        batch, seq_len = tokens.shape
+        self.shapes_dispatched.add((batch, seq_len, tables.shape[1]))
+        token, k, v, self._slot_tokens = forward_and_sample(
+            self.params, self._pool.k, self._pool.v, self._slot_tokens, tables, tokens, from_slot, slots, positions,
+            mask, last, seeds, steps, temperature, top_k, top_p, cfg=self.cfg, kernels=self.kernels,
+            unroll=True if seq_len == 1 and self.kernels.decode_unroll else 1, greedy=bool(not temperature.any()))
+        self._pool = PagedKVCache(k, v, self._pool.tables)
+        return token
+
+    def warm_up(self, progress: bool = False) -> None:
+        """Compile the decode step for every row bucket (8 .. max_batch), greedy and sampled, before a request
+        needs it. On an accelerator a decode program unrolls the layer scan and is the slowest to compile
+        (tens of seconds for a 7B model on a GPU), and the first step to reach a bucket would otherwise stall
+        every stream while it compiles. The calls feed padding rows only, which write to block NO_BLOCK and
+        the spare slot. Tables are the decode width the steps use (with the XLA reference, the narrowest);
+        prefill shapes compile on first use. `progress`: a bar on stderr."""
+        buckets = [8 << i for i in range((_pow2(self.max_batch, 8) // 8).bit_length())]
+        width = self._decode_width or 8
+        bar = tqdm(total=2 * len(buckets), desc="compiling decode steps", unit="program", disable=not progress,
+                   file=sys.stderr, dynamic_ncols=True)
+        with bar:
+            for rows in buckets:
+                for temperature in (0.0, 1.0):  # greedy, and sampled
+                    zeros = np.zeros((rows, 1), np.int32)
+                    token = self._launch(
+                        np.full((rows, width), NO_BLOCK, np.int32), zeros, np.zeros(rows, bool),
+                        np.full(rows, self.max_batch, np.int32), zeros, np.zeros((rows, 1), bool),
+                        np.zeros(rows, np.int32), np.zeros(rows, np.int32), np.zeros(rows, np.int32),
+                        np.full(rows, temperature, np.float32), np.zeros(rows, np.int32), np.ones(rows, np.float32))
+                    token.block_until_ready()
+                    bar.update()

@@ -270,6 +270,8 @@ def make_app(engine: Engine, tokenizer, model_id: str) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        if engine.warming:  # requests are queued meanwhile; a load balancer waits for 200
+            return JSONResponse({"status": "warming up"}, status_code=503)
         return {"status": "draining" if app.state.draining else "ok"}
 
     @app.get("/metrics")
@@ -439,16 +441,18 @@ def listen(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
 
 def serve(model, model_id: str, sock: socket.socket, *, max_batch: int = 256, kv_blocks: int | None = None,
           block_size: int = 16, max_queue: int = 1024, prefill_tokens: int = 512, drain_timeout: float = 30.0,
-          kernels=None, on_ready=None) -> int:
+          kernels=None, warm_up: bool = True, on_ready=None) -> int:
     """Run the server for a `Loaded` model on a socket from `listen` until SIGTERM or SIGINT; returns 0 once
-    drained. `on_ready(engine)` is called once the engine is built (the command prints its size)."""
+    drained. With `warm_up` the engine compiles its decode steps first (a progress bar on stderr; /health
+    answers 503 "warming up" until then). `on_ready(engine)` is called once the engine is built (the command
+    prints its size)."""
     engine = Engine(model.params, model.config, eos_id=model.tokenizer.eos_id, max_batch=max_batch,
                     kv_blocks=kv_blocks, block_size=block_size, max_queue=max_queue, prefill_tokens=prefill_tokens,
                     kernels=kernels)
     if on_ready is not None:
         on_ready(engine)
     app = make_app(engine, model.tokenizer, model_id)
-    engine.start()
+    engine.start(warm_up=warm_up, progress=warm_up)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=drain_timeout, lifespan="off")
     try:
         DrainingServer(config, app).run(sockets=[sock])

@@ -238,6 +238,24 @@ def test_engine_decodes_at_one_table_width_through_the_kernel():
     assert widths == {"xla": {8, 16}, "kernel": {32}}  # 54 tokens at most: 14 blocks of 4; the context: 32
 
 
+def test_warm_up_compiles_every_decode_bucket_first(stories, reference):
+    """Engine.warm_up compiles the decode step for each row bucket, greedy and sampled, with padding rows
+    only: requests afterwards meet no new decode shape, and their tokens are still generate's."""
+    ids, want = reference
+    engine = Engine(stories.params, stories.config, eos_id=stories.tokenizer.eos_id, **ENGINE)
+    engine.warm_up()
+    warmed = set(engine.shapes_dispatched)
+    assert warmed == {(8, 1, 8), (16, 1, 8), (32, 1, 8)}  # max_batch 32; contexts of 8 blocks at most
+    outs = {}
+    for i, p in enumerate(ids[:4]):
+        engine.submit(p, Request(max_tokens=20), _collect(outs, i))
+    while not engine.idle:
+        engine.step()
+    assert [outs[i] for i in range(4)] == [w[:20] for w in want[:4]]
+    assert {s for s in engine.shapes_dispatched if s[1] == 1} == warmed
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
 def test_engine_seeded_sampling_equals_generate(stories):
     """A seeded sample is generate's for the same seed, beside a greedy row in the same batch."""
     tok = stories.tokenizer
@@ -445,8 +463,9 @@ def test_bad_input_through_the_openai_client(server):
 
 
 def test_sigterm_drains_then_exits_zero(tmp_path):
-    """`llama-jax serve` in its own process: a stream in flight when SIGTERM comes runs to its end, new
-    connections are refused, and the process exits 0."""
+    """`llama-jax serve` in its own process: it warms up (showing progress) before /health answers ok, a
+    stream in flight when SIGTERM comes runs to its end, new connections are refused, and the process exits
+    0."""
     sock = _free_socket()
     port = sock.getsockname()[1]
     sock.close()
@@ -483,6 +502,7 @@ def test_sigterm_drains_then_exits_zero(tmp_path):
             finish = c.choices[0].finish_reason or finish
         assert finish == "length" and len(text) > 1000
         assert proc.wait(30) == 0, proc.communicate()[1][-2000:]
+        assert "compiling decode steps" in proc.stderr.read()  # the warm-up's progress, before /health said ok
     finally:
         if proc.poll() is None:
             proc.kill()
