@@ -445,6 +445,20 @@ def test_bad_input_gets_its_status(server, body, status, message):
     assert json.loads(urlopen_text(port, "/health")) == {"status": "ok"}
 
 
+def test_health_answers_503_while_the_engine_warms_up(server):
+    engine, port = server
+    engine.warming = True  # as Engine.start(warm_up=True) sets it until its warm-up is done
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/health")
+        r = conn.getresponse()
+        assert (r.status, json.loads(r.read())) == (503, {"status": "warming up"})
+        conn.close()
+    finally:
+        engine.warming = False
+    assert json.loads(urlopen_text(port, "/health")) == {"status": "ok"}
+
+
 def test_bad_input_through_the_openai_client(server):
     engine, port = server
     client = _client(port)
@@ -480,10 +494,11 @@ def test_sigterm_drains_then_exits_zero(tmp_path):
         while True:
             try:
                 if json.loads(urlopen_text(port, "/health")) == {"status": "ok"}:
-                    break
+                    break  # before: refused (loading), or 503 "warming up"
             except OSError:
-                assert proc.poll() is None and time.monotonic() < end, proc.communicate()[1][-2000:]
-                time.sleep(0.2)
+                pass
+            assert proc.poll() is None and time.monotonic() < end, proc.communicate()[1][-2000:]
+            time.sleep(0.2)
         stream = _client(port).completions.create(model="stories260K.gguf", prompt="Once", max_tokens=1000,
                                                   temperature=0, stream=True)
         text, finish = next(iter(stream)).choices[0].text, None
