@@ -507,12 +507,12 @@ class Engine:
     def _fail_all(self, error: Exception):
         """After a failed device call: end every request with "error" and start over with an empty cache
         (a failed call may have consumed the donated pools)."""
+        self.last_error = error  # before the callbacks: a caller told "error" can read why
         for seq in list(self._running) + list(self._waiting):
             self._finish(seq, "error")
         self._in_flight = []
         self._pool = PagedKVCache.zeros(self.cfg, self.kv_blocks, self.block_size)
         self._slot_tokens = jnp.zeros(self.max_batch + 1, jnp.int32)
-        self.last_error = error
 
     def _dispatch(self, rows: list[tuple[_Seq, int]]) -> tuple[list[tuple[_Seq, bool]], jax.Array]:
         """Launch one jitted call for rows of (sequence, tokens to feed) and count the fed tokens as cached.

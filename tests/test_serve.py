@@ -256,6 +256,49 @@ def test_warm_up_compiles_every_decode_bucket_first(stories, reference):
     assert engine.stats()["kv_blocks_used"] == 0
 
 
+def test_a_failed_step_ends_the_requests_in_flight_and_the_engine_goes_on(stories, reference, monkeypatch):
+    """A device call that raises (here the third) ends every request in flight with "error", including the
+    one whose tokens were still in flight; the engine starts over with an empty cache and serves the next
+    requests exactly."""
+    ids, want = reference
+    engine_module = importlib.import_module("llama_jax.engine")
+    real, calls = engine_module.forward_and_sample, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("device lost")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "forward_and_sample", failing)
+    engine = Engine(stories.params, stories.config, eos_id=stories.tokenizer.eos_id, **ENGINE)
+    engine.start()
+    try:
+        outs, done = {}, threading.Event()
+
+        def collect(key):
+            def on_tokens(tokens, finish):
+                _collect(outs, key)(tokens, finish)
+                if finish and all(("finish", k) in outs for k in range(2)) and key in (0, 1):
+                    done.set()
+            return on_tokens
+
+        for i in range(2):
+            engine.submit(ids[i], Request(max_tokens=30), collect(i))
+        assert done.wait(60)
+        assert [outs[("finish", i)] for i in range(2)] == ["error", "error"]
+        assert str(engine.last_error) == "device lost"
+        for i in range(2):
+            assert outs.get(i, []) == want[i][:len(outs.get(i, []))]  # what was handed out was right
+        finished = threading.Event()
+        engine.submit(ids[2], Request(max_tokens=20), lambda t, f: (_collect(outs, 2)(t, f), f and finished.set()))
+        assert finished.wait(60)
+        assert outs[2] == want[2][:20] and outs[("finish", 2)] == "length"
+        assert engine.stats()["kv_blocks_used"] == 0
+    finally:
+        engine.stop(deadline=1)
+
+
 def test_engine_seeded_sampling_equals_generate(stories):
     """A seeded sample is generate's for the same seed, beside a greedy row in the same batch."""
     tok = stories.tokenizer
