@@ -9,7 +9,8 @@
    path). Padding rows (length 0) must come back as zeros.
 2. Time: one layer's decode attention at batch 256 and 192 tokens a row on average, the kernel against the
    reference (which gathers every row's blocks into a dense copy first), median of 50 runs, for each pool
-   block size of --block-sizes (default 16, the engine's), and for each kernel setting of --variants
+   block size of --block-sizes (default 16, the engine's) and pool dtype of --pool-dtypes (default bf16;
+   float8_e4m3fn halves the bytes read), and for each kernel setting of --variants
    (GROUP:WARPS:STAGES[:BLOCKS], query heads a program, Triton's num_warps and num_stages, and pool blocks
    a loop step reads, default 1; default the shipped).
 3. The engine: greedy tokens of a small float32 model (head_dim 64, so the kernel takes it) through the
@@ -88,9 +89,10 @@ def values() -> None:
                               nan=bool(np.isnan(got).any()), device=DEVICE)), flush=True)
 
 
-def timing(block: int, variants) -> None:
+def timing(block: int, variants, pool_dtype: str = "bfloat16") -> None:
     q, pool_k, pool_v, tables, lengths = case(3, 256, 32, 32, 384, block=block)
-    cache_bytes = int(2 * jnp.sum(lengths)) * 32 * 128 * 2
+    pool_k, pool_v = (p.astype(pool_dtype) for p in (pool_k, pool_v))
+    cache_bytes = int(2 * jnp.sum(lengths)) * 32 * 128 * jnp.dtype(pool_dtype).itemsize
 
     def median_ms(fn):
         fn(q, pool_k, pool_v, tables, lengths).block_until_ready()
@@ -109,7 +111,7 @@ def timing(block: int, variants) -> None:
             print(json.dumps(dict(check="paged-attention-time", block_size=block, variant=variant,
                                   error=str(e).splitlines()[0][:200])), flush=True)
             continue
-        print(json.dumps(dict(check="paged-attention-time", block_size=block, variant=variant,
+        print(json.dumps(dict(check="paged-attention-time", block_size=block, variant=variant, pool_dtype=pool_dtype,
                               shipped=setting(variant) == setting(SHIPPED), batch=q.shape[0], mean_len=round(float(jnp.mean(lengths)), 1),
                               kernel_ms=round(k_ms, 4), xla_reference_ms=round(x_ms, 4),
                               kernel_cache_gbps=round(cache_bytes / k_ms / 1e6, 1), speedup=round(x_ms / k_ms, 2),
@@ -147,11 +149,14 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--block-sizes", type=int, nargs="+", default=[16], help="the pool's block sizes to time")
     p.add_argument("--variants", nargs="+", default=[SHIPPED], help="kernel settings GROUP:WARPS:STAGES[:BLOCKS] to time")
+    p.add_argument("--pool-dtypes", nargs="+", default=["bfloat16"], choices=["bfloat16", "float8_e4m3fn"],
+                   help="the pool's dtypes to time (float8_e4m3fn: serve --cache-dtype)")
     p.add_argument("--timing-only", action="store_true")
     a = p.parse_args()
     if not a.timing_only:
         values()
     for block in a.block_sizes:
-        timing(block, a.variants)
+        for pool_dtype in a.pool_dtypes:
+            timing(block, a.variants, pool_dtype)
     if not a.timing_only:
         engine()

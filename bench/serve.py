@@ -104,7 +104,7 @@ def ours(a) -> None:
                                        max_seq_len=max(a.prompt + a.new, 256))
     params = lj.init_params(cfg, jax.random.key(0))
     engine = Engine(params, cfg, eos_id=-1, max_batch=a.max_batch, kv_blocks=a.kv_blocks, block_size=a.block_size,
-                    max_queue=a.requests, prefill_tokens=a.prefill_tokens, kernels=kernels)
+                    max_queue=a.requests, prefill_tokens=a.prefill_tokens, kernels=kernels, cache_dtype=a.cache_dtype)
     engine.start()
     prompts = np.random.default_rng(1).integers(3, cfg.vocab_size, (a.requests, a.prompt)).tolist()
     t0 = time.perf_counter()
@@ -115,6 +115,7 @@ def ours(a) -> None:
     warm_s = time.perf_counter() - t0
     common = dict(preset=a.preset, requests=a.requests, prompt=a.prompt, new=a.new, max_batch=a.max_batch,
                   kv_blocks=engine.kv_blocks, block_size=a.block_size, prefill_tokens=a.prefill_tokens,
+                  cache_dtype=engine.cache_dtype,
                   kernels=kernels.describe(), device=jax.devices()[0].device_kind, jax=jax.__version__)
     before = (engine.steps_dispatched, engine.step_seconds, engine.wait_seconds)
     all_at_once = run_engine(engine, prompts, arrivals(a.requests, None), a.new)
@@ -145,6 +146,8 @@ def main() -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--prefill-tokens", type=int, default=1024)
     p.add_argument("--kernels", default="auto", choices=["auto", "xla"])
+    p.add_argument("--cache-dtype", default=None, choices=["bfloat16", "float8_e4m3fn"],
+                   help="the paged cache's dtype (default: the compute dtype, bf16)")
     p.add_argument("--peer-batch", type=int, default=64)
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--side", choices=["ours"], help=argparse.SUPPRESS)  # the child process

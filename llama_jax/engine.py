@@ -31,8 +31,8 @@ token in the step already dispatched is dropped). Blocks and slots freed while a
 safe to hand out again: the device runs the steps in order, so a new owner's writes land after the old
 owner's, and attention reads no slot beyond a row's own length.
 
-The paged cache (model.PagedKVCache) holds every layer's keys and values in `kv_blocks` blocks of
-`block_size` tokens; a sequence's block table lists its blocks in order, so memory follows the tokens in
+The paged cache (model.PagedKVCache) holds every layer's keys and values (in `cache_dtype`, default the
+compute dtype) in `kv_blocks` blocks of `block_size` tokens; a sequence's block table lists its blocks in order, so memory follows the tokens in
 flight, not max_batch times the context. Block ops.NO_BLOCK is never handed out: padding writes there.
 
 Shapes are bucketed so that the jitted calls compile once per bucket, not per request mix: decode rows to
@@ -67,7 +67,7 @@ import numpy as np
 from tqdm import tqdm
 
 from llama_jax.config import LlamaConfig
-from llama_jax.generate import Sampling
+from llama_jax.generate import Sampling, check_cache_dtype
 from llama_jax.model import PagedKVCache, apply
 from llama_jax.ops import NO_BLOCK, Kernels, decode_reads_in_place
 
@@ -130,11 +130,12 @@ def _pow2(n: int, low: int) -> int:
     return max(low, 1 << (n - 1).bit_length())
 
 
-def default_kv_blocks(cfg: LlamaConfig, block_size: int, max_batch: int, device: jax.Device | None = None) -> int:
+def default_kv_blocks(cfg: LlamaConfig, block_size: int, max_batch: int, device: jax.Device | None = None,
+                      cache_dtype: str | None = None) -> int:
     """Blocks for `max_batch` sequences of the whole context, or as many as 85% of the device's free memory
     holds (read after the params are placed), whichever is fewer; 1 GiB of them where the device does not
-    say (the CPU)."""
-    itemsize = jnp.dtype(cfg.compute_jnp_dtype).itemsize
+    say (the CPU). cache_dtype: the pool's (default the compute dtype)."""
+    itemsize = jnp.dtype(cache_dtype or cfg.compute_jnp_dtype).itemsize
     per_block = 2 * cfg.n_layers * block_size * cfg.n_kv_heads * cfg.head_dim * itemsize
     want = max_batch * -(-cfg.max_seq_len // block_size) + 1
     stats = (device or jax.local_devices()[0]).memory_stats() or {}
@@ -201,7 +202,7 @@ class Engine:
 
     def __init__(self, params, cfg: LlamaConfig, *, eos_id: int | None = None, max_batch: int = 256,
                  kv_blocks: int | None = None, block_size: int = 16, max_queue: int = 1024,
-                 prefill_tokens: int = 512, kernels: Kernels | None = None):
+                 prefill_tokens: int = 512, kernels: Kernels | None = None, cache_dtype: str | None = None):
         for name, value in (("max_batch", max_batch), ("block_size", block_size), ("max_queue", max_queue)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -212,10 +213,13 @@ class Engine:
         self.eos_id = cfg.eos_id if eos_id is None else eos_id
         self.max_batch, self.block_size, self.max_queue = max_batch, block_size, max_queue
         self.prefill_tokens = prefill_tokens
-        self.kv_blocks = kv_blocks or default_kv_blocks(cfg, block_size, max_batch)
+        # The pool's dtype, default the compute dtype; float8_e4m3fn holds twice the tokens in the same memory,
+        # and a decode step's attention reads half the bytes (keys and values rounded to 8 bits as written).
+        self.cache_dtype = check_cache_dtype(cache_dtype) or jnp.dtype(cfg.compute_jnp_dtype).name
+        self.kv_blocks = kv_blocks or default_kv_blocks(cfg, block_size, max_batch, cache_dtype=self.cache_dtype)
         if self.kv_blocks < 2:
             raise ValueError(f"kv_blocks must be >= 2 (block {NO_BLOCK} takes padding), got {self.kv_blocks}")
-        self._pool = PagedKVCache.zeros(cfg, self.kv_blocks, block_size)
+        self._pool = PagedKVCache.zeros(cfg, self.kv_blocks, block_size, dtype=self.cache_dtype)
         self._free = [b for b in range(self.kv_blocks - 1, -1, -1) if b != NO_BLOCK]  # pop() takes low ids first
         # int32 [max_batch + 1]: each running sequence's last sampled token; the last entry takes padding rows.
         self._slot_tokens = jnp.zeros(max_batch + 1, jnp.int32)
@@ -226,7 +230,7 @@ class Engine:
         # the longest sequence's: one program a row bucket, and no recompile (a stall of every stream) when a
         # sequence grows past a width. The XLA reference gathers the whole width, so there it is bucketed.
         longest = min(self._blocks_for(cfg.max_seq_len), self.kv_blocks - 1)
-        in_place = decode_reads_in_place(self.kernels, self._pool.k, cfg.n_heads)
+        in_place = decode_reads_in_place(self.kernels, self._pool.k, cfg.n_heads, cfg.compute_jnp_dtype)
         self._decode_width = _pow2(longest, 8) if in_place else None
         self.shapes_dispatched: set[tuple[int, int, int]] = set()  # (rows, tokens a row, table width): a program each
         self._waiting: collections.deque[_Seq] = collections.deque()
@@ -511,7 +515,7 @@ class Engine:
         for seq in list(self._running) + list(self._waiting):
             self._finish(seq, "error")
         self._in_flight = []
-        self._pool = PagedKVCache.zeros(self.cfg, self.kv_blocks, self.block_size)
+        self._pool = PagedKVCache.zeros(self.cfg, self.kv_blocks, self.block_size, dtype=self.cache_dtype)
         self._slot_tokens = jnp.zeros(self.max_batch + 1, jnp.int32)
 
     def _dispatch(self, rows: list[tuple[_Seq, int]]) -> tuple[list[tuple[_Seq, bool]], jax.Array]:

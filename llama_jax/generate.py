@@ -199,7 +199,7 @@ def compile_decode_loop(params, cfg: LlamaConfig, batch: int, prompt_len: int, m
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_device), params)
     formats = jax.tree.map(lambda _: Format(Layout.AUTO, on_device), abstract)
     run = functools.partial(decode_loop, cfg=cfg, max_new_tokens=max_new_tokens, sampling=sampling,
-                            cache_len=cache_len, kernels=kernels, cache_dtype=_cache_dtype(cache_dtype))
+                            cache_len=cache_len, kernels=kernels, cache_dtype=check_cache_dtype(cache_dtype))
     loop = jax.jit(run, in_shardings=(formats,) + (on_device,) * 4)
     prompt = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=on_device)
     mask = jax.ShapeDtypeStruct((batch, prompt_len), jnp.bool_, sharding=on_device)
@@ -296,7 +296,7 @@ def _check(cfg: LlamaConfig, prompts: Sequence[Sequence[int]], max_new_tokens: i
                 f"{len(p) + max_new_tokens}, more than the model's context of {cfg.max_seq_len} tokens")
 
 
-def _cache_dtype(name: str | None) -> str | None:
+def check_cache_dtype(name: str | None) -> str | None:
     """A KV cache dtype by name, checked: a float type (keys and values are rounded into it as written)."""
     if name is None:
         return None
@@ -327,7 +327,7 @@ def generate_tokens(params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], 
     kernels = Kernels.auto(mesh) if kernels is None else kernels
     sampling = Sampling(float(temperature), int(top_k), float(top_p))
     _check(cfg, prompts, max_new_tokens)
-    cache_dtype = _cache_dtype(cache_dtype)
+    cache_dtype = check_cache_dtype(cache_dtype)
     if max_new_tokens == 0:
         return [[] for _ in prompts]
     eos = cfg.eos_id if eos_id is None else eos_id
@@ -350,7 +350,7 @@ def stream_tokens(params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], ma
     kernels = Kernels.auto(mesh) if kernels is None else kernels
     sampling = Sampling(float(temperature), int(top_k), float(top_p))
     _check(cfg, prompts, max_new_tokens)
-    cache_dtype = _cache_dtype(cache_dtype)
+    cache_dtype = check_cache_dtype(cache_dtype)
     eos = cfg.eos_id if eos_id is None else eos_id
     eos = -1 if eos is None else int(eos)
     tokens, mask = pad_left(prompts)

@@ -441,14 +441,14 @@ def listen(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
 
 def serve(model, model_id: str, sock: socket.socket, *, max_batch: int = 256, kv_blocks: int | None = None,
           block_size: int = 16, max_queue: int = 1024, prefill_tokens: int = 512, drain_timeout: float = 30.0,
-          kernels=None, warm_up: bool = True, on_ready=None) -> int:
+          kernels=None, cache_dtype: str | None = None, warm_up: bool = True, on_ready=None) -> int:
     """Run the server for a `Loaded` model on a socket from `listen` until SIGTERM or SIGINT; returns 0 once
     drained. With `warm_up` the engine compiles its decode steps first (a progress bar on stderr; /health
     answers 503 "warming up" until then). `on_ready(engine)` is called once the engine is built (the command
     prints its size)."""
     engine = Engine(model.params, model.config, eos_id=model.tokenizer.eos_id, max_batch=max_batch,
                     kv_blocks=kv_blocks, block_size=block_size, max_queue=max_queue, prefill_tokens=prefill_tokens,
-                    kernels=kernels)
+                    kernels=kernels, cache_dtype=cache_dtype)
     if on_ready is not None:
         on_ready(engine)
     app = make_app(engine, model.tokenizer, model_id)

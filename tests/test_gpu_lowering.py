@@ -71,13 +71,15 @@ def test_the_policy_for_one_h100(h100):
 # Each kernel at the shapes it serves (Llama-2-7B: 32 heads of 128; Llama-3-8B: 32 over 8 kv heads)
 
 
-@pytest.mark.parametrize("batch,kv_heads,width,group,per_step", [
-    (256, 32, 16, None, 1), (256, 32, 16, 2, 4), (256, 32, 16, 8, 2), (256, 32, 16, 1, 1),  # the bench's sweep
-    (256, 8, 16, None, 1), (256, 8, 16, None, 4),  # GQA: a kv head's 4 query heads a program
-    (4, 32, 256, None, 1), (4, 8, 256, None, 2),  # few long rows: split over programs
+@pytest.mark.parametrize("batch,kv_heads,width,group,per_step,pool_dtype", [
+    (256, 32, 16, None, 1, "bfloat16"), (256, 32, 16, 2, 4, "bfloat16"), (256, 32, 16, 8, 2, "bfloat16"),
+    (256, 32, 16, 1, 1, "bfloat16"),  # the bench's sweep
+    (256, 8, 16, None, 1, "bfloat16"), (256, 8, 16, None, 4, "bfloat16"),  # GQA: 4 query heads a program
+    (4, 32, 256, None, 1, "bfloat16"), (4, 8, 256, None, 2, "bfloat16"),  # few long rows: split over programs
+    (256, 32, 256, None, 1, "float8_e4m3fn"), (4, 8, 256, None, 1, "float8_e4m3fn"),  # an 8-bit pool
 ])
-def test_paged_attention_lowers(batch, kv_heads, width, group, per_step):
-    pool = S((32, 4097, 16, kv_heads, 128), jnp.bfloat16)
+def test_paged_attention_lowers(batch, kv_heads, width, group, per_step, pool_dtype):
+    pool = S((32, 4097, 16, kv_heads, 128), jnp.dtype(pool_dtype))
     fn = functools.partial(pallas_paged_attention.paged_attention, group=group, blocks_per_step=per_step)
     text = lower(fn, S((batch, 32, 128), jnp.bfloat16), pool, pool, S((), jnp.int32), S((batch, width), jnp.int32),
                  S((batch,), jnp.int32))

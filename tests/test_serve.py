@@ -25,7 +25,7 @@ import pytest
 import uvicorn
 
 import llama_jax as lj
-from llama_jax.engine import Engine, Request
+from llama_jax.engine import Engine, Request, default_kv_blocks
 from llama_jax.model import apply_rope
 from llama_jax.ops import Kernels, pallas_paged_attention
 from llama_jax.server import TextStream, make_app
@@ -121,6 +121,19 @@ def test_paged_kernel_equals_reference(batch, kv_heads, group, per_step, width):
     want = jax.jit(paged.reference)(q, pool_k, pool_v, 1, tables, jnp.asarray(lengths, jnp.int32)[:, None] - 1)[:, 0]
     np.testing.assert_allclose(np.asarray(got[1:]), np.asarray(want[1:]), rtol=1e-5, atol=1e-5)
     assert np.all(np.asarray(got[0]) == 0)
+
+
+def test_paged_kernel_reads_an_8_bit_pool():
+    """A float8_e4m3fn pool (serve --cache-dtype): the kernel widens each block to float32 as it reads it,
+    and equals the reference over the same 8-bit keys and values."""
+    lengths = [0, 17, 64, 100, 5]
+    q, pool_k, pool_v, tables, _ = _paged_case(7, 5, lengths, kv_heads=2, blocks=41)
+    pool_k, pool_v = (p.astype(jnp.float8_e4m3fn) for p in (pool_k, pool_v))
+    n = jnp.asarray(lengths, jnp.int32)
+    got = pallas_paged_attention.paged_attention(q[:, 0], pool_k, pool_v, jnp.int32(1), tables, n, interpret=True)
+    want = paged.reference(q, pool_k, pool_v, 1, tables, n[:, None] - 1)[:, 0]
+    np.testing.assert_allclose(np.asarray(got[1:]), np.asarray(want[1:]), rtol=1e-5, atol=1e-5)
+    assert pallas_paged_attention.supported(q, pool_k)
 
 
 def test_paged_op_writes_then_attends_through_the_kernel():
@@ -223,19 +236,23 @@ def test_engine_decodes_at_one_table_width_through_the_kernel():
     cfg = lj.PRESETS["tiny"]  # head_dim 16: the kernel takes it
     params = lj.init_params(cfg, jax.random.key(4))
     prompts = [list(map(int, np.random.default_rng(n).integers(3, cfg.vocab_size, n))) for n in (5, 20, 30)]
-    want = lj.generate_tokens(params, cfg, prompts, max_new_tokens=24, eos_id=-1)
+    want = {dtype: lj.generate_tokens(params, cfg, prompts, max_new_tokens=24, eos_id=-1, cache_dtype=dtype)
+            for dtype in (None, "float8_e4m3fn")}
+    kernel = Kernels(paged_attention="pallas", interpret=True)
     widths = {}
-    for name, kernels in (("xla", Kernels.xla()), ("kernel", Kernels(paged_attention="pallas", interpret=True))):
+    for name, kernels, dtype in (("xla", Kernels.xla(), None), ("kernel", kernel, None),
+                                 ("kernel, 8-bit cache", kernel, "float8_e4m3fn")):
         engine = Engine(params, cfg, eos_id=-1, max_batch=8, kv_blocks=64, block_size=4, prefill_tokens=16,
-                        kernels=kernels)
+                        kernels=kernels, cache_dtype=dtype)
         outs = {}
         for i, p in enumerate(prompts):
             engine.submit(p, Request(max_tokens=24), _collect(outs, i))
         while not engine.idle:
             engine.step()
-        assert [outs[i] for i in range(3)] == want, name
+        assert [outs[i] for i in range(3)] == want[dtype], name
         widths[name] = {width for _, tokens, width in engine.shapes_dispatched if tokens == 1}
-    assert widths == {"xla": {8, 16}, "kernel": {32}}  # 54 tokens at most: 14 blocks of 4; the context: 32
+    # 54 tokens at most: 14 blocks of 4; the context, 128 tokens: 32
+    assert widths == {"xla": {8, 16}, "kernel": {32}, "kernel, 8-bit cache": {32}}
 
 
 def test_warm_up_compiles_every_decode_bucket_first(stories, reference):
@@ -297,6 +314,28 @@ def test_a_failed_step_ends_the_requests_in_flight_and_the_engine_goes_on(storie
         assert engine.stats()["kv_blocks_used"] == 0
     finally:
         engine.stop(deadline=1)
+
+
+def test_engine_with_an_8_bit_cache_equals_generate_with_one(stories, reference):
+    """Engine(cache_dtype="float8_e4m3fn"): a byte a key or value element, so more blocks in the same memory;
+    its greedy tokens are generate's with the same 8-bit dense cache (keys and values rounded alike)."""
+    ids, _ = reference
+    want = lj.generate_tokens(stories.params, stories.config, ids[:4], max_new_tokens=24,
+                              eos_id=stories.tokenizer.eos_id, cache_dtype="float8_e4m3fn")
+    engine = Engine(stories.params, stories.config, eos_id=stories.tokenizer.eos_id, cache_dtype="float8_e4m3fn",
+                    **ENGINE)
+    outs = {}
+    for i, p in enumerate(ids[:4]):
+        engine.submit(p, Request(max_tokens=24), _collect(outs, i))
+        engine.step()
+    while not engine.idle:
+        engine.step()
+    assert [outs[i] for i in range(4)] == want
+    assert engine.cache_dtype == "float8_e4m3fn"
+    cfg = stories.config.replace(max_seq_len=1 << 20)  # wants more than the 1 GiB the CPU is given
+    # A quarter of float32's bytes (the CPU's compute dtype): four times the blocks in the same memory.
+    wide, narrow = default_kv_blocks(cfg, 16, 64), default_kv_blocks(cfg, 16, 64, cache_dtype="float8_e4m3fn")
+    assert 4 * wide <= narrow < 4 * (wide + 1)
 
 
 def test_engine_seeded_sampling_equals_generate(stories):

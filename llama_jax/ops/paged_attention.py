@@ -55,12 +55,12 @@ def paged_attention(
     return reference(q, pool_k, pool_v, layer, tables, positions), pool_k, pool_v
 
 
-def decode_reads_in_place(kernels: Kernels, pool_k: jax.Array, heads: int) -> bool:
-    """Whether a decode step over this pool reads each row's blocks where they lie (the policy's kernel
-    takes it). Its cost then does not grow with the block tables' width, so a caller may give every decode
-    step one width (one compiled program); the reference gathers `width` blocks a row, so there the width
-    is worth keeping near the longest row's."""
-    q = jax.ShapeDtypeStruct((1, 1, heads, pool_k.shape[-1]), pool_k.dtype)
+def decode_reads_in_place(kernels: Kernels, pool_k: jax.Array, heads: int, dtype) -> bool:
+    """Whether a decode step over this pool, with queries of `heads` heads in `dtype`, reads each row's
+    blocks where they lie (the policy's kernel takes it). Its cost then does not grow with the block
+    tables' width, so a caller may give every decode step one width (one compiled program); the reference
+    gathers `width` blocks a row, so there the width is worth keeping near the longest row's."""
+    q = jax.ShapeDtypeStruct((1, 1, heads, pool_k.shape[-1]), dtype)
     return kernels.paged_attention == "pallas" and pallas_paged_attention.supported(q, pool_k)
 
 
