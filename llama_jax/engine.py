@@ -213,7 +213,7 @@ class Engine:
         self.eos_id = cfg.eos_id if eos_id is None else eos_id
         self.max_batch, self.block_size, self.max_queue = max_batch, block_size, max_queue
         self.prefill_tokens = prefill_tokens
-        # The pool's dtype, default the compute dtype; float8_e4m3fn holds twice the tokens in the same memory,
+        # The pool's dtype, default the compute dtype; float8_e4m3fn holds twice a bf16 pool's tokens,
         # and a decode step's attention reads half the bytes (keys and values rounded to 8 bits as written).
         self.cache_dtype = check_cache_dtype(cache_dtype) or jnp.dtype(cfg.compute_jnp_dtype).name
         self.kv_blocks = kv_blocks or default_kv_blocks(cfg, block_size, max_batch, cache_dtype=self.cache_dtype)
