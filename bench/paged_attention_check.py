@@ -112,7 +112,8 @@ def timing(block: int, variants, pool_dtype: str = "bfloat16") -> None:
                                   error=str(e).splitlines()[0][:200])), flush=True)
             continue
         print(json.dumps(dict(check="paged-attention-time", block_size=block, variant=variant, pool_dtype=pool_dtype,
-                              shipped=setting(variant) == setting(SHIPPED), batch=q.shape[0], mean_len=round(float(jnp.mean(lengths)), 1),
+                              shipped=setting(variant) == setting(SHIPPED), batch=q.shape[0],
+                              mean_len=round(float(jnp.mean(lengths)), 1),
                               kernel_ms=round(k_ms, 4), xla_reference_ms=round(x_ms, 4),
                               kernel_cache_gbps=round(cache_bytes / k_ms / 1e6, 1), speedup=round(x_ms / k_ms, 2),
                               device=DEVICE)), flush=True)
@@ -148,7 +149,8 @@ def kernel_in_program(kernels) -> bool:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--block-sizes", type=int, nargs="+", default=[16], help="the pool's block sizes to time")
-    p.add_argument("--variants", nargs="+", default=[SHIPPED], help="kernel settings GROUP:WARPS:STAGES[:BLOCKS] to time")
+    p.add_argument("--variants", nargs="+", default=[SHIPPED],
+                   help="kernel settings GROUP:WARPS:STAGES[:BLOCKS] to time")
     p.add_argument("--pool-dtypes", nargs="+", default=["bfloat16"], choices=["bfloat16", "float8_e4m3fn"],
                    help="the pool's dtypes to time (float8_e4m3fn: serve --cache-dtype)")
     p.add_argument("--timing-only", action="store_true")

@@ -32,8 +32,8 @@ safe to hand out again: the device runs the steps in order, so a new owner's wri
 owner's, and attention reads no slot beyond a row's own length.
 
 The paged cache (model.PagedKVCache) holds every layer's keys and values (in `cache_dtype`, default the
-compute dtype) in `kv_blocks` blocks of `block_size` tokens; a sequence's block table lists its blocks in order, so memory follows the tokens in
-flight, not max_batch times the context. Block ops.NO_BLOCK is never handed out: padding writes there.
+compute dtype) in `kv_blocks` blocks of `block_size` tokens; a sequence's block table lists its blocks in
+order, so memory follows the tokens in flight, not max_batch times the context. Block ops.NO_BLOCK is never handed out: padding writes there.
 
 Shapes are bucketed so that the jitted calls compile once per bucket, not per request mix: decode rows to
 powers of two from 8; a prefill step to [rows, chunk], its chunk length a power of two from 16 and its
@@ -72,6 +72,9 @@ from llama_jax.model import PagedKVCache, apply
 from llama_jax.ops import NO_BLOCK, Kernels, decode_reads_in_place
 
 OnTokens = Callable[[list[int], "str | None"], None]  # new token ids, and the finish reason once finished
+# Blocks: a decode step's tables up to this wide go whole to every step where the kernel reads blocks in
+# place (1 MiB at 256 rows; 16k tokens of context in blocks of 16); longer contexts bucket beyond it.
+FIXED_DECODE_WIDTH = 1024
 log = logging.getLogger(__name__)
 
 
@@ -227,11 +230,12 @@ class Engine:
         self._in_flight: list[tuple[list[tuple[_Seq, bool]], jax.Array]] = []  # the last step's calls: rows, tokens
         self._spare = max(1, self.kv_blocks // 100)  # blocks admission leaves for the running decodes
         # Where the kernel reads each row's blocks in place, every decode step passes block tables as wide as
-        # the longest sequence's: one program a row bucket, and no recompile (a stall of every stream) when a
-        # sequence grows past a width. The XLA reference gathers the whole width, so there it is bucketed.
+        # the longest sequence's (up to FIXED_DECODE_WIDTH): one program a row bucket, and no recompile (a
+        # stall of every stream) when a sequence grows past a width. The XLA reference gathers the whole
+        # width, so there it is bucketed.
         longest = min(self._blocks_for(cfg.max_seq_len), self.kv_blocks - 1)
         in_place = decode_reads_in_place(self.kernels, self._pool.k, cfg.n_heads, cfg.compute_jnp_dtype)
-        self._decode_width = _pow2(longest, 8) if in_place else None
+        self._decode_width = min(_pow2(longest, 8), FIXED_DECODE_WIDTH) if in_place else 0
         self.shapes_dispatched: set[tuple[int, int, int]] = set()  # (rows, tokens a row, table width): a program each
         self._waiting: collections.deque[_Seq] = collections.deque()
         self._running: dict[_Seq, None] = {}  # in admission order; a dict for O(1) membership and removal
@@ -529,7 +533,9 @@ class Engine:
         # A prefill's rows round up to a power of two, so one prompt arriving alone costs its own chunk, not
         # prefill_tokens of padding.
         batch = _pow2(len(rows), 8) if decode else min(_pow2(len(rows), 1), self.prefill_tokens // seq_len)
-        width = (self._decode_width if decode else None) or _pow2(max(len(s.blocks) for s, _ in rows), 8)
+        width = _pow2(max(len(s.blocks) for s, _ in rows), 8)
+        if decode:
+            width = max(width, self._decode_width)
         seqs = [seq for seq, _ in rows]
         tokens = np.zeros((batch, seq_len), np.int32)
         positions = np.zeros((batch, seq_len), np.int32)

@@ -229,10 +229,11 @@ def test_engine_feeds_a_token_to_the_next_step_before_the_host_sees_it(stories, 
     assert [outs[2], outs[3]] == [want[2][:20], want[3][:20]]
 
 
-def test_engine_decodes_at_one_table_width_through_the_kernel():
+def test_engine_decodes_at_one_table_width_through_the_kernel(monkeypatch):
     """Where the kernel reads blocks in place, every decode step passes tables of one width (the longest
-    context's: one program a row bucket, no recompile as sequences grow); with the XLA reference, which
-    gathers the whole width, widths follow the longest row. Both give generate's tokens."""
+    context's: one program a row bucket, no recompile as sequences grow), up to FIXED_DECODE_WIDTH and
+    bucketed beyond it; with the XLA reference, which gathers the whole width, widths follow the longest
+    row. All give generate's tokens."""
     cfg = lj.PRESETS["tiny"]  # head_dim 16: the kernel takes it
     params = lj.init_params(cfg, jax.random.key(4))
     prompts = [list(map(int, np.random.default_rng(n).integers(3, cfg.vocab_size, n))) for n in (5, 20, 30)]
@@ -241,7 +242,10 @@ def test_engine_decodes_at_one_table_width_through_the_kernel():
     kernel = Kernels(paged_attention="pallas", interpret=True)
     widths = {}
     for name, kernels, dtype in (("xla", Kernels.xla(), None), ("kernel", kernel, None),
-                                 ("kernel, 8-bit cache", kernel, "float8_e4m3fn")):
+                                 ("kernel, 8-bit cache", kernel, "float8_e4m3fn"),
+                                 ("kernel, fixed up to 8", kernel, None)):
+        if name == "kernel, fixed up to 8":
+            monkeypatch.setattr(importlib.import_module("llama_jax.engine"), "FIXED_DECODE_WIDTH", 8)
         engine = Engine(params, cfg, eos_id=-1, max_batch=8, kv_blocks=64, block_size=4, prefill_tokens=16,
                         kernels=kernels, cache_dtype=dtype)
         outs = {}
@@ -252,7 +256,7 @@ def test_engine_decodes_at_one_table_width_through_the_kernel():
         assert [outs[i] for i in range(3)] == want[dtype], name
         widths[name] = {width for _, tokens, width in engine.shapes_dispatched if tokens == 1}
     # 54 tokens at most: 14 blocks of 4; the context, 128 tokens: 32
-    assert widths == {"xla": {8, 16}, "kernel": {32}, "kernel, 8-bit cache": {32}}
+    assert widths == {"xla": {8, 16}, "kernel": {32}, "kernel, 8-bit cache": {32}, "kernel, fixed up to 8": {8, 16}}
 
 
 def test_warm_up_compiles_every_decode_bucket_first(stories, reference):
