@@ -4,10 +4,11 @@ Each sequence's keys and values lie in fixed-size blocks of a pool shared by eve
 its block table names them. A program takes several query heads of one row (a kv head's group under
 GQA, each block read once for all of them; otherwise HEADS_PER_PROGRAM heads side by side, for longer
 contiguous reads) and walks that row's blocks up to its length with an online softmax, reading each
-block where it lies. The XLA reference
-(paged_attention.py) gathers every row's blocks into a dense copy first, which a decode step at batch 256
-pays for in HBM traffic: the copy is written once and read back. Long rows of a small batch are split
-over several programs (flash-decoding) and combined here.
+block where it lies, widened to float32 (the pool may hold 8-bit floats: `serve --cache-dtype`). The XLA
+reference (paged_attention.py) gathers every row's blocks into a dense copy first, which a decode step
+at batch 256 pays for in HBM traffic: the copy is written once and read back. Long rows of a small batch
+are split over several programs (flash-decoding), each taking a part of the row's own blocks, and
+combined here; the table's width costs nothing.
 
 jax.experimental.pallas.ops.gpu ships a paged attention too, but it is deprecated (importing it warns),
 takes one layer's pool laid out head-major ([kv_heads, blocks, block, head_dim]), and pads each kv head's
