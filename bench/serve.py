@@ -15,9 +15,9 @@ all-at-once run, host work (planning, arrays, dispatch, callbacks: hidden behind
 shorter than a step) and waiting for the device's tokens.
 
 The engine is driven in-process, without HTTP: the figures are the engine's (the server adds a JSON
-encode and a socket write per token). `Engine.warm_up` first compiles the decode steps, as `llama-jax serve`
-does before it serves (its seconds are printed), then a warm-up run compiles the other shapes the runs use. Each side
-runs in a process of its own, so the frameworks never share GPU memory.
+encode and a socket write per token). `Engine.warm_up` first compiles the decode steps, as `llama-jax
+serve` does before it serves (its seconds are printed), then a warm-up run compiles the other shapes the
+runs use. Each side runs in a process of its own, so the frameworks never share GPU memory.
 """
 
 from __future__ import annotations
