@@ -2,6 +2,7 @@
 `generate`, and a real server on a free port driven by the official `openai` client: completions and chat,
 streamed and not, 50 concurrent clients with cancellations, bad input, and SIGTERM draining."""
 
+import collections
 import concurrent.futures
 import functools
 import http.client
@@ -340,6 +341,39 @@ def test_engine_with_an_8_bit_cache_equals_generate_with_one(stories, reference)
     # A quarter of float32's bytes (the CPU's compute dtype): four times the blocks in the same memory.
     wide, narrow = default_kv_blocks(cfg, 16, 64), default_kv_blocks(cfg, 16, 64, cache_dtype="float8_e4m3fn")
     assert 4 * wide <= narrow < 4 * (wide + 1)
+
+
+def test_engine_under_random_arrivals_cancellations_eos_and_preemption(stories):
+    """24 random prompts arriving at random steps with random max_tokens, some cancelled, an EOS that greedy
+    rows produce, in a pool of 7 blocks (preemptions): every request's tokens and finish reason are
+    generate's (a cancelled one's, a prefix of them), and every block comes back."""
+    cfg, rng = stories.config, random.Random(4)  # a seed under which 4 sequences are preempted
+    prompts = [[1] + [rng.randrange(3, cfg.vocab_size) for _ in range(rng.randrange(0, 40))] for _ in range(24)]
+    free = lj.generate_tokens(stories.params, cfg, prompts, max_new_tokens=40, eos_id=-1)
+    eos = collections.Counter(t for row in free for t in row).most_common(3)[2][0]  # stops some rows early
+    engine = Engine(stories.params, cfg, eos_id=eos, max_batch=8, kv_blocks=7, block_size=16, prefill_tokens=32)
+    outs, ids, max_tokens, cancelled = {}, {}, {}, set()
+    waiting = list(range(len(prompts)))
+    while waiting or not engine.idle:
+        if waiting and rng.random() < 0.5:
+            i = waiting.pop()
+            max_tokens[i] = rng.randrange(1, 41)
+            ids[i] = engine.submit(prompts[i], Request(max_tokens=max_tokens[i]), _collect(outs, i))
+        if ids and rng.random() < 0.05:
+            i = rng.choice(list(ids))
+            engine.cancel(ids[i])
+            cancelled.add(i)
+        engine.step()
+    for i in ids:
+        want = free[i][:max_tokens[i]]
+        want, reason = (want[:want.index(eos)], "stop") if eos in want else (want, "length")
+        got = outs.get(i, [])
+        if outs[("finish", i)] == "cancelled":
+            assert i in cancelled and got == want[:len(got)], i
+        else:
+            assert (got, outs[("finish", i)]) == (want, reason), i
+    assert engine.preemptions > 0 and engine.stats()["kv_blocks_used"] == 0
+    assert {outs[("finish", i)] for i in ids} == {"stop", "length", "cancelled"}
 
 
 def test_engine_seeded_sampling_equals_generate(stories):
