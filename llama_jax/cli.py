@@ -71,6 +71,13 @@ def _add_kernels_arg(p):
                    help="auto: the fastest kernels for the devices in use; xla: XLA everywhere (the reference)")
 
 
+def _add_cache_dtype_arg(p):
+    p.add_argument("--cache-dtype", choices=["float8_e4m3fn", "bfloat16", "float32"], default=None,
+                   help="the KV cache's dtype (default: the compute dtype); float8_e4m3fn holds twice a bf16 "
+                        "cache's tokens and halves what a decode step's attention reads, each key and value "
+                        "rounded to 8 bits")
+
+
 def _seed(text):
     """--seed: an integer that jax.random.key takes."""
     try:
@@ -106,9 +113,7 @@ def _add_sampling_args(p, max_new_tokens):
                    help="compute dtype (auto: float32 on CPU, the model config's elsewhere)")
     p.add_argument("--keep-quantized", action="store_true",
                    help="run a GGUF's Q8_0/Q4_0/Q4_1 weights quantized as shipped (else decoded to floats)")
-    p.add_argument("--cache-dtype", choices=["float8_e4m3fn", "bfloat16", "float32"], default=None,
-                   help="the KV cache's dtype (default: the compute dtype); float8_e4m3fn holds twice a bf16 "
-                        "cache's tokens, each key and value rounded to 8 bits")
+    _add_cache_dtype_arg(p)
     _add_kernels_arg(p)
 
 
@@ -944,10 +949,7 @@ def add_serve(sub):
                    help="prompt tokens prefilled a step at most, a power of two (a long prompt takes several steps)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGTERM gives requests in flight before they are cancelled")
-    p.add_argument("--cache-dtype", choices=["float8_e4m3fn", "bfloat16", "float32"], default=None,
-                   help="the KV cache's dtype (default: the compute dtype); float8_e4m3fn holds twice a bf16 "
-                        "cache's tokens and halves what a decode step's attention reads, each key and value "
-                        "rounded to 8 bits")
+    _add_cache_dtype_arg(p)
     p.add_argument("--no-warmup", action="store_true",
                    help="skip compiling the decode steps at start (then each compiles when the batch first reaches "
                         "its size, stalling the streams in flight)")

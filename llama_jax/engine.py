@@ -222,10 +222,8 @@ class Engine:
         self.kv_blocks = kv_blocks or default_kv_blocks(cfg, block_size, max_batch, cache_dtype=self.cache_dtype)
         if self.kv_blocks < 2:
             raise ValueError(f"kv_blocks must be >= 2 (block {NO_BLOCK} takes padding), got {self.kv_blocks}")
-        self._pool = PagedKVCache.zeros(cfg, self.kv_blocks, block_size, dtype=self.cache_dtype)
+        self._reset_device_state()  # self._pool, and self._slot_tokens: each running sequence's last sampled token
         self._free = [b for b in range(self.kv_blocks - 1, -1, -1) if b != NO_BLOCK]  # pop() takes low ids first
-        # int32 [max_batch + 1]: each running sequence's last sampled token; the last entry takes padding rows.
-        self._slot_tokens = jnp.zeros(max_batch + 1, jnp.int32)
         self._free_slots = list(range(max_batch - 1, -1, -1))
         self._in_flight: list[tuple[list[tuple[_Seq, bool]], jax.Array]] = []  # the last step's calls: rows, tokens
         self._spare = max(1, self.kv_blocks // 100)  # blocks admission leaves for the running decodes
@@ -519,6 +517,10 @@ class Engine:
         for seq in list(self._running) + list(self._waiting):
             self._finish(seq, "error")
         self._in_flight = []
+        self._reset_device_state()
+
+    def _reset_device_state(self):
+        """An empty pool, and int32 [max_batch + 1] slot tokens (the last entry takes padding rows)."""
         self._pool = PagedKVCache.zeros(self.cfg, self.kv_blocks, self.block_size, dtype=self.cache_dtype)
         self._slot_tokens = jnp.zeros(self.max_batch + 1, jnp.int32)
 

@@ -47,7 +47,7 @@ def paged_attention(
     over its row's positions 0 .. its own."""
     q, k = rotate(q, rope), rotate(k, rope)
     pool_k, pool_v = write(pool_k, pool_v, layer, k, v, tables, positions, token_mask)
-    if kernels.paged_attention == "pallas" and pallas_paged_attention.supported(q, pool_k):
+    if q.shape[1] == 1 and decode_reads_in_place(kernels, pool_k, q.shape[2], q.dtype):
         lengths = jnp.where(token_mask[:, 0], positions[:, 0] + 1, 0)
         out = pallas_paged_attention.paged_attention(q[:, 0], pool_k, pool_v, layer, tables, lengths,
                                                      interpret=kernels.interpret)
