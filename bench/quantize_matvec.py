@@ -3,11 +3,13 @@ QArrays, and the fused kernel of llama_jax/ops/pallas_qmatmul.py with a sweep of
 line per figure: ms for all 32 matrices and GB/s of stored bytes read.
 
     python bench/quantize_matvec.py [--rows 1] [--shape 4096 11008] [--sweep]   # GPU; on CPU it only checks
+    python bench/quantize_matvec.py --rows 64 --variants bf16_kernel --sweep --shape 4096 4096
 
 Every kernel result is checked against x @ dequantize(q) in float32 on fresh random inputs first.
 `bf16_kernel` is qmatmul.matmul on the bf16 stack. The sweep varies the column block and warps, with one
 row on the CUDA cores and padded to 16 rows for the tensor cores (`tensor_cores`), and the K split and
-pipeline depth on the tensor-core path.
+pipeline depth on the tensor-core path; with --rows above 1 it sweeps the column block and the K split
+({} is pallas_qmatmul.pick_blocks' choice), against XLA's GEMM on the same stack.
 """
 import argparse
 import json
@@ -76,6 +78,10 @@ def main():
                           for nw in (4, 8)] + [dict(tensor_cores=True, split=sp) for sp in (2, 4, 8, 16)]
         configs += [dict(tensor_cores=True, num_stages=st) for st in (2, 4, 5)]
         variants.pop("int4_g32_zp")
+    if a.sweep and not INTERPRET and a.rows > 1:  # the tensor-core path: column block x parts of K
+        units = K // 128
+        configs = [{}] + [dict(bn=bn, split=sp) for bn in (32, 64, 128) for sp in (1, 2, 4, 8, 16, 32, 43, 86)
+                          if N % bn == 0 and units % sp == 0]
     variants = {k: v for k, v in variants.items() if a.variants is None or k in a.variants}
     for name, q in variants.items():
         dense_kernel = name == "bf16_kernel"

@@ -204,7 +204,7 @@ def test_decode_kernel_takes_only_what_it_supports():
 # pallas_qmatmul.matmul: bf16 weights read from the stack
 
 
-@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("rows", [1, 3, 16, 64])
 def test_dense_gpu_kernel_equals_float32_matmul_of_the_layer(rows):
     """pallas_qmatmul.matmul, interpreted: x [rows, K] bf16 times layer `layer` of a stacked bf16 weight (and a
     2-D weight with no layer) equals x @ w[layer] in float32, as a float32 [rows, N], for every K split
@@ -226,6 +226,27 @@ def test_dense_gpu_kernel_equals_float32_matmul_of_the_layer(rows):
     assert _rel(got, ref) < 1e-5
     if rows == 1:  # one row padded to 16 for the tensor cores (the sweep's tensor_cores setting)
         assert _rel(pallas_qmatmul.matmul(x, w, 1, tensor_cores=True, interpret=True), ref) < 1e-5
+    if rows == 64:  # a narrower column block, as pick_blocks gives where it caps the parts
+        assert _rel(pallas_qmatmul.matmul(x, w, 1, bn=32, split=2, interpret=True), ref) < 1e-5
+
+
+def test_block_choice_caps_the_float32_parts_at_many_rows():
+    """pick_blocks on Llama-2-7B's decode products (K units of 128 rows, 4 programs an H100 SM): at 16 rows
+    the widest block and fewest parts that fill the SMs, as measured; at 64 rows every launch whose K
+    has a fitting divisor writes at most PARTS_BYTES of parts (the o projection split 32 ways wrote 33.5
+    MB, its weight's size) and still fills the SMs."""
+    pick, cap, programs = pallas_qmatmul.pick_blocks, pallas_qmatmul.PARTS_BYTES, 4 * 132
+    launches = {"qkv": (4096, (4096,) * 3), "o": (4096, (4096,)), "gate_up": (4096, (11008,) * 2),
+                "down": (11008, (4096,))}
+    at_16 = {name: pick(k // 128, ns, 16, programs) for name, (k, ns) in launches.items()}
+    assert at_16 == {"qkv": (128, 8), "o": (128, 32), "gate_up": (128, 4), "down": (128, 43)}
+    for name, (k, ns) in launches.items():
+        bn, split = pick(k // 128, ns, 64, programs)
+        assert all(n % bn == 0 for n in ns) and (k // 128) % split == 0, name
+        assert sum(ns) // bn * split >= programs, name
+        if name != "down":  # 86 units: no split between 2 (256 programs) and 43 (45 MB of parts)
+            assert split * 64 * sum(ns) * 4 <= cap, name
+    assert pick(32, (4096,), 64, programs) == (64, 16)
 
 
 @pytest.mark.parametrize("rows", [1, 16])

@@ -22,7 +22,8 @@ fill 132 SMs; for int8 one launch per weight measured faster (bench/BENCHMARKS.m
 Grid: (sum of N) / bn column blocks x `split` parts of K (so that a [4096, 4096] weight still spreads over
 every SM); each program loops over its K part one `unit` of rows at a time (a scale group, or for per-channel
 int8 a fixed tile). With split 1 a program's sum is final (per-channel scale applied in the kernel);
-otherwise each part is written as float32 [split, M, N] and XLA adds the parts up and scales them.
+otherwise each part is written as float32 [split, M, N] and XLA adds the parts up and scales them
+(`pick_blocks` keeps those parts within PARTS_BYTES where it can: at 64 rows they outgrow the weight).
 Per group of g codes with scale s (and zero point z, else -8 s for symmetric int4; qarray.py):
     x . w = s * (x . codes) + z * sum(x)
 """
@@ -39,6 +40,9 @@ from jax.experimental.pallas import triton as plgpu
 
 MAX_ROWS = 64  # larger matmuls (prefill) are compute-bound: XLA's dequantize-then-dot serves them
 _SMS = 132  # H100 SXM; only steers how finely K is split
+# Bytes of float32 partial sums a launch may write when it splits K: a third of an H100's 50 MB L2, so the
+# sum reads them back from L2 rather than HBM. Every split of a 7B decode step at 16 rows stays below it.
+PARTS_BYTES = 16 << 20
 
 
 def _dot(a, b):
@@ -129,13 +133,24 @@ def _kernel(layer_ref, x_ref, *refs, blocks, per, **kw):
             pl.when((j >= blocks[i]) & (j < blocks[i + 1]))(run)
 
 
-def _pick(k_units: int, ns, min_programs: int) -> tuple[int, int]:
-    """Column block (dividing every N) and K split: at least `min_programs` programs, so that every SM
-    stays busy."""
-    bn = next(b for b in (128, 64, 32, 16) if all(n % b == 0 for n in ns))
-    blocks = sum(ns) // bn
-    split = next((d for d in range(1, k_units + 1) if k_units % d == 0 and blocks * d >= min_programs), k_units)
-    return bn, split
+def pick_blocks(k_units: int, ns, rows: int, min_programs: int) -> tuple[int, int]:
+    """Column block (dividing every N) and K split for `rows` (padded) rows: at least `min_programs`
+    programs, so that every SM stays busy, with the widest block and then the fewest parts of K that
+    give them. The parts are float32 [split, rows, sum(ns)]: written, then read back by the sum. Where they
+    would exceed PARTS_BYTES (64 rows splitting a 7B weight 32 ways write as many bytes as the weight
+    holds), the split is capped to fit and narrower blocks make up the programs, where that can be done."""
+    fits = [b for b in (128, 64, 32, 16) if all(n % b == 0 for n in ns)]  # 16 always: supported() asks it
+    widths = fits[:1] + [b for b in fits[1:] if b >= 32]  # narrower ones only to make up programs
+    splits = [d for d in range(1, k_units + 1) if k_units % d == 0]
+    cap = max(1, PARTS_BYTES // (rows * sum(ns) * 4))
+    bn = widths[0]
+    split = next((d for d in splits if sum(ns) // bn * d >= min_programs), k_units)
+    if split <= cap:
+        return bn, split
+    # Capped: the widest block, then the fewest parts, that still give min_programs; where none does (K's
+    # units may have no divisor between a few and many), the parts stay as they are.
+    capped = ((b, d) for b in widths for d in splits if d <= cap and sum(ns) // b * d >= min_programs)
+    return next(capped, (bn, split))
 
 
 def supported(q, x) -> bool:
@@ -239,13 +254,13 @@ def _launch(x, args, ns, layer, *, bits, unit, grouped, bn, split, num_warps, nu
     m, k = x.shape
     layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
     one_row = m == 1 and not tensor_cores
-    auto_bn, auto_split = _pick(k // unit, ns, (2 if one_row and bits == 8 else 4) * _SMS)
+    mp = 1 if one_row else max(16, pl.next_power_of_2(m))  # the tensor cores want >= 16 rows
+    auto_bn, auto_split = pick_blocks(k // unit, ns, mp, (2 if one_row and bits == 8 else 4) * _SMS)
     num_warps = num_warps or (8 if one_row else 4)
     bn, split = bn or auto_bn, split or auto_split
     if any(n % bn for n in ns) or (k // unit) % split:
         raise ValueError(f"qmatmul: bn={bn} must divide every N {ns} and split={split} the {k // unit} "
                          f"units of K")
-    mp = 1 if one_row else max(16, pl.next_power_of_2(m))  # the tensor cores want >= 16 rows
     xp = x.astype(jnp.bfloat16)
     if mp != m:
         xp = jnp.pad(xp, ((0, mp - m), (0, 0)))
