@@ -8,7 +8,8 @@ Random bf16 weights (timing does not depend on the values). For each batch: pref
 decode step, tokens/s of the decode steps and of the whole call (prefill included; also through
 `stream_tokens`, what chat runs), GB/s moved (weights +
 the KV cache slots attended), compile seconds, and a correctness check (greedy tokens against the argmax
-of a full forward over the same sequence). `--preset llama3.1-8b` is the Llama-3-8B shape (8 kv heads, a
+of a full forward over the same sequence). First, the card's read and copy rates (`memory_ceilings`), and
+each figure's weight rate as a share of that read rate. `--preset llama3.1-8b` is the Llama-3-8B shape (8 kv heads, a
 vocabulary of 128256, llama3 rope scaling).
 One JSON line per figure. Each side runs in its own process so the frameworks never share GPU memory.
 """
@@ -37,6 +38,7 @@ def ours(a) -> None:
     from llama_jax.generate import Sampling, decode_loop, next_logits, prefill, stream_tokens
     from llama_jax.ops import Kernels
 
+    ceiling = memory_ceilings() if jax.default_backend() == "gpu" else {}
     kernels = Kernels.named(a.kernels)
     if a.stacked:
         kernels = dataclasses.replace(kernels, stacked_weights=tuple(a.stacked))
@@ -135,8 +137,37 @@ def ours(a) -> None:
             host_loop_tok_s_with_prefill=round(batch * a.new / host_total_s, 1),
             stream_tok_s_with_prefill=round(batch * a.new / stream_s, 1),
             host_loop_weight_gbps=round(weight_bytes / host_step_s / 1e9, 1), host_loop_first_call_s=round(host_compile_s, 1),
+            weight_share_of_read_ceiling=(round(weight_bytes / step_s / 1e9 / ceiling["read_gbps"], 3)
+                                          if ceiling else None),
             step_first_call_s=round(step_first_call_s, 1), kernels=kernels.describe(), device=device,
             jax=jax.__version__)), flush=True)
+
+
+def memory_ceilings(gib: float = 4) -> dict:
+    """The card's memory rates, measured here (one JSON line): the best of two reads of a `gib` GiB bf16
+    array (a sum to one float32, and a GEMV, each reading every byte once) and a copy (x + 1, bytes read
+    and written both counted). The read rate is the denominator for batch-1 decode, which only reads."""
+    import jax
+    import jax.numpy as jnp
+
+    rows = int(gib * (1 << 29)) // 4096  # [rows, 4096] bf16
+    x = jax.random.normal(jax.random.key(0), (rows, 4096), jnp.bfloat16)
+    v = jnp.ones((4096,), jnp.bfloat16)
+    reads = {"sum": jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32)),
+             "gemv": jax.jit(lambda x, v: x @ v)}
+    copy = jax.jit(lambda x: x + 1)
+    figures = {}
+    for name, f in reads.items():
+        args = (x,) if name == "sum" else (x, v)
+        f(*args).block_until_ready()
+        figures[f"read_{name}_gbps"] = round(x.nbytes / min(_timed(lambda: f(*args)) for _ in range(10)) / 1e9, 1)
+    copy(x).block_until_ready()
+    figures["copy_gbps"] = round(2 * x.nbytes / min(_timed(lambda: copy(x)) for _ in range(10)) / 1e9, 1)
+    figures["read_gbps"] = max(figures["read_sum_gbps"], figures["read_gemv_gbps"])
+    print(json.dumps(dict(check="memory-ceilings", gib=gib, **figures, device=jax.devices()[0].device_kind)),
+          flush=True)
+    del x
+    return figures
 
 
 def check_small(a) -> None:
