@@ -260,12 +260,21 @@ def test_engine_decodes_at_one_table_width_through_the_kernel(monkeypatch):
     assert widths == {"xla": {8, 16}, "kernel": {32}, "kernel, 8-bit cache": {32}, "kernel, fixed up to 8": {8, 16}}
 
 
-def test_warm_up_compiles_every_decode_bucket_first(stories, reference):
-    """Engine.warm_up compiles the decode step for each row bucket, greedy and sampled, with padding rows
-    only: requests afterwards meet no new decode shape, and their tokens are still generate's."""
+def test_warm_up_compiles_every_decode_bucket_first(stories, reference, monkeypatch):
+    """Engine.warm_up compiles the decode step for each row bucket, greedy and sampled (greedy only with
+    sampled=False), with padding rows only: requests afterwards meet no new decode shape, and their tokens
+    are still generate's."""
     ids, want = reference
+    engine_module = importlib.import_module("llama_jax.engine")
+    real, calls = engine_module.forward_and_sample, []
+    monkeypatch.setattr(engine_module, "forward_and_sample",
+                        lambda *args, **kw: calls.append((args[5].shape[0], kw["greedy"])) or real(*args, **kw))
     engine = Engine(stories.params, stories.config, eos_id=stories.tokenizer.eos_id, **ENGINE)
+    engine.warm_up(sampled=False)
+    assert calls == [(8, True), (16, True), (32, True)]
+    calls.clear()
     engine.warm_up()
+    assert sorted(calls) == [(8, False), (8, True), (16, False), (16, True), (32, False), (32, True)]
     warmed = set(engine.shapes_dispatched)
     assert warmed == {(8, 1, 8), (16, 1, 8), (32, 1, 8)}  # max_batch 32; contexts of 8 blocks at most
     outs = {}
