@@ -82,6 +82,7 @@ def main():
         units = K // 128
         configs = [{}] + [dict(bn=bn, split=sp) for bn in (32, 64, 128) for sp in (1, 2, 4, 8, 16, 32, 43, 86)
                           if N % bn == 0 and units % sp == 0]
+        configs += [dict(num_stages=st) for st in (2, 4, 5)] + [dict(num_warps=8)]  # around the pick
     variants = {k: v for k, v in variants.items() if a.variants is None or k in a.variants}
     for name, q in variants.items():
         dense_kernel = name == "bf16_kernel"
