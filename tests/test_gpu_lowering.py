@@ -151,6 +151,34 @@ def test_decode_step_holds_the_policy_kernels(h100, preset, batch):
     assert custom_calls(lower(lambda p, t, pos, c: next_logits(p, t, pos, c, cfg, Kernels.xla()), *args)) == []
 
 
+def _bound_attributes(handler: str) -> set[str]:
+    """The attributes an FFI handler of the CUDA library binds (`.Attr<T>("name")`), read from its source."""
+    source = "".join(path.read_text() for path in cuda_matvec.SOURCES)
+    binding = source[source.index(f"XLA_FFI_DEFINE_HANDLER_SYMBOL({handler},"):]
+    return set(re.findall(r'\.Attr<[\w:]+>\("(\w+)"\)', binding[:binding.index(";")]))
+
+
+@pytest.mark.parametrize("prefetch_kb", [0, 4096])
+def test_decode_layer_call_carries_every_attribute_its_handler_binds(h100, monkeypatch, prefetch_kb):
+    """The batch-1 step's decode-layer custom calls pass exactly the attributes LlamaJaxDecodeLayerGpu binds
+    (a missing or extra one fails only when a GPU runs it), prefetch_kb among them as
+    cuda_matvec.PREFETCH_KB says when the step is traced."""
+    if h100.matvec != "cuda":
+        pytest.fail("the CUDA library did not build here (nvcc is on the CI machine)")
+    monkeypatch.setattr(cuda_matvec, "PREFETCH_KB", prefetch_kb)
+    cfg = _cfg("llama2-7b")
+    cache = jax.eval_shape(lambda: lj.KVCache.zeros(cfg, 1, 256))
+    args = (lj.abstract_params(cfg), S((1,), jnp.int32), S((1,), jnp.int32), cache)
+    text = lower(lambda p, t, pos, c: next_logits(p, t, pos, c, cfg, h100), *args)
+    configs = [re.search(r"backend_config = \{([^}]*)\}", line).group(1) for line in text.splitlines()
+               if f"custom_call @{cuda_matvec.LAYER_TARGET}(" in line]
+    assert configs
+    for config in configs:
+        passed = dict(re.findall(r"(\w+) = ([^,]+)", config))
+        assert set(passed) == _bound_attributes("LlamaJaxDecodeLayerGpu")
+        assert passed["prefetch_kb"] == f"{prefetch_kb} : i64"
+
+
 def test_device_loop_runs_every_projection_through_the_matmul_kernel(h100):
     """decode_loop's step (Kernels.in_device_loop) at batch 16 launches the Pallas matmul for q/k/v (one
     launch), gate/up (one) and down besides the host step's `o` and decode attention, and the loop's program
