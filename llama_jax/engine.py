@@ -594,16 +594,16 @@ class Engine:
 
     def warm_up(self, progress: bool = False, sampled: bool = True) -> None:
         """Compile the decode step for every row bucket (8 .. max_batch), greedy and (with `sampled`) sampled,
-        before a request needs it. On an accelerator a decode program unrolls the layer scan and is the slowest to compile
-        (tens of seconds for a 7B model on a GPU), and the first step to reach a bucket would otherwise stall
-        every stream while it compiles. The calls feed padding rows only, which write to block NO_BLOCK and
-        the spare slot. Tables are the decode width the steps use (with the XLA reference, the narrowest);
-        prefill shapes compile on first use. `progress`: a bar on stderr."""
+        before a request needs it. On an accelerator a decode program unrolls the layer scan and is the slowest
+        to compile (tens of seconds for a 7B model on a GPU), and the first step to reach a bucket would
+        otherwise stall every stream while it compiles. The calls feed padding rows only, which write to block
+        NO_BLOCK and the spare slot. Tables are the decode width the steps use (with the XLA reference, the
+        narrowest); prefill shapes compile on first use. `progress`: a bar on stderr."""
         buckets = [8 << i for i in range((_pow2(self.max_batch, 8) // 8).bit_length())]
         width = self._decode_width or 8
         temperatures = (0.0, 1.0) if sampled else (0.0,)  # greedy, and sampled
-        bar = tqdm(total=len(temperatures) * len(buckets), desc="compiling decode steps", unit="program", disable=not progress,
-                   file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(total=len(temperatures) * len(buckets), desc="compiling decode steps", unit="program",
+                   disable=not progress, file=sys.stderr, dynamic_ncols=True)
         with bar:
             for rows in buckets:
                 for temperature in temperatures:

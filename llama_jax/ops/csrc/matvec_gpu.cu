@@ -7,8 +7,8 @@
 // FFI call (LayerImpl below); for quantized weights each launch after the first is a programmatic dependent
 // of the one before: it starts while that one finishes, and waits for its outputs only where it reads
 // them; with prefetch_kb set, each launch pulls the start of the next one's weights into L2 as its blocks
-// finish their loads. The input can pass through the layer's RMSNorm (rmsnorm(x) @ W, for q/k/v and gate/up) or the
-// SwiGLU (silu(gate) * up @ W, for down) on its way in, and the residual can be added on the way out
+// finish their loads. The input can pass through the layer's RMSNorm (rmsnorm(x) @ W, for q/k/v and
+// gate/up) or the SwiGLU (silu(gate) * up @ W, for down) on its way in, and the residual can be added on the way out
 // (x + h, for o and down), each rounded to bf16 where the model rounds, so the small XLA kernels between
 // the matmuls go away.
 //
@@ -133,7 +133,6 @@ __device__ __forceinline__ Vec LoadStream(const uint8_t* p) {
   return Vec{{u.x, u.y, u.z, u.w}};
 }
 
-// N scales (or zero points, N a multiple of 8) from element `idx` on: N-element aligned.
 // This block's pieces of the prefetch (each block a piece in turn, one bulk prefetch each, from one thread).
 __device__ __forceinline__ void PrefetchNext(const Prefetch& f, int layer) {
   const int next = layer + f.layer_add;
@@ -152,6 +151,7 @@ __device__ __forceinline__ void PrefetchNext(const Prefetch& f, int layer) {
   }
 }
 
+// N scales (or zero points, N a multiple of 8) from element `idx` on: N-element aligned.
 template <int N>
 __device__ __forceinline__ void LoadScales(const void* base, int type, size_t idx, float* out) {
   if (type == kScaleF32) {
