@@ -88,13 +88,13 @@ def test_chosen_on_one_hopper_gpu_only():
 def test_split_rule_for_llama2_7b():
     """Parts of K per launch for the 7B decode weights, as tuned on an H100 (BENCHMARKS.md): column
     blocks of 128 (bf16) or 256 (int8, int4) columns, doubled until MIN_BLOCKS blocks."""
-    assert cuda_matvec._split(96, 4096 // 8, 16) == 1     # bf16 q/k/v: 96 blocks, whole K
-    assert cuda_matvec._split(172, 4096 // 8, 16) == 1    # bf16 gate/up
-    assert cuda_matvec._split(32, 11008 // 8, 16) == 4    # bf16 down
-    assert cuda_matvec._split(16, 4096 // 8, 8) == 8      # int8 o
-    assert cuda_matvec._split(48, 2048 // 16, 4) == 4     # int4 q/k/v: 2048 stored rows, chunks of 16
-    assert cuda_matvec._split(86, 2048 // 16, 4) == 2     # int4 gate/up: 172 blocks, one wave (4 parts: 344)
-    assert cuda_matvec._split(16, 64, 4) == 4             # few rows: a part of K keeps a chunk a lane
+    assert cuda_matvec.k_split(96, 4096 // 8, 16) == 1     # bf16 q/k/v: 96 blocks, whole K
+    assert cuda_matvec.k_split(172, 4096 // 8, 16) == 1    # bf16 gate/up
+    assert cuda_matvec.k_split(32, 11008 // 8, 16) == 4    # bf16 down
+    assert cuda_matvec.k_split(16, 4096 // 8, 8) == 8      # int8 o
+    assert cuda_matvec.k_split(48, 2048 // 16, 4) == 4     # int4 q/k/v: 2048 stored rows, chunks of 16
+    assert cuda_matvec.k_split(86, 2048 // 16, 4) == 2     # int4 gate/up: 172 blocks, one wave (4 parts: 344)
+    assert cuda_matvec.k_split(16, 64, 4) == 4             # few rows: a part of K keeps a chunk a lane
 
 
 def _attention_as_kernel(q, k, v, cos, sin, cache_k, cache_v, layer, start, mask):

@@ -135,13 +135,13 @@ def test_decode_block_is_32_slots_once_the_programs_fill_the_gpu():
     """Slots a program reads at a time, by cache length and batch x heads: 64 while the cache is split over
     programs (fewer than _PROGRAMS = 264), 32 once they fill the GPU unsplit; else the largest that divides."""
     assert PDA._PROGRAMS == 264
-    assert PDA._decode_block(256, 32) == 64       # batch 1 of Llama-2-7B
-    assert PDA._decode_block(256, 263) == 64
-    assert PDA._decode_block(256, 264) == 32
-    assert PDA._decode_block(256, 512) == 32      # batch 16
-    assert PDA._decode_block(96, 32) == 32        # 64 does not divide 96
-    assert PDA._decode_block(48, 512) == 16
-    assert PDA._decode_block(40, 1) is None
+    assert PDA.decode_block(256, 32) == 64       # batch 1 of Llama-2-7B
+    assert PDA.decode_block(256, 263) == 64
+    assert PDA.decode_block(256, 264) == 32
+    assert PDA.decode_block(256, 512) == 32      # batch 16
+    assert PDA.decode_block(96, 32) == 32        # 64 does not divide 96
+    assert PDA.decode_block(48, 512) == 16
+    assert PDA.decode_block(40, 1) is None
 
 
 def _fake_devices(n: int, platform: str = "gpu", compute_capability: str = "8.0"):

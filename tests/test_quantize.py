@@ -290,10 +290,10 @@ def test_fused_gpu_kernel_equals_dequantized_matmul(rows, bits, group, zero_poin
 
 
 def test_int4_codes_reach_the_tensor_cores_as_128_plus_code_exactly():
-    """pallas_qmatmul._biased ORs a nibble into the mantissa of 128.0: every code 0..15 becomes 128 + code."""
+    """pallas_qmatmul.biased_nibbles ORs a nibble into the mantissa of 128.0: every code 0..15 becomes 128 + code."""
     codes = jnp.arange(256, dtype=jnp.uint8)
     for nibbles in (codes & 0x0F, codes >> 4):
-        got = pallas_qmatmul._biased(nibbles)
+        got = pallas_qmatmul.biased_nibbles(nibbles)
         assert got.dtype == jnp.bfloat16
         np.testing.assert_array_equal(np.asarray(got, np.float32), 128.0 + np.asarray(nibbles, np.float32))
 

@@ -60,7 +60,7 @@ def _isa_flags() -> list[str]:
     return []
 
 
-def _build() -> Path:
+def build() -> Path:
     """The compiled library (built now unless the cache holds it); raises on failure."""
     cxx = next((c for c in (os.environ.get("CXX"), "c++", "g++") if c and shutil.which(c)), None)
     if cxx is None:
@@ -74,7 +74,7 @@ def available() -> bool:
     """Whether the kernel can run: built and registered with XLA (once per process). When it cannot,
     says why once."""
     try:
-        native.register(_build(), {TARGET: "LlamaJaxQMatmulCpu", ROWS_TARGET: "LlamaJaxQMatmulRowsCpu"}, "cpu")
+        native.register(build(), {TARGET: "LlamaJaxQMatmulCpu", ROWS_TARGET: "LlamaJaxQMatmulRowsCpu"}, "cpu")
     except Exception as e:  # noqa: BLE001 - any failure means: fall back, and say why
         warnings.warn(f"the native CPU quantized matmul is unavailable, so quantized matmuls on the CPU "
                       f"dequantize next to an XLA dot (slower); --kernels xla (Kernels.xla()) silences this. "

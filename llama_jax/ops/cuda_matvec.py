@@ -184,7 +184,7 @@ def supported(ws, x) -> bool:
     return len(schemes) == 1 and rows % CHUNK[bits] == 0 and all(ok(w) for w in ws)
 
 
-def _split(blocks: int, chunks: int, bits: int, k: int = 0) -> int:
+def k_split(blocks: int, chunks: int, bits: int, k: int = 0) -> int:
     """Parts of K (a cluster of 1 to 8 blocks): the fewest that give MIN_BLOCKS blocks, while every row
     lane of a block still has a chunk; and enough that the k bf16 inputs a launch stages (the norm's or
     the SwiGLU's; 0 for none) fit a block's shared memory once split."""
@@ -206,7 +206,7 @@ def _launch_split(ws, staged: int, chunk: int) -> int:
     bits = _bits(ws[0])
     cols = ROW_THREADS * (8 if bits == 16 else 16)  # columns a block: 16 threads x 8 or 16 columns
     blocks = sum(-(-_stack_shape(w)[2] // cols) for w in ws)
-    return _split(blocks, _stack_shape(ws[0])[1] // chunk, bits, staged)
+    return k_split(blocks, _stack_shape(ws[0])[1] // chunk, bits, staged)
 
 
 def _operands(ws) -> list:

@@ -84,7 +84,7 @@ _NEG = -1e30  # a finite "minus infinity": exp(_NEG - _NEG) stays finite for a b
 _PROGRAMS = 264  # split the cache over programs (flash-decoding) until about two per SM of an H100
 
 
-def _decode_block(max_len: int, programs: int = 1) -> int | None:
+def decode_block(max_len: int, programs: int = 1) -> int | None:
     """Slots a program reads at a time: 64, or 32 once batch x heads programs fill the GPU without splitting
     the cache. A program then reads up to its new token's block alone, and a smaller last block wastes
     fewer slots past the token (a bf16 7B step at batch 16 on an H100: 6.116 ms against 6.314 with 64)."""
@@ -97,7 +97,7 @@ def supported(q: jax.Array, cache_k: jax.Array) -> bool:
     length a block (16 slots or more) divides, head_dim a multiple of 32."""
     return (q.shape[1] == 1
             and q.dtype in (jnp.bfloat16, jnp.float16) and cache_k.dtype == q.dtype
-            and _decode_block(cache_k.shape[2]) is not None and q.shape[-1] % 32 == 0)
+            and decode_block(cache_k.shape[2]) is not None and q.shape[-1] % 32 == 0)
 
 
 def decode_attention(
@@ -120,7 +120,7 @@ def decode_attention(
     batch, _, heads, head_dim = q.shape
     max_len, kv_heads = cache_k.shape[2], cache_k.shape[3]
     programs = batch * heads  # before the cache is split over more
-    block = _decode_block(max_len, programs)
+    block = decode_block(max_len, programs)
     n_blocks = max_len // block
     chunk = pl.cdiv(n_blocks, min(n_blocks, pl.cdiv(_PROGRAMS, programs)))  # blocks per program
     chunks = pl.cdiv(n_blocks, chunk)
