@@ -65,8 +65,8 @@ def _decode_mask(kind: str, batch: int, max_len: int, start: int, rng) -> np.nda
 
 
 # batch, heads, kv_heads, head_dim, max_len, layers, layer, start, mask kind, dtype, programs along the cache
-# (min(max_len // block, cdiv(_PROGRAMS, batch * heads)) chunks, block the largest of 64/32/16 dividing max_len,
-# or of 32/16 where batch * heads >= _PROGRAMS)
+# (min(max_len // block, cdiv(FILL_PROGRAMS, batch * heads)) chunks, block the largest of 64/32/16 dividing max_len,
+# or of 32/16 where batch * heads >= FILL_PROGRAMS)
 DECODE_CASES = {
     "mha-1chunk-start0": (2, 4, 4, 32, 64, 2, 0, 0, "all", jnp.bfloat16, 1),
     "mha-1chunk-mid-leftpad": (2, 4, 4, 32, 64, 3, 1, 37, "left_pad", jnp.bfloat16, 1),
@@ -77,7 +77,7 @@ DECODE_CASES = {
     "gqa3-3chunks-mid-holes": (2, 6, 2, 32, 48, 3, 1, 21, "holes", jnp.bfloat16, 3),
     # 16 blocks of 64 over cdiv(264, 24) = 11 programs: 8 chunks of 2 blocks
     "gqa3-8chunks-of-2-blocks-leftpad": (2, 12, 4, 32, 1024, 3, 1, 600, "left_pad", jnp.bfloat16, 8),
-    # 9 x 32 = 288 programs fill the GPU (_PROGRAMS): no split, and blocks of 32 (not 64) up to slot 70
+    # 9 x 32 = 288 programs fill the GPU (FILL_PROGRAMS): no split, and blocks of 32 (not 64) up to slot 70
     "mha-288-programs-blocks-of-32-leftpad": (9, 32, 32, 32, 128, 2, 1, 70, "left_pad", jnp.bfloat16, 1),
 }
 
@@ -133,8 +133,8 @@ def test_decode_attention_kernel_equals_xla_rope_cache_write_and_attention(case)
 
 def test_decode_block_is_32_slots_once_the_programs_fill_the_gpu():
     """Slots a program reads at a time, by cache length and batch x heads: 64 while the cache is split over
-    programs (fewer than _PROGRAMS = 264), 32 once they fill the GPU unsplit; else the largest that divides."""
-    assert PDA._PROGRAMS == 264
+    programs (fewer than FILL_PROGRAMS = 264), 32 once they fill the GPU unsplit; else the largest that divides."""
+    assert PDA.FILL_PROGRAMS == 264
     assert PDA.decode_block(256, 32) == 64       # batch 1 of Llama-2-7B
     assert PDA.decode_block(256, 263) == 64
     assert PDA.decode_block(256, 264) == 32

@@ -81,14 +81,14 @@ def _decode_kernel(layer_ref, start_ref, q_ref, k_ref, v_ref, cos_ref, sin_ref, 
 
 
 _NEG = -1e30  # a finite "minus infinity": exp(_NEG - _NEG) stays finite for a block of padding only
-_PROGRAMS = 264  # split the cache over programs (flash-decoding) until about two per SM of an H100
+FILL_PROGRAMS = 264  # split the cache over programs (flash-decoding) until about two per SM of an H100
 
 
 def decode_block(max_len: int, programs: int = 1) -> int | None:
     """Slots a program reads at a time: 64, or 32 once batch x heads programs fill the GPU without splitting
     the cache. A program then reads up to its new token's block alone, and a smaller last block wastes
     fewer slots past the token (a bf16 7B step at batch 16 on an H100: 6.116 ms against 6.314 with 64)."""
-    sizes = (32, 16) if programs >= _PROGRAMS else (64, 32, 16)
+    sizes = (32, 16) if programs >= FILL_PROGRAMS else (64, 32, 16)
     return next((b for b in sizes if max_len % b == 0), None)
 
 
@@ -122,7 +122,7 @@ def decode_attention(
     programs = batch * heads  # before the cache is split over more
     block = decode_block(max_len, programs)
     n_blocks = max_len // block
-    chunk = pl.cdiv(n_blocks, min(n_blocks, pl.cdiv(_PROGRAMS, programs)))  # blocks per program
+    chunk = pl.cdiv(n_blocks, min(n_blocks, pl.cdiv(FILL_PROGRAMS, programs)))  # blocks per program
     chunks = pl.cdiv(n_blocks, chunk)
     kernel = functools.partial(_decode_kernel, block=block, chunk=chunk, rep=heads // kv_heads,
                                scale=1.0 / math.sqrt(head_dim))

@@ -31,7 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 _NEG = -1e30  # a finite "minus infinity": exp(_NEG - _NEG) stays finite for a split with no keys
-_PROGRAMS = 264  # split the rows over programs until about two per SM of an H100 or H200
+FILL_PROGRAMS = 264  # split the rows over programs until about two per SM of an H100 or H200
 HEADS_PER_PROGRAM = 8  # query heads a program takes where they read distinct kv heads (no GQA)
 NUM_WARPS, NUM_STAGES = 4, 2
 BLOCKS_PER_STEP = 1  # pool blocks a loop step reads
@@ -136,7 +136,7 @@ def paged_attention(
         raise ValueError(f"blocks_per_step={blocks_per_step}: expected a power of two dividing the block "
                          f"tables' width {width}")
     programs = batch * (heads // group)
-    splits = min(width // blocks_per_step, pl.cdiv(_PROGRAMS, programs))
+    splits = min(width // blocks_per_step, pl.cdiv(FILL_PROGRAMS, programs))
     kernel = functools.partial(_kernel, block=block, splits=splits, group=group, rep=rep, per_step=blocks_per_step,
                                scale=1.0 / math.sqrt(head_dim))
     if splits == 1:
