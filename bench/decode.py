@@ -36,10 +36,9 @@ def ours(a) -> None:
 
     import llama_jax as lj
     from llama_jax.generate import Sampling, decode_loop, next_logits, prefill, stream_tokens
-    from llama_jax.ops import Kernels, cuda_matvec
+    from llama_jax.ops import Kernels
 
     ceiling = memory_ceilings() if jax.default_backend() == "gpu" else {}
-    cuda_matvec.PREFETCH_KB = a.prefetch_kb  # read as the batch-1 step is traced
     kernels = Kernels.named(a.kernels)
     if a.stacked:
         kernels = dataclasses.replace(kernels, stacked_weights=tuple(a.stacked))
@@ -140,8 +139,7 @@ def ours(a) -> None:
             host_loop_weight_gbps=round(weight_bytes / host_step_s / 1e9, 1), host_loop_first_call_s=round(host_compile_s, 1),
             weight_share_of_read_ceiling=(round(weight_bytes / step_s / 1e9 / ceiling["read_gbps"], 3)
                                           if ceiling else None),
-            step_first_call_s=round(step_first_call_s, 1), kernels=kernels.describe(), prefetch_kb=a.prefetch_kb,
-            device=device,
+            step_first_call_s=round(step_first_call_s, 1), kernels=kernels.describe(), device=device,
             jax=jax.__version__)), flush=True)
 
 
@@ -271,8 +269,6 @@ def main():
                    help="the bf16 weights the Pallas matmul reads from the stack (Kernels.stacked_weights)")
     p.add_argument("--layers", type=int, default=0, help="the preset with this many layers (a quick look)")
     p.add_argument("--kernels", default="auto", choices=["auto", "xla"], help="the kernel policy (ops/policy.py)")
-    p.add_argument("--prefetch-kb", type=int, default=0,
-                   help="KB of the next launch's weights each fused-layer launch prefetches (cuda_matvec.PREFETCH_KB)")
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--only-ours", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()

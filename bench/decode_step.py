@@ -12,9 +12,6 @@ matmuls on scan slices), or `cuda` for the CUDA one-row kernel of cuda_matvec.py
 the lm_head (what Kernels.auto() chooses at batch 1 on a Hopper GPU; any other DENSE switches it off).
 Each variant is a Kernels value (ops/policy.py) passed to the step.
 int4 variants use groups of 64 with zero points unless `--group` or `--symmetric` say otherwise.
-`--prefetch-kb N` has each launch of the fused decode layer pull N KB of the next launch's weights into L2
-(cuda_matvec.PREFETCH_KB, set for the whole process: one value a run):
-    for kb in 0 4096 16384; do python bench/decode_step.py --variants 0:1:kernels:cuda 4:1:kernels:cuda --prefetch-kb $kb; done
 `--trace DIR` also writes a CSV of the GPU kernels of three steps per variant (name, start ns, duration
 ns), read from a jax.profiler trace.
 """
@@ -30,7 +27,7 @@ import jax.numpy as jnp
 import llama_jax as lj
 from llama_jax import quantize
 from llama_jax.generate import next_logits
-from llama_jax.ops import Kernels, cuda_matvec
+from llama_jax.ops import Kernels
 
 from kernel_trace import trace_kernels
 
@@ -45,10 +42,7 @@ def main():
     p.add_argument("--trace", default="", help="directory prefix for a kernel trace of each variant")
     p.add_argument("--group", type=int, default=64, help="int4's quantization group")
     p.add_argument("--symmetric", action="store_true", help="int4 without zero points")
-    p.add_argument("--prefetch-kb", type=int, default=cuda_matvec.PREFETCH_KB,
-                   help="KB of the next launch's weights each fused-layer launch prefetches into L2")
     a = p.parse_args()
-    cuda_matvec.PREFETCH_KB = a.prefetch_kb  # read when the decode layer is traced, below
     int4 = dict(group=a.group, zero_point=not a.symmetric)  # int4's scheme; int8 keeps one scale a channel
     cfg = lj.PRESETS[a.preset].replace(param_dtype="bfloat16", compute_dtype="bfloat16")
     bf16 = lj.init_params(cfg, jax.random.key(0))
@@ -88,7 +82,7 @@ def main():
             best = min(best, (time.perf_counter() - t0) / 100)
         scheme = dict(group=int4["group"], zero_points=int4["zero_point"]) if bits == 4 else {}
         print(json.dumps(dict(variant=variant, preset=a.preset, bits=bits or 16, **scheme, batch=batch,
-                              ms_per_step=round(best * 1e3, 3), tok_s=round(batch / best, 1), prefetch_kb=a.prefetch_kb,
+                              ms_per_step=round(best * 1e3, 3), tok_s=round(batch / best, 1),
                               first_call_s=round(first_call_s, 1), device=jax.devices()[0].device_kind,
                               jax=jax.__version__)), flush=True)
         if a.trace:

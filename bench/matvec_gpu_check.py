@@ -56,8 +56,7 @@ def check_layers():
     """The fused decode layer (ops/layer.py: cuda_matvec.decode_layer, six launches from one call, for
     quantized weights each a programmatic dependent of the one before) against its reference, the model's
     own layer: one decode step of four layers at batch 1 with Kernels.auto() and with Kernels.xla(), the
-    cache filled to slot 200; with and without the launches prefetching the next one's weights into L2
-    (cuda_matvec.PREFETCH_KB). The relative L2 error of the final hidden state and of the cache slots
+    cache filled to slot 200. The relative L2 error of the final hidden state and of the cache slots
     written, and how many cache elements outside those slots changed (none may)."""
     device = jax.devices()[0].device_kind
     n_layers, max_len, start = 4, 256, 200
@@ -79,25 +78,18 @@ def check_layers():
                 hidden, cache = apply(params, token, cfg, cache=cache, kernels=kernels, return_hidden=True)
                 return hidden, cache.k, cache.v
 
+            got = jax.jit(functools.partial(run, kernels=auto))(params, cache)
             ref = jax.jit(functools.partial(run, kernels=Kernels.xla()))(params, cache)
-            for prefetch_kb in (0, 4096):  # the launches prefetching the next one's weights change no value
-                cuda_matvec.PREFETCH_KB = prefetch_kb  # read as the fused layer is traced
-                got = jax.jit(functools.partial(run, kernels=auto))(params, cache)
-                report(got, ref, cache, start, max_len, layer=name, bits=bits, group=group, zero_points=zeros,
-                       layers_in_a_row=n_layers, kernels=auto.describe(), prefetch_kb=prefetch_kb, device=device)
-        cuda_matvec.PREFETCH_KB = 0
-
-
-def report(got, ref, cache, start, max_len, **fields):
-    """One JSON line: the fused layers' hidden state and written cache slots against the model's layers."""
-    err = float(jnp.linalg.norm(got[0].astype(jnp.float32) - ref[0].astype(jnp.float32))
-                / jnp.linalg.norm(ref[0].astype(jnp.float32)))
-    slot = lambda c: c[:, :, start].astype(jnp.float32)  # noqa: E731 - the slot each layer wrote
-    slot_err = max(float(jnp.linalg.norm(slot(g) - slot(r)) / jnp.linalg.norm(slot(r))) for g, r in zip(got[1:], ref[1:]))
-    others = jnp.arange(max_len) != start
-    stray = int(sum(jnp.sum(g[:, :, others] != c[:, :, others]) for g, c in zip(got[1:], (cache.k, cache.v))))
-    print(json.dumps(dict(**fields, rel_l2_vs_model_layer=err, written_slots_rel_l2=slot_err,
-                          other_cache_elements_changed=stray)), flush=True)
+            err = float(jnp.linalg.norm(got[0].astype(jnp.float32) - ref[0].astype(jnp.float32))
+                        / jnp.linalg.norm(ref[0].astype(jnp.float32)))
+            slot = lambda c: c[:, :, start].astype(jnp.float32)  # noqa: E731 - the slot each layer wrote
+            slot_err = max(float(jnp.linalg.norm(slot(g) - slot(r)) / jnp.linalg.norm(slot(r)))
+                           for g, r in zip(got[1:], ref[1:]))
+            others = jnp.arange(max_len) != start
+            stray = int(sum(jnp.sum(g[:, :, others] != c[:, :, others]) for g, c in zip(got[1:], (cache.k, cache.v))))
+            print(json.dumps(dict(layer=name, bits=bits, group=group, zero_points=zeros, layers_in_a_row=n_layers,
+                                  kernels=auto.describe(), rel_l2_vs_model_layer=err, written_slots_rel_l2=slot_err,
+                                  other_cache_elements_changed=stray, device=device)), flush=True)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,7 @@ programmatic dependent launch): its blocks start while the launch before finishe
 depend on it (the attention's cache loads), and wait for its outputs only where they read them. XLA
 traces each custom call into a node of its own in the step's CUDA graph, so only launches made in one
 call can overlap like this. A Llama-2-7B int4 step took 2.30 ms instead of 2.39; bf16, whose launches
-already read near HBM's rate, got slower with it and runs them in order (bench/BENCHMARKS.md). With
-PREFETCH_KB set, each launch also pulls the start of the next launch's weights into L2 as its blocks
-finish (a bulk prefetch, no registers held), to keep HBM busy through the launch's tail and the gap.
+already read near HBM's rate, got slower with it and runs them in order (bench/BENCHMARKS.md).
 Its reference is the model's own layer (model.Block), which the tests and bench/matvec_gpu_check.py
 hold it to.
 
@@ -72,10 +70,6 @@ SMEM_INPUTS = 24 * 1024  # bytes of a block's inputs in shared memory (the kerne
 # 192 halves, 0.8% faster a step).
 CHUNK = {16: 8, 8: 8, 4: 16}
 MIN_BLOCKS = {16: 96, 8: 128, 4: 128}
-# KB of the next launch's weights each launch of `decode_layer` pulls into L2 as its blocks finish their
-# loads (the down projection: the next layer's q/k/v), so that HBM stays busy across the gap between
-# launches. 0 (off) until bench/decode_step.py --prefetch-kb measures a gain on a GPU.
-PREFETCH_KB = 0
 
 
 def _nvcc() -> str | None:
@@ -202,7 +196,7 @@ def _staged(k: int, *, norm: bool = False, swiglu: bool = False) -> int:
 
 
 def _launch_split(ws, staged: int, chunk: int) -> int:
-    """The rule's parts of K for one launch of ws (see _split); staged: the bf16 inputs it stages."""
+    """The rule's parts of K for one launch of ws (see k_split); staged: the bf16 inputs it stages."""
     bits = _bits(ws[0])
     cols = ROW_THREADS * (8 if bits == 16 else 16)  # columns a block: 16 threads x 8 or 16 columns
     blocks = sum(-(-_stack_shape(w)[2] // cols) for w in ws)
@@ -290,14 +284,14 @@ def layer_supported(ws, x, heads: int, head_dim: int, cache_k) -> bool:
             and supported(ws[6:], f) and ns[3] == ns[6] == x.shape[-1])
 
 
+@functools.partial(jax.jit, static_argnames=("eps", "head_dim"))
 def decode_layer(x, ws, norms, layer, rope, cache_k, cache_v, start, mask, *, eps: float, head_dim: int):
     """A decoder layer for one token, as Block.__call__ computes it, in one call: x [1, D] bf16; ws the
     layer stacks of q, k, v, o, gate, up and down ([L, K, N] bf16 or QArrays, K of o merged over heads);
     norms the RMSNorm weights [L, D] (attention, MLP) with epsilon eps; layer an int32 scalar (of the
     weights and the caches); rope (cos, sin) [1, ..., head_dim / 2]; the caches [L, 1, max_len, kv_heads,
     head_dim] bf16, written at slot `start` in place (aliased); mask [1, max_len] bool.
-    -> (x [1, D] bf16, cache_k, cache_v). `layer_supported` says where it serves. Traced where it is called
-    (no jit of its own), so PREFETCH_KB is read when the caller's step is traced."""
+    -> (x [1, D] bf16, cache_k, cache_v). `layer_supported` says where it serves."""
     ws = tuple(ws)
     bits = _bits(ws[0])
     d, chunk = x.shape[-1], CHUNK[bits]
@@ -316,5 +310,5 @@ def decode_layer(x, ws, norms, layer, rope, cache_k, cache_v, start, mask, *, ep
                split_o=np.int64(_launch_split(ws[3:4], _staged(ns[0]), chunk)),
                split_gate_up=np.int64(_launch_split(ws[4:6], _staged(d, norm=True), chunk)),
                split_down=np.int64(_launch_split(ws[6:], _staged(ns[4], swiglu=True), chunk)), chunk=np.int64(chunk),
-               eps=np.float32(eps), prefetch_kb=np.int64(PREFETCH_KB))
+               eps=np.float32(eps))
     return out[0], out[1], out[2]

@@ -6,9 +6,8 @@
 // A decode step's layer runs as five launches of it and attention_gpu.cu's attention kernel, all from one
 // FFI call (LayerImpl below); for quantized weights each launch after the first is a programmatic dependent
 // of the one before: it starts while that one finishes, and waits for its outputs only where it reads
-// them; with prefetch_kb set, each launch pulls the start of the next one's weights into L2 as its blocks
-// finish their loads. The input can pass through the layer's RMSNorm (rmsnorm(x) @ W, for q/k/v and
-// gate/up) or the SwiGLU (silu(gate) * up @ W, for down) on its way in, and the residual can be added on the way out
+// them. The input can pass through the layer's RMSNorm (rmsnorm(x) @ W, for q/k/v and gate/up) or the
+// SwiGLU (silu(gate) * up @ W, for down) on its way in, and the residual can be added on the way out
 // (x + h, for o and down), each rounded to bf16 where the model rounds, so the small XLA kernels between
 // the matmuls go away.
 //
@@ -36,7 +35,6 @@
 
 #include <cstdint>
 #include <string>
-#include <type_traits>
 
 #include "attention_gpu.h"
 #include "xla/ffi/api/ffi.h"
@@ -66,20 +64,6 @@ struct Weight {
 
 enum XMode : int { kXPlain = 0, kXNorm = 1, kXSwiGLU = 2 };
 
-// The next launch's weights in a decoder layer, whose first rows of each part of K this launch pulls into
-// L2 as its blocks finish their loads: the next launch's first loads then find them there, and HBM stays
-// busy through this launch's tail and the gap between the launches. bytes 0: none.
-struct Prefetch {
-  const uint8_t* codes[kMaxWeights];  // [L, rows, n] stacks of the next launch's weights
-  size_t layer_bytes[kMaxWeights];    // one layer of each
-  int n_weights;
-  int parts;      // the next launch's split of K
-  int layer_add;  // 1 where the next launch is the next layer's (down, then the next q/k/v)
-  int layers;
-  size_t bytes;   // from the start of each part of each weight
-};
-constexpr uint32_t kPrefetchPiece = 32 * 1024;  // bytes one bulk prefetch asks for
-
 struct Params {
   const uint16_t* x;  // [K] bf16 bits
   const uint16_t* up;  // kXSwiGLU: [K] bf16, the input being silu(x) * up
@@ -95,7 +79,6 @@ struct Params {
   int group;       // codes a scale group
   int scale_type;  // ScaleType
   bool dependent;  // launched as a programmatic dependent of the kernel before it (the decoder layer)
-  Prefetch prefetch;
 };
 
 // What one thread loads from a row: 16 bytes, 4 words (8 bf16, or 16 int8 or int4 columns). Loads of 8
@@ -131,24 +114,6 @@ __device__ __forceinline__ float ByteFloat(uint32_t w, int b) {
 __device__ __forceinline__ Vec LoadStream(const uint8_t* p) {
   const uint4 u = __ldcs(reinterpret_cast<const uint4*>(p));
   return Vec{{u.x, u.y, u.z, u.w}};
-}
-
-// This block's pieces of the prefetch (each block a piece in turn, one bulk prefetch each, from one thread).
-__device__ __forceinline__ void PrefetchNext(const Prefetch& f, int layer) {
-  const int next = layer + f.layer_add;
-  if (next >= f.layers) return;
-  const size_t pieces = (f.bytes + kPrefetchPiece - 1) / kPrefetchPiece;  // a part's
-  const size_t total = pieces * f.n_weights * f.parts, blocks = gridDim.x * gridDim.y;
-  for (size_t i = blockIdx.y * gridDim.x + blockIdx.x; i < total; i += blocks) {
-    const int region = static_cast<int>(i / pieces), w = region / f.parts, part = region % f.parts;
-    const size_t part_bytes = f.layer_bytes[w] / f.parts, first = part * part_bytes;
-    const size_t end = first + (f.bytes < part_bytes ? f.bytes : part_bytes);
-    const size_t from = (first + (i % pieces) * kPrefetchPiece) & ~static_cast<size_t>(15);  // 16-byte aligned
-    if (from >= end) continue;
-    const uint32_t n = static_cast<uint32_t>(end - from < kPrefetchPiece ? end - from : kPrefetchPiece) & ~15u;
-    const uint8_t* at = f.codes[w] + static_cast<size_t>(next) * f.layer_bytes[w] + from;
-    if (n) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(at), "r"(n) : "memory");
-  }
 }
 
 // N scales (or zero points, N a multiple of 8) from element `idx` on: N-element aligned.
@@ -193,8 +158,7 @@ __device__ __forceinline__ void Store(__nv_bfloat16* out, int i, float v) { out[
 
 // kStaged: the input goes through the norm or the SwiGLU into shared memory first (else it is read as it is).
 // kGrouped: scales by group along K (int4; int8 in groups), else one per column (int8) or none (bf16).
-// kPrefetch: p.prefetch is set (a template argument, so that the kernels without it compile as they did).
-template <int kBits, int kChunk, bool kStaged, bool kGrouped, typename Out, bool kPrefetch = false>
+template <int kBits, int kChunk, bool kStaged, bool kGrouped, typename Out>
 __global__ void __launch_bounds__(kThreads, 2) MatvecKernel(const Params p) {
   constexpr int V = Scheme<kBits>::kCols;
   using Chunk = Vec[kChunk];
@@ -410,9 +374,6 @@ __global__ void __launch_bounds__(kThreads, 2) MatvecKernel(const Params p) {
   // In a decoder layer the next launch may start now, on the SMs that this one leaves free, and issue what
   // does not depend on us. (Letting it start at our own start instead, int4's step took 2.33 ms, not 2.30.)
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-  if constexpr (kPrefetch) {
-    if (tid == 0) PrefetchNext(p.prefetch, layer);
-  }
 
   // The block's lanes meet in shared memory; then the blocks of the cluster (the parts of K) meet: each
   // block sends its sums of every other block's share of the columns into that block's shared memory
@@ -477,20 +438,15 @@ cudaError_t Launch(cudaStream_t stream, const Params& p, int blocks, int split, 
   }
   config.attrs = attribute;
   config.numAttrs = n;
-  // Scales by group: always for int4, never for bf16, as the weight says for int8. A decoder layer's
-  // launches (bf16 outputs) may prefetch.
-  auto go = [&](auto kernel, auto prefetching_kernel) {
-    return p.prefetch.bytes ? cudaLaunchKernelEx(&config, prefetching_kernel, p) : cudaLaunchKernelEx(&config, kernel, p);
-  };
-  constexpr bool kLayer = std::is_same_v<Out, __nv_bfloat16>;
+  // Scales by group: always for int4, never for bf16, as the weight says for int8.
   if constexpr (kBits == 8) {
     if (p.group_rows == 0)
-      return staged ? go(MatvecKernel<8, kChunk, true, false, Out>, MatvecKernel<8, kChunk, true, false, Out, kLayer>)
-                    : go(MatvecKernel<8, kChunk, false, false, Out>, MatvecKernel<8, kChunk, false, false, Out, kLayer>);
+      return staged ? cudaLaunchKernelEx(&config, MatvecKernel<8, kChunk, true, false, Out>, p)
+                    : cudaLaunchKernelEx(&config, MatvecKernel<8, kChunk, false, false, Out>, p);
   }
   constexpr bool kGrouped = kBits != 16;
-  return staged ? go(MatvecKernel<kBits, kChunk, true, kGrouped, Out>, MatvecKernel<kBits, kChunk, true, kGrouped, Out, kLayer>)
-                : go(MatvecKernel<kBits, kChunk, false, kGrouped, Out>, MatvecKernel<kBits, kChunk, false, kGrouped, Out, kLayer>);
+  return staged ? cudaLaunchKernelEx(&config, MatvecKernel<kBits, kChunk, true, kGrouped, Out>, p)
+                : cudaLaunchKernelEx(&config, MatvecKernel<kBits, kChunk, false, kGrouped, Out>, p);
 }
 
 template <int kBits, typename Out>
@@ -506,7 +462,7 @@ ffi::Error Fail(const std::string& message) { return ffi::Error::InvalidArgument
 ffi::Error LaunchMatvec(cudaStream_t stream, const ffi::AnyBuffer& x, const int32_t* layer_index, const ffi::AnyBuffer* up,
                         const ffi::AnyBuffer* norm, const ffi::AnyBuffer* residual, const ffi::AnyBuffer* w3,
                         const ffi::AnyBuffer* outs, int n_weights, int64_t bits, int64_t split,
-                        int64_t chunk, float eps, bool dependent, const Prefetch& prefetch) {
+                        int64_t chunk, float eps, bool dependent) {
   if (n_weights < 1 || n_weights > kMaxWeights) return Fail("expected 1 to 3 weights");
   if (bits != 16 && bits != 8 && bits != 4) return Fail("bits must be 16, 8 or 4");
   if (split < 1 || split > kMaxSplit || (split & (split - 1))) return Fail("split must be 1, 2, 4 or 8");
@@ -519,7 +475,6 @@ ffi::Error LaunchMatvec(cudaStream_t stream, const ffi::AnyBuffer& x, const int3
   p.layer = layer_index;
   p.eps = eps;
   p.dependent = dependent;
-  p.prefetch = prefetch;
   if (up && up->element_count()) {
     if (up->element_type() != ffi::DataType::BF16 || up->element_count() != x.element_count())
       return Fail("up must be bfloat16 like x");
@@ -630,7 +585,7 @@ ffi::Error MatvecImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::S3
   ffi::AnyBuffer w3[3 * kMaxWeights] = {x, x, x, x, x, x, x, x, x}, outs[3 * kMaxWeights] = {x, x, x, x, x, x, x, x, x};
   if (auto e = Collect(args, args.size(), w3, rets, rets.size(), outs); e.failure()) return e;
   return LaunchMatvec(stream, x, layer.typed_data(), &up, &norm, &residual, w3, outs, n_weights, bits, split, chunk,
-                      eps, false, Prefetch{});
+                      eps, false);
 }
 
 bool Dims(const ffi::AnyBuffer& a, std::initializer_list<int64_t> want) {
@@ -651,7 +606,7 @@ ffi::Error LayerImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::S32
                      ffi::AnyBuffer cos, ffi::AnyBuffer sin, ffi::AnyBuffer mask, ffi::AnyBuffer cache_k,
                      ffi::AnyBuffer cache_v, ffi::AnyBuffer attn_norm, ffi::AnyBuffer mlp_norm, ffi::RemainingArgs args,
                      ffi::RemainingRets rets, int64_t bits, int64_t split_qkv, int64_t split_o,
-                     int64_t split_gate_up, int64_t split_down, int64_t chunk, float eps, int64_t prefetch_kb) {
+                     int64_t split_gate_up, int64_t split_down, int64_t chunk, float eps) {
   constexpr int kWeights = 7, kRets = 10;
   if (args.size() != 3 * kWeights || rets.size() != kRets)
     return Fail("a layer takes q, k, v, o, gate, up and down (codes, scales, zero points each) and gives 10 results");
@@ -681,32 +636,15 @@ ffi::Error LayerImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::S32
   if (outs[1].untyped_data() != cache_k.untyped_data() || outs[2].untyped_data() != cache_v.untyped_data())
     return Fail("the caches must be aliased in and out");
   const int32_t* index = layer.typed_data();
-  if (prefetch_kb < 0) return Fail("prefetch_kb must be >= 0");
-  // What a launch prefetches: prefetch_kb of the next launch's weights (first .. first + n - 1), spread over
-  // the starts of its parts of K.
-  auto ahead = [&](int first, int n, int64_t parts, int layer_add) {
-    Prefetch f = {};
-    if (prefetch_kb == 0) return f;
-    f.n_weights = n, f.parts = static_cast<int>(parts), f.layer_add = layer_add;
-    f.layers = static_cast<int>(w3[3 * first].dimensions()[0]);
-    for (int i = 0; i < n; ++i) {
-      f.codes[i] = static_cast<const uint8_t*>(w3[3 * (first + i)].untyped_data());
-      f.layer_bytes[i] = w3[3 * (first + i)].size_bytes() / f.layers;
-    }
-    f.bytes = static_cast<size_t>(prefetch_kb) * 1024 / (n * parts);
-    return f;
-  };
   auto launch = [&](const ffi::AnyBuffer& in, const ffi::AnyBuffer* with_up, const ffi::AnyBuffer* norm,
-                    const ffi::AnyBuffer* residual, int first, int n, const ffi::AnyBuffer* into, int64_t split, bool dep,
-                    const Prefetch& next) {
+                    const ffi::AnyBuffer* residual, int first, int n, const ffi::AnyBuffer* into, int64_t split, bool dep) {
     return LaunchMatvec(stream, in, index, with_up, norm, residual, w3 + 3 * first, into, n, bits, split, chunk,
-                        eps, dep, next);
+                        eps, dep);
   };
   // bf16 weights read at 2.6-3.0 TB/s already, and overlapping their launches slowed the 7B step (5.30
   // against 5.08 ms); quantized ones read at 1.0-1.9 TB/s, and overlapping sped it up (int4: 2.30 against 2.39).
   const bool dependent = bits != 16;
-  if (auto e = launch(x, nullptr, &attn_norm, nullptr, 0, 3, q, split_qkv, false, ahead(3, 1, split_o, 0)); e.failure())
-    return e;
+  if (auto e = launch(x, nullptr, &attn_norm, nullptr, 0, 3, q, split_qkv, false); e.failure()) return e;
   DecodeAttentionArgs a = {};
   a.q = static_cast<const uint16_t*>(q->untyped_data());
   a.k = static_cast<const uint16_t*>(k->untyped_data());
@@ -725,13 +663,9 @@ ffi::Error LayerImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::S32
   a.max_len = static_cast<int>(max_len), a.head_dim = static_cast<int>(head_dim);
   if (cudaError_t err = LaunchDecodeAttention(stream, a, dependent); err != cudaSuccess)
     return ffi::Error::Internal(std::string("llama_jax decode attention: ") + cudaGetErrorString(err));
-  if (auto e = launch(*attended, nullptr, nullptr, &x, 3, 1, h, split_o, dependent, ahead(4, 2, split_gate_up, 0));
-      e.failure())
-    return e;
-  if (auto e = launch(*h, nullptr, &mlp_norm, nullptr, 4, 2, gate, split_gate_up, dependent, ahead(6, 1, split_down, 0));
-      e.failure())
-    return e;
-  return launch(*gate, up, nullptr, h, 6, 1, &outs[0], split_down, dependent, ahead(0, 3, split_qkv, 1));
+  if (auto e = launch(*attended, nullptr, nullptr, &x, 3, 1, h, split_o, dependent); e.failure()) return e;
+  if (auto e = launch(*h, nullptr, &mlp_norm, nullptr, 4, 2, gate, split_gate_up, dependent); e.failure()) return e;
+  return launch(*gate, up, nullptr, h, 6, 1, &outs[0], split_down, dependent);
 }
 
 }  // namespace
@@ -773,6 +707,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LlamaJaxDecodeLayerGpu, LayerImpl,
                                   .Attr<int64_t>("split_gate_up")
                                   .Attr<int64_t>("split_down")
                                   .Attr<int64_t>("chunk")
-                                  .Attr<float>("eps")
-                                  .Attr<int64_t>("prefetch_kb"),
+                                  .Attr<float>("eps"),
                               {ffi::Traits::kCmdBufferCompatible});
