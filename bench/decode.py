@@ -153,20 +153,17 @@ def memory_ceilings(gib: float = 4) -> dict:
     rows = int(gib * (1 << 29)) // 4096  # [rows, 4096] bf16
     x = jax.random.normal(jax.random.key(0), (rows, 4096), jnp.bfloat16)
     v = jnp.ones((4096,), jnp.bfloat16)
-    reads = {"sum": jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32)),
-             "gemv": jax.jit(lambda x, v: x @ v)}
-    copy = jax.jit(lambda x: x + 1)
+    moved = {"read_sum_gbps": (lambda x, v: jnp.sum(x, dtype=jnp.float32), x.nbytes),
+             "read_gemv_gbps": (lambda x, v: x @ v, x.nbytes),
+             "copy_gbps": (lambda x, v: x + 1, 2 * x.nbytes)}  # bytes each moves: a copy reads and writes
     figures = {}
-    for name, f in reads.items():
-        args = (x,) if name == "sum" else (x, v)
-        f(*args).block_until_ready()
-        figures[f"read_{name}_gbps"] = round(x.nbytes / min(_timed(lambda: f(*args)) for _ in range(10)) / 1e9, 1)
-    copy(x).block_until_ready()
-    figures["copy_gbps"] = round(2 * x.nbytes / min(_timed(lambda: copy(x)) for _ in range(10)) / 1e9, 1)
+    for name, (fn, nbytes) in moved.items():
+        f = jax.jit(fn)
+        f(x, v).block_until_ready()
+        figures[name] = round(nbytes / min(_timed(lambda: f(x, v)) for _ in range(10)) / 1e9, 1)
     figures["read_gbps"] = max(figures["read_sum_gbps"], figures["read_gemv_gbps"])
     print(json.dumps(dict(check="memory-ceilings", gib=gib, **figures, device=jax.devices()[0].device_kind)),
           flush=True)
-    del x
     return figures
 
 
