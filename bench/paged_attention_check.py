@@ -11,8 +11,8 @@
    reference (which gathers every row's blocks into a dense copy first), median of 50 runs, for each pool
    block size of --block-sizes (default 16, the engine's) and pool dtype of --pool-dtypes (default bf16;
    float8_e4m3fn halves the bytes read), and for each kernel setting of --variants
-   (GROUP:WARPS:STAGES[:BLOCKS], query heads a program, Triton's num_warps and num_stages, and pool blocks
-   a loop step reads, default 1; default the shipped).
+   (GROUP:WARPS:STAGES[:BLOCKS[:EARLY]], query heads a program, Triton's num_warps and num_stages, pool blocks
+   a loop step reads, default 1, and 1 to issue value loads with key loads, default 0; default the shipped).
 3. The engine: greedy tokens of a small float32 model (head_dim 64, so the kernel takes it) through the
    engine with Kernels.auto() against `generate_tokens` with Kernels.xla(), and whether the kernel was in
    the engine's decode step.
@@ -60,18 +60,21 @@ def reference(q, pool_k, pool_v, tables, lengths):
 
 kernel = jax.jit(lambda q, k, v, t, n: pallas_paged_attention.paged_attention(q, k, v, jnp.int32(1), t, n))
 SHIPPED = (f"{pallas_paged_attention.HEADS_PER_PROGRAM}:{pallas_paged_attention.NUM_WARPS}:"
-           f"{pallas_paged_attention.NUM_STAGES}:{pallas_paged_attention.BLOCKS_PER_STEP}")
+           f"{pallas_paged_attention.NUM_STAGES}:{pallas_paged_attention.BLOCKS_PER_STEP}:"
+           f"{int(pallas_paged_attention.VALUES_EARLY)}")
 
 
 def setting(variant: str) -> tuple[int, ...]:
-    """GROUP:WARPS:STAGES[:BLOCKS] -> (group, warps, stages, blocks a step)."""
-    return tuple((list(map(int, variant.split(":"))) + [1])[:4])
+    """GROUP:WARPS:STAGES[:BLOCKS[:EARLY]] -> (group, warps, stages, blocks a step, values early)."""
+    parts = list(map(int, variant.split(":")))
+    return tuple(parts + [1, 0][len(parts) - 3:])
 
 
 def kernel_with(variant: str):
-    group, warps, stages, per_step = setting(variant)
+    group, warps, stages, per_step, early = setting(variant)
     return jax.jit(lambda q, k, v, t, n: pallas_paged_attention.paged_attention(
-        q, k, v, jnp.int32(1), t, n, group=group, num_warps=warps, num_stages=stages, blocks_per_step=per_step))
+        q, k, v, jnp.int32(1), t, n, group=group, num_warps=warps, num_stages=stages, blocks_per_step=per_step,
+        values_early=bool(early)))
 xla = jax.jit(reference)
 
 
@@ -150,7 +153,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--block-sizes", type=int, nargs="+", default=[16], help="the pool's block sizes to time")
     p.add_argument("--variants", nargs="+", default=[SHIPPED],
-                   help="kernel settings GROUP:WARPS:STAGES[:BLOCKS] to time")
+                   help="kernel settings GROUP:WARPS:STAGES[:BLOCKS[:EARLY]] to time")
     p.add_argument("--pool-dtypes", nargs="+", default=["bfloat16"], choices=["bfloat16", "float8_e4m3fn"],
                    help="the pool's dtypes to time (float8_e4m3fn: serve --cache-dtype)")
     p.add_argument("--timing-only", action="store_true")

@@ -109,7 +109,8 @@ def test_paged_reference_equals_dense_attention():
 @pytest.mark.parametrize("kv_heads,group,per_step,width", [
     (2, None, 1, 8), (2, 1, 1, 8), (4, None, 1, 8), (4, 2, 1, 8), (4, 1, 1, 8), (2, None, 4, 8), (4, 2, 2, 8),
     (2, None, 1, 32), (4, 2, 4, 32)])
-def test_paged_kernel_equals_reference(batch, kv_heads, group, per_step, width):
+@pytest.mark.parametrize("values_early", [False, True])
+def test_paged_kernel_equals_reference(batch, kv_heads, group, per_step, width, values_early):
     """The Pallas kernel (in Pallas' interpreter) against the XLA reference for a decode step; a padding row
     (length 0) gets zeros, not NaN."""
     lengths = [int(n) for n in np.random.default_rng(batch).integers(1, 120, batch)]
@@ -117,7 +118,7 @@ def test_paged_kernel_equals_reference(batch, kv_heads, group, per_step, width):
                                                width=width)
     lengths[0] = 0
     kernel = jax.jit(functools.partial(pallas_paged_attention.paged_attention, group=group,
-                                       blocks_per_step=per_step, interpret=True))
+                                       blocks_per_step=per_step, values_early=values_early, interpret=True))
     got = kernel(q[:, 0], pool_k, pool_v, jnp.int32(1), tables, jnp.asarray(lengths, jnp.int32))
     want = jax.jit(paged.reference)(q, pool_k, pool_v, 1, tables, jnp.asarray(lengths, jnp.int32)[:, None] - 1)[:, 0]
     np.testing.assert_allclose(np.asarray(got[1:]), np.asarray(want[1:]), rtol=1e-5, atol=1e-5)
