@@ -12,7 +12,8 @@
    block size of --block-sizes (default 16, the engine's) and pool dtype of --pool-dtypes (default bf16;
    float8_e4m3fn halves the bytes read), and for each kernel setting of --variants
    (GROUP:WARPS:STAGES[:BLOCKS[:EARLY]], query heads a program, Triton's num_warps and num_stages, pool blocks
-   a loop step reads, default 1, and 1 to issue value loads with key loads, default 0; default the shipped).
+   a loop step reads, default 1, 1 to issue value loads with key loads, and 1 for the loop's dot form on
+   tensor cores, both default 0; default the shipped).
 3. The engine: greedy tokens of a small float32 model (head_dim 64, so the kernel takes it) through the
    engine with Kernels.auto() against `generate_tokens` with Kernels.xla(), and whether the kernel was in
    the engine's decode step.
@@ -61,20 +62,21 @@ def reference(q, pool_k, pool_v, tables, lengths):
 kernel = jax.jit(lambda q, k, v, t, n: pallas_paged_attention.paged_attention(q, k, v, jnp.int32(1), t, n))
 SHIPPED = (f"{pallas_paged_attention.HEADS_PER_PROGRAM}:{pallas_paged_attention.NUM_WARPS}:"
            f"{pallas_paged_attention.NUM_STAGES}:{pallas_paged_attention.BLOCKS_PER_STEP}:"
-           f"{int(pallas_paged_attention.VALUES_EARLY)}")
+           f"{int(pallas_paged_attention.VALUES_EARLY)}:{int(pallas_paged_attention.TENSOR_CORES)}")
 
 
 def setting(variant: str) -> tuple[int, ...]:
-    """GROUP:WARPS:STAGES[:BLOCKS[:EARLY]] -> (group, warps, stages, blocks a step, values early)."""
+    """GROUP:WARPS:STAGES[:BLOCKS[:EARLY[:DOTS]]] -> (group, warps, stages, blocks a step, values early,
+    tensor cores)."""
     parts = list(map(int, variant.split(":")))
-    return tuple(parts + [1, 0][len(parts) - 3:])
+    return tuple(parts + [1, 0, 0][len(parts) - 3:])
 
 
 def kernel_with(variant: str):
-    group, warps, stages, per_step, early = setting(variant)
+    group, warps, stages, per_step, early, dots = setting(variant)
     return jax.jit(lambda q, k, v, t, n: pallas_paged_attention.paged_attention(
         q, k, v, jnp.int32(1), t, n, group=group, num_warps=warps, num_stages=stages, blocks_per_step=per_step,
-        values_early=bool(early)))
+        values_early=bool(early), tensor_cores=bool(dots)))
 xla = jax.jit(reference)
 
 
@@ -107,9 +109,12 @@ def timing(block: int, variants, pool_dtype: str = "bfloat16") -> None:
         return float(np.median(runs)) * 1e3
 
     x_ms = median_ms(xla)
+    want = np.asarray(xla(*(x.astype(jnp.float32) for x in (q, pool_k, pool_v)), tables, lengths))[1:]
     for variant in variants:
         try:
-            k_ms = median_ms(kernel_with(variant))
+            fn = kernel_with(variant)
+            k_ms = median_ms(fn)
+            got = np.asarray(fn(q, pool_k, pool_v, tables, lengths), np.float32)[1:]
         except Exception as e:  # a setting Triton cannot build (registers, shared memory): say so, go on
             print(json.dumps(dict(check="paged-attention-time", block_size=block, variant=variant,
                                   error=str(e).splitlines()[0][:200])), flush=True)
@@ -117,6 +122,7 @@ def timing(block: int, variants, pool_dtype: str = "bfloat16") -> None:
         print(json.dumps(dict(check="paged-attention-time", block_size=block, variant=variant, pool_dtype=pool_dtype,
                               shipped=setting(variant) == setting(SHIPPED), batch=q.shape[0],
                               mean_len=round(float(jnp.mean(lengths)), 1),
+                              rel_l2_vs_f32_reference=round(float(np.linalg.norm(got - want) / np.linalg.norm(want)), 5),
                               kernel_ms=round(k_ms, 4), xla_reference_ms=round(x_ms, 4),
                               kernel_cache_gbps=round(cache_bytes / k_ms / 1e6, 1), speedup=round(x_ms / k_ms, 2),
                               device=DEVICE)), flush=True)
@@ -153,7 +159,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--block-sizes", type=int, nargs="+", default=[16], help="the pool's block sizes to time")
     p.add_argument("--variants", nargs="+", default=[SHIPPED],
-                   help="kernel settings GROUP:WARPS:STAGES[:BLOCKS[:EARLY]] to time")
+                   help="kernel settings GROUP:WARPS:STAGES[:BLOCKS[:EARLY[:DOTS]]] to time")
     p.add_argument("--pool-dtypes", nargs="+", default=["bfloat16"], choices=["bfloat16", "float8_e4m3fn"],
                    help="the pool's dtypes to time (float8_e4m3fn: serve --cache-dtype)")
     p.add_argument("--timing-only", action="store_true")

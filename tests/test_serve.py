@@ -104,13 +104,14 @@ def test_paged_reference_equals_dense_attention():
 # kv head (default) or one head each, and without GQA four or two heads side by side, or one; blocks a loop
 # step: one, or two and four (a row's last step then reaches past its keys); tables of 8 blocks (as wide as
 # the longest row) or 32 (the engine's one width for every decode step: the split parts divide each row's
-# own blocks).
+# own blocks); the loop's three forms: vector products, value loads beside key loads, dots on tensor cores
+# (one block a step, whatever per_step says).
 @pytest.mark.parametrize("batch", [3, 70])
 @pytest.mark.parametrize("kv_heads,group,per_step,width", [
     (2, None, 1, 8), (2, 1, 1, 8), (4, None, 1, 8), (4, 2, 1, 8), (4, 1, 1, 8), (2, None, 4, 8), (4, 2, 2, 8),
     (2, None, 1, 32), (4, 2, 4, 32)])
-@pytest.mark.parametrize("values_early", [False, True])
-def test_paged_kernel_equals_reference(batch, kv_heads, group, per_step, width, values_early):
+@pytest.mark.parametrize("form", ["vector", "values_early", "tensor_cores"])
+def test_paged_kernel_equals_reference(batch, kv_heads, group, per_step, width, form):
     """The Pallas kernel (in Pallas' interpreter) against the XLA reference for a decode step; a padding row
     (length 0) gets zeros, not NaN."""
     lengths = [int(n) for n in np.random.default_rng(batch).integers(1, 120, batch)]
@@ -118,21 +119,24 @@ def test_paged_kernel_equals_reference(batch, kv_heads, group, per_step, width, 
                                                width=width)
     lengths[0] = 0
     kernel = jax.jit(functools.partial(pallas_paged_attention.paged_attention, group=group,
-                                       blocks_per_step=per_step, values_early=values_early, interpret=True))
+                                       blocks_per_step=per_step, values_early=form == "values_early",
+                                       tensor_cores=form == "tensor_cores", interpret=True))
     got = kernel(q[:, 0], pool_k, pool_v, jnp.int32(1), tables, jnp.asarray(lengths, jnp.int32))
     want = jax.jit(paged.reference)(q, pool_k, pool_v, 1, tables, jnp.asarray(lengths, jnp.int32)[:, None] - 1)[:, 0]
     np.testing.assert_allclose(np.asarray(got[1:]), np.asarray(want[1:]), rtol=1e-5, atol=1e-5)
     assert np.all(np.asarray(got[0]) == 0)
 
 
-def test_paged_kernel_reads_an_8_bit_pool():
-    """A float8_e4m3fn pool (serve --cache-dtype): the kernel widens each block to float32 as it reads it,
-    and equals the reference over the same 8-bit keys and values."""
+@pytest.mark.parametrize("tensor_cores", [False, True])
+def test_paged_kernel_reads_an_8_bit_pool(tensor_cores):
+    """A float8_e4m3fn pool (serve --cache-dtype): the kernel widens each block as it reads it, and equals
+    the reference over the same 8-bit keys and values."""
     lengths = [0, 17, 64, 100, 5]
     q, pool_k, pool_v, tables, _ = _paged_case(7, 5, lengths, kv_heads=2, blocks=41)
     pool_k, pool_v = (p.astype(jnp.float8_e4m3fn) for p in (pool_k, pool_v))
     n = jnp.asarray(lengths, jnp.int32)
-    got = pallas_paged_attention.paged_attention(q[:, 0], pool_k, pool_v, jnp.int32(1), tables, n, interpret=True)
+    got = pallas_paged_attention.paged_attention(q[:, 0], pool_k, pool_v, jnp.int32(1), tables, n,
+                                                 tensor_cores=tensor_cores, interpret=True)
     want = paged.reference(q, pool_k, pool_v, 1, tables, n[:, None] - 1)[:, 0]
     np.testing.assert_allclose(np.asarray(got[1:]), np.asarray(want[1:]), rtol=1e-5, atol=1e-5)
     assert pallas_paged_attention.supported(q, pool_k)

@@ -18,8 +18,14 @@ hands to a custom call, so this kernel takes the whole pool and a layer index, i
 HEADS_PER_PROGRAM, NUM_WARPS and NUM_STAGES are the fastest of a sweep on an H100 (bench/BENCHMARKS.md).
 A loop step can read several blocks, their loads independent so that more bytes are in flight a program;
 BLOCKS_PER_STEP stays 1 until a sweep on a GPU (`bench/paged_attention_check.py --variants`) favours more;
-so does VALUES_EARLY, which issues a step's value loads beside its key loads (twice the bytes in flight,
-twice the registers) instead of after the scores.
+VALUES_EARLY (a step's value loads issued beside its key loads) measured no faster on an H100.
+
+TENSOR_CORES chooses a second form of the loop (`_dot_kernel`): the block's keys as one 2-D tile
+[block * heads, head_dim] and the program's queries padded to 16 rows, so that scores and the weighted
+values are two `dot`s on tensor cores. Without GQA each query head has its own keys, so the scores
+[16, block * heads] hold every head against every head's keys, and a mask keeps each head's own; the
+waste is in tensor-core work, which a decode step has to spare. The vector form above spends its time
+outside the reads: an 8-bit pool, half the bytes, still takes 77% of bf16's time (bench/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ HEADS_PER_PROGRAM = 8  # query heads a program takes where they read distinct kv
 NUM_WARPS, NUM_STAGES = 4, 2
 BLOCKS_PER_STEP = 1  # pool blocks a loop step reads
 VALUES_EARLY = False  # a step's value loads issued with its key loads
+TENSOR_CORES = False  # the dot form of the loop (_dot_kernel)
+DOT_ROWS = 16  # the least M of a Triton dot: a program's query heads are padded to it
 
 
 def _kernel(layer_ref, tables_ref, lengths_ref, q_ref, k_ref, v_ref, *out_refs, block, splits, group, rep,
@@ -92,6 +100,56 @@ def _kernel(layer_ref, tables_ref, lengths_ref, q_ref, k_ref, v_ref, *out_refs, 
         total_ref[...] = total[:, None]
 
 
+def _dot_kernel(layer_ref, tables_ref, lengths_ref, q_ref, k_ref, v_ref, *out_refs, block, splits, group, rep,
+                dtype):
+    """Program (b, j, c) as in `_kernel`, one block a loop step, its products as dots: q_ref holds each
+    program's query heads already scaled and padded to `rows` (zero rows past `group`), and the outputs
+    keep the padding rows, which the caller drops. With group <= rep the heads share one kv head: scores
+    [rows, block]. Otherwise the keys of the program's heads form one tile [block * group, head_dim], and
+    column t * group + h of the scores is head h's key t: row h keeps only its own columns."""
+    b, j, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    layer, length = layer_ref[0], lengths_ref[b]
+    q = q_ref[b, j].astype(dtype)  # [rows, head_dim]
+    rows, head_dim = q.shape
+    shared = group <= rep
+    cols = block if shared else block * group
+    col = jax.lax.broadcasted_iota(jnp.int32, (rows, cols), 1)
+    slot = col if shared else col // group  # each column's slot in the block
+    mine = True if shared else col % group == jax.lax.broadcasted_iota(jnp.int32, (rows, cols), 0)
+
+    def read(ref, page):  # -> [cols, head_dim]
+        if shared:
+            return ref[layer, page, :, (j * group) // rep, :].astype(dtype)
+        return ref[layer, page, :, pl.ds(j * group, group), :].astype(dtype).reshape(cols, head_dim)
+
+    def body(i, carry):
+        m, total, acc = carry  # [rows], [rows], [rows, head_dim]
+        page = tables_ref[b, i]
+        ok = (i * block + slot < length) & mine  # [rows, cols]
+        scores = jax.lax.dot_general(q, read(k_ref, page), (((1,), (1,)), ((), ())),
+                                     preferred_element_type=jnp.float32)
+        scores = jnp.where(ok, scores, _NEG)
+        m_new = jnp.maximum(m, jnp.max(scores, axis=1))
+        alpha = jnp.exp(m - m_new)
+        p = jnp.where(ok, jnp.exp(scores - m_new[:, None]), 0.0)
+        total = total * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + jnp.dot(p.astype(dtype), read(v_ref, page), preferred_element_type=jnp.float32)
+        return m_new, total, acc
+
+    init = (jnp.full((rows,), _NEG, jnp.float32), jnp.zeros((rows,), jnp.float32),
+            jnp.zeros((rows, head_dim), jnp.float32))
+    used = (length + block - 1) // block
+    part = (used + splits - 1) // splits
+    m, total, acc = jax.lax.fori_loop(c * part, jnp.minimum((c + 1) * part, used), body, init)
+    if len(out_refs) == 1:
+        out_refs[0][...] = (acc / jnp.where(total > 0, total, 1.0)[:, None]).astype(out_refs[0].dtype)
+    else:
+        acc_ref, m_ref, total_ref = out_refs
+        acc_ref[...] = acc
+        m_ref[...] = m[:, None]
+        total_ref[...] = total[:, None]
+
+
 def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
@@ -126,6 +184,7 @@ def paged_attention(
     group: int | None = None,  # query heads a program takes (default: heads_per_program)
     blocks_per_step: int = BLOCKS_PER_STEP,  # a power of two, at most the table's width
     values_early: bool = VALUES_EARLY,
+    tensor_cores: bool = TENSOR_CORES,  # the dot form (one block a step: blocks_per_step, values_early unused)
     num_warps: int = NUM_WARPS,
     num_stages: int = NUM_STAGES,
     interpret: bool = False,
@@ -139,19 +198,33 @@ def paged_attention(
         raise ValueError(f"group={group}: expected a power of two dividing the {heads} heads, at most the "
                          f"{rep} query heads of a kv head unless there is one each")
     width = tables.shape[1]
-    if not _pow2(blocks_per_step) or width % blocks_per_step:
+    per_step = 1 if tensor_cores else blocks_per_step
+    if not _pow2(per_step) or width % per_step:
         raise ValueError(f"blocks_per_step={blocks_per_step}: expected a power of two dividing the block "
                          f"tables' width {width}")
+    if tensor_cores and block < DOT_ROWS:
+        raise ValueError(f"tensor_cores: a pool block of {block} slots; a dot needs at least {DOT_ROWS}")
     programs = batch * (heads // group)
-    splits = min(width // blocks_per_step, pl.cdiv(FILL_PROGRAMS, programs))
-    kernel = functools.partial(_kernel, block=block, splits=splits, group=group, rep=rep, per_step=blocks_per_step,
-                               values_early=values_early, scale=1.0 / math.sqrt(head_dim))
-    if splits == 1:
-        out_shape = [jax.ShapeDtypeStruct((batch, heads, head_dim), q.dtype)]
-        out_specs = [pl.BlockSpec((None, group, head_dim), lambda b, j, c: (b, j, 0))]
+    splits = min(width // per_step, pl.cdiv(FILL_PROGRAMS, programs))
+    # The outputs' rows a program: its query heads, padded to DOT_ROWS in the dot form (dropped below).
+    rows = max(group, DOT_ROWS) if tensor_cores else group
+    if tensor_cores:
+        dtype = jnp.float32 if q.dtype == jnp.float32 else jnp.bfloat16
+        kernel = functools.partial(_dot_kernel, block=block, splits=splits, group=group, rep=rep, dtype=dtype)
+        q_in = (q.astype(jnp.float32) / math.sqrt(head_dim)).reshape(batch, heads // group, group, head_dim)
+        q_in = jnp.pad(q_in, ((0, 0), (0, 0), (0, rows - group), (0, 0))).astype(q.dtype)
     else:
-        out_shape = [jax.ShapeDtypeStruct((splits, batch, heads, n), jnp.float32) for n in (head_dim, 1, 1)]
-        out_specs = [pl.BlockSpec((None, None, group, n), lambda b, j, c: (c, b, j, 0)) for n in (head_dim, 1, 1)]
+        kernel = functools.partial(_kernel, block=block, splits=splits, group=group, rep=rep, per_step=per_step,
+                                   values_early=values_early, scale=1.0 / math.sqrt(head_dim))
+        q_in = q
+    if splits == 1:
+        out_shape = [jax.ShapeDtypeStruct((batch, heads // group, rows, head_dim), q.dtype)]
+        out_specs = [pl.BlockSpec((None, None, rows, head_dim), lambda b, j, c: (b, j, 0, 0))]
+    else:
+        out_shape = [jax.ShapeDtypeStruct((splits, batch, heads // group, rows, n), jnp.float32)
+                     for n in (head_dim, 1, 1)]
+        out_specs = [pl.BlockSpec((None, None, None, rows, n), lambda b, j, c: (c, b, j, 0, 0))
+                     for n in (head_dim, 1, 1)]
     kw = {} if interpret else {"compiler_params": plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)}
     out = pl.pallas_call(
         kernel,
@@ -161,8 +234,9 @@ def paged_attention(
         out_specs=tuple(out_specs),
         interpret=interpret,
         **kw,
-    )(jnp.asarray(layer, jnp.int32).reshape(1), tables.astype(jnp.int32), lengths.astype(jnp.int32), q,
+    )(jnp.asarray(layer, jnp.int32).reshape(1), tables.astype(jnp.int32), lengths.astype(jnp.int32), q_in,
       pool_k, pool_v)
+    out = [x[..., :group, :].reshape(*x.shape[:-3], heads, x.shape[-1]) for x in out]  # padding rows dropped
     if splits == 1:
         return out[0]
     acc, m, total = out  # splits past a row's length hold m = _NEG and zeros: their weight below is 0
