@@ -16,9 +16,10 @@ query group to 16 rows for its dot. The decode scan carries every layer's pool, 
 hands to a custom call, so this kernel takes the whole pool and a layer index, in our layout
 ([layers, blocks, block, kv_heads, head_dim]), and one query row per program with vector products.
 HEADS_PER_PROGRAM, NUM_WARPS and NUM_STAGES are the fastest of a sweep on an H100 (bench/BENCHMARKS.md).
-A loop step can read several blocks, their loads independent so that more bytes are in flight a program;
-BLOCKS_PER_STEP stays 1 until a sweep on a GPU (`bench/paged_attention_check.py --variants`) favours more;
-VALUES_EARLY (a step's value loads issued beside its key loads) measured no faster on an H100.
+A loop step can read several blocks, their loads independent so that more bytes are in flight a program:
+BLOCKS_PER_STEP stays 1, level with a bf16 pool in a sweep on an H100 (`bench/paged_attention_check.py
+--variants`; 9-11% faster with an 8-bit pool, not yet tried end to end). VALUES_EARLY (a step's value
+loads issued beside its key loads) measured no faster.
 
 TENSOR_CORES chooses a second form of the loop (`_dot_kernel`): the block's keys as one 2-D tile
 [block * heads, head_dim] and the program's queries padded to 16 rows, so that scores and the weighted
@@ -90,7 +91,11 @@ def _kernel(layer_ref, tables_ref, lengths_ref, q_ref, k_ref, v_ref, *out_refs, 
     used = (length + block - 1) // block  # the row's blocks
     part = (used + splits * per_step - 1) // (splits * per_step) * per_step  # blocks a program, whole loop steps
     last = jnp.minimum((c + 1) * part, used)  # slots past the row's keys in the last step are masked
-    m, total, acc = jax.lax.fori_loop(c * part // per_step, (last + per_step - 1) // per_step, body, init)
+    _write(out_refs, *jax.lax.fori_loop(c * part // per_step, (last + per_step - 1) // per_step, body, init))
+
+
+def _write(out_refs, m, total, acc):
+    """One split: the program's output. Several: its unnormalised sums, running maxima and totals."""
     if len(out_refs) == 1:  # a row of no keys (padding) gets zeros, not 0 / 0
         out_refs[0][...] = (acc / jnp.where(total > 0, total, 1.0)[:, None]).astype(out_refs[0].dtype)
     else:
@@ -140,14 +145,7 @@ def _dot_kernel(layer_ref, tables_ref, lengths_ref, q_ref, k_ref, v_ref, *out_re
             jnp.zeros((rows, head_dim), jnp.float32))
     used = (length + block - 1) // block
     part = (used + splits - 1) // splits
-    m, total, acc = jax.lax.fori_loop(c * part, jnp.minimum((c + 1) * part, used), body, init)
-    if len(out_refs) == 1:
-        out_refs[0][...] = (acc / jnp.where(total > 0, total, 1.0)[:, None]).astype(out_refs[0].dtype)
-    else:
-        acc_ref, m_ref, total_ref = out_refs
-        acc_ref[...] = acc
-        m_ref[...] = m[:, None]
-        total_ref[...] = total[:, None]
+    _write(out_refs, *jax.lax.fori_loop(c * part, jnp.minimum((c + 1) * part, used), body, init))
 
 
 def _pow2(n: int) -> bool:
