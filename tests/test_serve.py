@@ -104,8 +104,7 @@ def test_paged_reference_equals_dense_attention():
 # kv head (default) or one head each, and without GQA four or two heads side by side, or one; blocks a loop
 # step: one, or two and four (a row's last step then reaches past its keys); tables of 8 blocks (as wide as
 # the longest row) or 32 (the engine's one width for every decode step: the split parts divide each row's
-# own blocks); the loop's three forms: vector products, value loads beside key loads, dots on tensor cores
-# (one block a step, whatever per_step says).
+# own blocks); the loop's three forms: vector products, value loads beside key loads, dots on tensor cores.
 @pytest.mark.parametrize("batch", [3, 70])
 @pytest.mark.parametrize("kv_heads,group,per_step,width", [
     (2, None, 1, 8), (2, 1, 1, 8), (4, None, 1, 8), (4, 2, 1, 8), (4, 1, 1, 8), (2, None, 4, 8), (4, 2, 2, 8),

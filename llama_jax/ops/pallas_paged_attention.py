@@ -106,12 +106,12 @@ def _write(out_refs, m, total, acc):
 
 
 def _dot_kernel(layer_ref, tables_ref, lengths_ref, q_ref, k_ref, v_ref, *out_refs, block, splits, group, rep,
-                dtype):
-    """Program (b, j, c) as in `_kernel`, one block a loop step, its products as dots: q_ref holds each
-    program's query heads already scaled and padded to `rows` (zero rows past `group`), and the outputs
-    keep the padding rows, which the caller drops. With group <= rep the heads share one kv head: scores
-    [rows, block]. Otherwise the keys of the program's heads form one tile [block * group, head_dim], and
-    column t * group + h of the scores is head h's key t: row h keeps only its own columns."""
+                per_step, dtype):
+    """Program (b, j, c) as in `_kernel`, its products as dots: q_ref holds each program's query heads
+    already scaled and padded to `rows` (zero rows past `group`), and the outputs keep the padding rows,
+    which the caller drops. With group <= rep the heads share one kv head: scores [rows, block] a block.
+    Otherwise the keys of the program's heads form one tile [block * group, head_dim], and column
+    t * group + h of the scores is head h's key t: row h keeps only its own columns."""
     b, j, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     layer, length = layer_ref[0], lengths_ref[b]
     q = q_ref[b, j].astype(dtype)  # [rows, head_dim]
@@ -129,23 +129,26 @@ def _dot_kernel(layer_ref, tables_ref, lengths_ref, q_ref, k_ref, v_ref, *out_re
 
     def body(i, carry):
         m, total, acc = carry  # [rows], [rows], [rows, head_dim]
-        page = tables_ref[b, i]
-        ok = (i * block + slot < length) & mine  # [rows, cols]
-        scores = jax.lax.dot_general(q, read(k_ref, page), (((1,), (1,)), ((), ())),
-                                     preferred_element_type=jnp.float32)
-        scores = jnp.where(ok, scores, _NEG)
-        m_new = jnp.maximum(m, jnp.max(scores, axis=1))
+        ids = [tables_ref[b, i * per_step + n] for n in range(per_step)]
+        oks = [((i * per_step + n) * block + slot < length) & mine for n in range(per_step)]  # [rows, cols]
+        scores = [jnp.where(ok, jax.lax.dot_general(q, read(k_ref, page), (((1,), (1,)), ((), ())),
+                                                    preferred_element_type=jnp.float32), _NEG)
+                  for ok, page in zip(oks, ids)]
+        m_new = functools.reduce(jnp.maximum, [jnp.max(s, axis=1) for s in scores], m)
         alpha = jnp.exp(m - m_new)
-        p = jnp.where(ok, jnp.exp(scores - m_new[:, None]), 0.0)
-        total = total * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + jnp.dot(p.astype(dtype), read(v_ref, page), preferred_element_type=jnp.float32)
+        total, acc = total * alpha, acc * alpha[:, None]
+        for ok, s, page in zip(oks, scores, ids):
+            p = jnp.where(ok, jnp.exp(s - m_new[:, None]), 0.0)
+            total = total + jnp.sum(p, axis=1)
+            acc = acc + jnp.dot(p.astype(dtype), read(v_ref, page), preferred_element_type=jnp.float32)
         return m_new, total, acc
 
     init = (jnp.full((rows,), _NEG, jnp.float32), jnp.zeros((rows,), jnp.float32),
             jnp.zeros((rows, head_dim), jnp.float32))
     used = (length + block - 1) // block
-    part = (used + splits - 1) // splits
-    _write(out_refs, *jax.lax.fori_loop(c * part, jnp.minimum((c + 1) * part, used), body, init))
+    part = (used + splits * per_step - 1) // (splits * per_step) * per_step
+    last = jnp.minimum((c + 1) * part, used)
+    _write(out_refs, *jax.lax.fori_loop(c * part // per_step, (last + per_step - 1) // per_step, body, init))
 
 
 def _pow2(n: int) -> bool:
@@ -182,7 +185,7 @@ def paged_attention(
     group: int | None = None,  # query heads a program takes (default: heads_per_program)
     blocks_per_step: int = BLOCKS_PER_STEP,  # a power of two, at most the table's width
     values_early: bool = VALUES_EARLY,
-    tensor_cores: bool = TENSOR_CORES,  # the dot form (one block a step: blocks_per_step, values_early unused)
+    tensor_cores: bool = TENSOR_CORES,  # the dot form (values_early unused)
     num_warps: int = NUM_WARPS,
     num_stages: int = NUM_STAGES,
     interpret: bool = False,
@@ -196,23 +199,23 @@ def paged_attention(
         raise ValueError(f"group={group}: expected a power of two dividing the {heads} heads, at most the "
                          f"{rep} query heads of a kv head unless there is one each")
     width = tables.shape[1]
-    per_step = 1 if tensor_cores else blocks_per_step
-    if not _pow2(per_step) or width % per_step:
+    if not _pow2(blocks_per_step) or width % blocks_per_step:
         raise ValueError(f"blocks_per_step={blocks_per_step}: expected a power of two dividing the block "
                          f"tables' width {width}")
     if tensor_cores and block < DOT_ROWS:
         raise ValueError(f"tensor_cores: a pool block of {block} slots; a dot needs at least {DOT_ROWS}")
     programs = batch * (heads // group)
-    splits = min(width // per_step, pl.cdiv(FILL_PROGRAMS, programs))
+    splits = min(width // blocks_per_step, pl.cdiv(FILL_PROGRAMS, programs))
     # The outputs' rows a program: its query heads, padded to DOT_ROWS in the dot form (dropped below).
     rows = max(group, DOT_ROWS) if tensor_cores else group
     if tensor_cores:
         dtype = jnp.float32 if q.dtype == jnp.float32 else jnp.bfloat16
-        kernel = functools.partial(_dot_kernel, block=block, splits=splits, group=group, rep=rep, dtype=dtype)
+        kernel = functools.partial(_dot_kernel, block=block, splits=splits, group=group, rep=rep,
+                                   per_step=blocks_per_step, dtype=dtype)
         q_in = (q.astype(jnp.float32) / math.sqrt(head_dim)).reshape(batch, heads // group, group, head_dim)
         q_in = jnp.pad(q_in, ((0, 0), (0, 0), (0, rows - group), (0, 0))).astype(q.dtype)
     else:
-        kernel = functools.partial(_kernel, block=block, splits=splits, group=group, rep=rep, per_step=per_step,
+        kernel = functools.partial(_kernel, block=block, splits=splits, group=group, rep=rep, per_step=blocks_per_step,
                                    values_early=values_early, scale=1.0 / math.sqrt(head_dim))
         q_in = q
     if splits == 1:
