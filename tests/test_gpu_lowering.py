@@ -6,32 +6,25 @@ decode layer, at larger batches the Pallas decode attention and matmul, the page
 engine's step, flash attention forward and backward in a packed training step.
 
 Lowering stops before Triton's own passes (layouts, dot operands, software pipelining), where a kernel can
-still fail to build, so the last tests here build each kernel's Triton IR for sm_90 with the `triton`
-package and its ptxas, as a GPU's compile does (XLA builds with its own copy of Triton, so this is the
-same IR through the same kind of passes, not the identical compiler), and read what ptxas reports. Running
-happens on a GPU only (bench/decode.py, bench/paged_attention_check.py, bench/matvec_gpu_check.py).
+still fail to build, so the last tests here build each kernel for sm_90 (ops/triton_build.py: the
+`triton` package and its ptxas) and read what ptxas reports. Running happens on a GPU only
+(bench/decode.py, bench/paged_attention_check.py, bench/matvec_gpu_check.py).
 """
 
 import dataclasses
 import functools
 import re
-import subprocess
 
 import jax
 import jax.numpy as jnp
 import pytest
-import triton
-from jaxlib.mlir import ir
-from jaxlib.triton import dialect as triton_dialect
-from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import get_ptxas
 
 import llama_jax as lj
 from llama_jax import engine, qarray
 from llama_jax.generate import decode_loop, next_logits
 from llama_jax.model import PagedKVCache
 from llama_jax.ops import Kernels, cuda_matvec, pallas_decode_attention, pallas_flash_attention, \
-    pallas_paged_attention, pallas_qmatmul
+    pallas_paged_attention, pallas_qmatmul, triton_build
 from llama_jax.sharding import MESH_AXES
 from llama_jax.train import loss_fn
 
@@ -243,47 +236,6 @@ def test_packed_training_step_holds_flash_attention(h100):
 # Built for sm_90: each kernel's Triton IR through Triton's passes to PTX, and ptxas to a cubin
 
 
-def triton_kernels(program: jax.stages.Lowered) -> list[dict]:
-    """The Triton kernels a lowered program calls: each one's name, IR (text), warps and stages."""
-    found = []
-
-    def visit(op):
-        for region in op.regions:
-            for block in region.blocks:
-                for child in block.operations:
-                    child = child.operation
-                    if (child.name == "stablehlo.custom_call"
-                            and ir.StringAttr(child.attributes["call_target_name"]).value == TRITON):
-                        config = child.attributes["mhlo.backend_config"]
-                        found.append(dict(name=ir.StringAttr(config["name"]).value,
-                                          ir=ir.StringAttr(config["ir"]).value_bytes,
-                                          num_warps=ir.IntegerAttr(config["num_warps"]).value,
-                                          num_stages=ir.IntegerAttr(config["num_stages"]).value))
-                    visit(child)
-
-    visit(program.compiler_ir().operation)
-    context = ir.Context()
-    triton_dialect.register_dialect(context)
-    with context, ir.Location.unknown():
-        for kernel in found:  # the custom call holds MLIR bytecode; triton.compile reads text
-            kernel["ir"] = ir.Module.parse(kernel["ir"]).operation.get_asm(enable_debug_info=False)
-    return found
-
-
-def build_sm90(kernel: dict, tmp_path) -> tuple[str, dict]:
-    """One kernel built for an H100: its PTX, and ptxas's report (registers, spill bytes)."""
-    source = tmp_path / f"{kernel['name']}.ttir"
-    source.write_text(kernel["ir"])
-    built = triton.compile(str(source), target=GPUTarget("cuda", 90, 32),
-                           options=dict(num_warps=kernel["num_warps"], num_stages=kernel["num_stages"]))
-    ptx = tmp_path / f"{kernel['name']}.ptx"
-    ptx.write_text(built.asm["ptx"])
-    report = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(ptx), "-o", "/dev/null"],
-                            capture_output=True, text=True, check=True).stderr
-    return built.asm["ptx"], dict(registers=int(re.search(r"Used (\d+) registers", report).group(1)),
-                                  spill_bytes=sum(map(int, re.findall(r"(\d+) bytes spill", report))))
-
-
 def _paged(batch, kv_heads, width, **kw):
     pool = S((32, 4097, 16, kv_heads, 128), jnp.dtype(kw.pop("pool_dtype", "bfloat16")))
     return lowered(functools.partial(pallas_paged_attention.paged_attention, **kw), S((batch, 32, 128), jnp.bfloat16),
@@ -299,17 +251,17 @@ def _paged(batch, kv_heads, width, **kw):
     (dict(batch=64, kv_heads=8, width=256), True),  # GQA: 4 query heads a program, padded to 16 rows
     (dict(batch=4, kv_heads=32, width=256), True),  # few long rows: split programs
 ])
-def test_paged_kernel_builds_for_sm90(case, tensor_cores, tmp_path):
+def test_paged_kernel_builds_for_sm90(case, tensor_cores):
     """Both forms of the paged kernel build without spilling registers; the dot form's products run on
-    the tensor cores (mma instructions in its PTX), the vector form's do not."""
-    [kernel] = triton_kernels(_paged(**case, tensor_cores=tensor_cores))
-    ptx, report = build_sm90(kernel, tmp_path)
-    assert report["spill_bytes"] == 0, report
-    assert ("mma.sync" in ptx or "wgmma" in ptx) == tensor_cores
+    the tensor cores (HMMA instructions in its SASS), the vector form's do not."""
+    [kernel] = triton_build.kernels(_paged(**case, tensor_cores=tensor_cores))
+    built = triton_build.build(kernel)
+    assert built.spill_bytes == 0, built.registers
+    assert (built.count("HMMA|HGMMA") > 0) == tensor_cores
 
 
 @pytest.mark.parametrize("name", ["decode_attention", "flash_attention", "matmul_bf16_16_rows", "qmatmul_int4_1_row"])
-def test_other_pallas_kernels_build_for_sm90(name, tmp_path):
+def test_other_pallas_kernels_build_for_sm90(name):
     """The other Pallas kernels build too: the dense decode attention at batch 16, flash attention's
     forward and both backward kernels on packed rows, the matmul at 16 rows in bf16 and at one row in int4."""
     if name == "decode_attention":
@@ -327,8 +279,7 @@ def test_other_pallas_kernels_build_for_sm90(name, tmp_path):
         if fn is pallas_qmatmul.qmatmul:
             w = jax.eval_shape(functools.partial(qarray.quantize, bits=4, group=128), w)
         program = lowered(lambda x, w, layer: fn(x, w, layer), S((rows, 4096), jnp.bfloat16), w, S((), jnp.int32))
-    kernels = triton_kernels(program)
-    assert kernels
+    kernels = triton_build.kernels(program)
+    assert len(kernels) == (3 if name == "flash_attention" else 1)
     for kernel in kernels:
-        _, report = build_sm90(kernel, tmp_path)
-        assert report["registers"] > 0
+        assert triton_build.build(kernel).registers > 0

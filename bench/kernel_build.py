@@ -1,0 +1,57 @@
+"""The paged-attention kernel's forms built for an H100 on this machine (no GPU): registers, spills,
+shared memory, and the SASS instructions that say how each runs, one JSON line a form.
+
+    python bench/kernel_build.py
+
+At the serving engine's shape for Llama-2-7B (batch 256, 32 kv heads, tables of 256 blocks of 16), and a
+grouped-query case (32 query heads over 8, batch 64). Variants are bench/paged_attention_check.py's
+GROUP:WARPS:STAGES[:BLOCKS[:EARLY[:DOTS]]] (query heads a program, warps, software-pipeline stages, pool
+blocks a loop step, value loads beside key loads, the dot form), so a form can be read here, then timed
+there.
+Counted per kernel: HMMA (tensor-core products), LDGSTS (global-to-shared copies: Triton pipelines those
+loads across loop steps), LDG (global loads straight into registers), and the SASS instructions in all.
+ops/triton_build.py does the building (the `triton` package and its ptxas).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+
+from llama_jax.ops import pallas_paged_attention, triton_build
+from paged_attention_check import setting  # bench/: the variants' format
+
+S = jax.ShapeDtypeStruct
+VARIANTS = ["8:4:2:1:0:0", "8:8:2:1:0:0", "8:4:2:2:0:0", "8:4:2:1:0:1", "8:4:1:1:0:1", "8:4:3:1:0:1",
+            "8:8:2:1:0:1", "4:4:2:1:0:1", "4:4:3:1:0:1", "16:4:2:1:0:1", "16:8:2:1:0:1", "8:4:2:2:0:1"]
+
+
+def paged(variant: str, pool_dtype: str, batch: int = 256, kv_heads: int = 32) -> triton_build.Kernel:
+    group, warps, stages, per_step, early, dots = setting(variant)
+    pool = S((32, 4097, 16, kv_heads, 128), jnp.dtype(pool_dtype))
+    fn = functools.partial(pallas_paged_attention.paged_attention, group=group if kv_heads == 32 else None,
+                           num_warps=warps, num_stages=stages, blocks_per_step=per_step, values_early=bool(early),
+                           tensor_cores=bool(dots))
+    program = triton_build.lower(fn, S((batch, 32, 128), jnp.bfloat16), pool, pool, S((), jnp.int32),
+                                 S((batch, 256), jnp.int32), S((batch,), jnp.int32))
+    [kernel] = triton_build.kernels(program)
+    return kernel
+
+
+def main() -> None:
+    cases = [(v, d, 256, 32) for d in ("bfloat16", "float8_e4m3fn") for v in VARIANTS]
+    cases += [("4:4:2:1:0:0", "bfloat16", 64, 8), ("4:4:2:1:0:1", "bfloat16", 64, 8)]  # GQA: a kv head's 4 queries
+    for variant, pool_dtype, batch, kv_heads in cases:
+        built = triton_build.build(paged(variant, pool_dtype, batch, kv_heads))
+        print(json.dumps(dict(bench="kernel-build", kernel="paged_attention", variant=variant, pool_dtype=pool_dtype,
+                              batch=batch, kv_heads=kv_heads, target="sm_90a", registers=built.registers,
+                              spill_bytes=built.spill_bytes, shared_bytes=built.shared_bytes,
+                              hmma=built.count("HMMA|HGMMA"), ldgsts=built.count("LDGSTS"), ldg=built.count("LDG$|LDG\\."),
+                              sass=built.count("."))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
