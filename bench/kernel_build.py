@@ -3,13 +3,18 @@ shared memory, and the SASS instructions that say how each runs, one JSON line a
 
     python bench/kernel_build.py
 
+Then the project's other Pallas kernels at the shapes they serve: the dense decode attention (batch 16),
+the matmul at 16 rows in bf16 and at one row in int4 (Llama-2-7B's stacked q/k/v), and flash attention's
+three kernels on packed rows of 1024 (forward, dq, dK/dV).
+
 At the serving engine's shape for Llama-2-7B (batch 256, 32 kv heads, tables of 256 blocks of 16), and a
 grouped-query case (32 query heads over 8, batch 64). Variants are bench/paged_attention_check.py's
 GROUP:WARPS:STAGES[:BLOCKS[:EARLY[:DOTS]]] (query heads a program, warps, software-pipeline stages, pool
 blocks a loop step, value loads beside key loads, the dot form), so a form can be read here, then timed
 there.
 Counted per kernel: HMMA (tensor-core products), LDGSTS (global-to-shared copies: Triton pipelines those
-loads across loop steps), LDG (global loads straight into registers), and the SASS instructions in all.
+loads across loop steps), LDG (global loads straight into registers), the SASS instructions in all, and
+those of the loop over a row's blocks (a loop step's work, a warp).
 ops/triton_build.py does the building (the `triton` package and its ptxas).
 """
 
@@ -21,7 +26,9 @@ import json
 import jax
 import jax.numpy as jnp
 
-from llama_jax.ops import pallas_paged_attention, triton_build
+from llama_jax import qarray
+from llama_jax.ops import pallas_decode_attention, pallas_flash_attention, pallas_paged_attention, pallas_qmatmul, \
+    triton_build
 from paged_attention_check import setting  # bench/: the variants' format
 
 S = jax.ShapeDtypeStruct
@@ -41,16 +48,46 @@ def paged(variant: str, pool_dtype: str, batch: int = 256, kv_heads: int = 32) -
     return kernel
 
 
+def others() -> dict[str, jax.stages.Lowered]:
+    """The other Pallas kernels' programs, lowered for an abstract H100."""
+    q, cache = S((16, 1, 32, 128), jnp.bfloat16), S((32, 16, 256, 32, 128), jnp.bfloat16)
+    rope = (S((16, 1, 1, 64), jnp.float32),) * 2
+    packed = S((1, 1024, 32, 128), jnp.bfloat16)
+    w = S((32, 4096, 4096), jnp.bfloat16)
+    w4 = jax.eval_shape(functools.partial(qarray.quantize, bits=4, group=128), w)
+
+    def loss(q, k, v, k_start):
+        return pallas_flash_attention.flash_attention(q, k, v, k_start).astype(jnp.float32).sum()
+
+    return {
+        "decode_attention b16": triton_build.lower(pallas_decode_attention.decode_attention, q, q, q, rope, cache,
+                                                   cache, S((), jnp.int32), S((), jnp.int32), S((16, 1, 256), bool)),
+        "matmul bf16 16 rows": triton_build.lower(pallas_qmatmul.matmul, S((16, 4096), jnp.bfloat16), w,
+                                                  S((), jnp.int32)),
+        "qmatmul int4 1 row": triton_build.lower(pallas_qmatmul.qmatmul, S((1, 4096), jnp.bfloat16), w4,
+                                                 S((), jnp.int32)),
+        "flash_attention fwd+bwd": triton_build.lower(jax.grad(loss, argnums=(0, 1, 2)), packed, packed, packed,
+                                                      S((1, 1024), jnp.int32)),
+    }
+
+
+def line(built: triton_build.Build, **what) -> str:
+    return json.dumps(dict(bench="kernel-build", **what, target="sm_90a", registers=built.registers,
+                           spill_bytes=built.spill_bytes, shared_bytes=built.shared_bytes,
+                           hmma=built.count("HMMA|HGMMA"), ldgsts=built.count("LDGSTS"), ldg=built.count("LDG$|LDG\\."),
+                           sass=built.count("."), loop_sass=built.loop_instructions()))
+
+
 def main() -> None:
     cases = [(v, d, 256, 32) for d in ("bfloat16", "float8_e4m3fn") for v in VARIANTS]
     cases += [("4:4:2:1:0:0", "bfloat16", 64, 8), ("4:4:2:1:0:1", "bfloat16", 64, 8)]  # GQA: a kv head's 4 queries
     for variant, pool_dtype, batch, kv_heads in cases:
         built = triton_build.build(paged(variant, pool_dtype, batch, kv_heads))
-        print(json.dumps(dict(bench="kernel-build", kernel="paged_attention", variant=variant, pool_dtype=pool_dtype,
-                              batch=batch, kv_heads=kv_heads, target="sm_90a", registers=built.registers,
-                              spill_bytes=built.spill_bytes, shared_bytes=built.shared_bytes,
-                              hmma=built.count("HMMA|HGMMA"), ldgsts=built.count("LDGSTS"), ldg=built.count("LDG$|LDG\\."),
-                              sass=built.count("."))), flush=True)
+        print(line(built, kernel="paged_attention", variant=variant, pool_dtype=pool_dtype, batch=batch,
+                   kv_heads=kv_heads), flush=True)
+    for case, program in others().items():
+        for kernel in triton_build.kernels(program):
+            print(line(triton_build.build(kernel), kernel=kernel.name, case=case), flush=True)
 
 
 if __name__ == "__main__":

@@ -257,6 +257,7 @@ def test_paged_kernel_builds_for_sm90(case, tensor_cores):
     [kernel] = triton_build.kernels(_paged(**case, tensor_cores=tensor_cores))
     built = triton_build.build(kernel)
     assert built.spill_bytes == 0, built.registers
+    assert built.loop_instructions() > 0  # the walk over the row's blocks
     assert (built.count("HMMA|HGMMA") > 0) == tensor_cores
 
 

@@ -49,8 +49,21 @@ class Build:
 
     def count(self, pattern: str) -> int:
         """How many SASS instructions match `pattern` (a regex on the opcode, e.g. "HMMA|HGMMA", "LDGSTS")."""
-        return sum(1 for op in re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)", self.sass)
-                   if re.match(pattern, op))
+        return sum(1 for op in _opcodes(self.sass) if re.match(pattern, op))
+
+    def loop_instructions(self) -> int:
+        """The SASS instructions of the longest loop (a backward branch's span): a loop step's work a warp;
+        0 for a kernel without a loop."""
+        lines = self.sass.splitlines()
+        labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
+        spans = [(labels[m.group(1)], i) for i, line in enumerate(lines)
+                 if (m := re.search(r"BRA `\((\.L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i]
+        longest = max((len(_opcodes("\n".join(lines[first:last + 1]))) for first, last in spans), default=0)
+        return longest if longest > 1 else 0  # a lone `BRA` to itself is the end of the code, not a loop
+
+
+def _opcodes(sass: str) -> list[str]:
+    return re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)", sass)
 
 
 def lower(fn, *args, device: jax.sharding.AbstractDevice = H100) -> jax.stages.Lowered:
