@@ -127,17 +127,21 @@ def test_paged_kernel_equals_reference(batch, kv_heads, group, per_step, width, 
 
 
 @pytest.mark.parametrize("tensor_cores", [False, True])
-def test_paged_kernel_reads_an_8_bit_pool(tensor_cores):
-    """A float8_e4m3fn pool (serve --cache-dtype): the kernel widens each block as it reads it, and equals
-    the reference over the same 8-bit keys and values."""
+@pytest.mark.parametrize("q_dtype,tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
+def test_paged_kernel_reads_an_8_bit_pool(tensor_cores, q_dtype, tolerance):
+    """A float8_e4m3fn pool (serve --cache-dtype): the kernel widens each block as it reads it (the dot form
+    with bf16 queries to float16, its dots' inputs), and equals the reference over the same 8-bit keys and
+    values, in float32."""
     lengths = [0, 17, 64, 100, 5]
     q, pool_k, pool_v, tables, _ = _paged_case(7, 5, lengths, kv_heads=2, blocks=41)
     pool_k, pool_v = (p.astype(jnp.float8_e4m3fn) for p in (pool_k, pool_v))
+    q = q.astype(q_dtype)
     n = jnp.asarray(lengths, jnp.int32)
     got = pallas_paged_attention.paged_attention(q[:, 0], pool_k, pool_v, jnp.int32(1), tables, n,
                                                  tensor_cores=tensor_cores, interpret=True)
-    want = paged.reference(q, pool_k, pool_v, 1, tables, n[:, None] - 1)[:, 0]
-    np.testing.assert_allclose(np.asarray(got[1:]), np.asarray(want[1:]), rtol=1e-5, atol=1e-5)
+    want = paged.reference(q.astype(jnp.float32), pool_k, pool_v, 1, tables, n[:, None] - 1)[:, 0]
+    np.testing.assert_allclose(np.asarray(got[1:], np.float32), np.asarray(want[1:]), rtol=tolerance,
+                               atol=tolerance)
     assert pallas_paged_attention.supported(q, pool_k)
 
 

@@ -209,7 +209,10 @@ def paged_attention(
     # The outputs' rows a program: its query heads, padded to DOT_ROWS in the dot form (dropped below).
     rows = max(group, DOT_ROWS) if tensor_cores else group
     if tensor_cores:
-        dtype = jnp.float32 if q.dtype == jnp.float32 else jnp.bfloat16
+        # The dots' inputs: float16 for an 8-bit pool, which widens to it in one instruction a pair (to bf16
+        # it takes several; bench/kernel_build.py: 874 loop instructions against 1,276), q's dtype otherwise.
+        dtype = jnp.float32 if q.dtype == jnp.float32 else (
+            jnp.float16 if pool_k.dtype == jnp.float8_e4m3fn else jnp.bfloat16)
         kernel = functools.partial(_dot_kernel, block=block, splits=splits, group=group, rep=rep,
                                    per_step=blocks_per_step, dtype=dtype)
         q_in = (q.astype(jnp.float32) / math.sqrt(head_dim)).reshape(batch, heads // group, group, head_dim)
