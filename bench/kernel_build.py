@@ -9,9 +9,8 @@ three kernels on packed rows of 1024 (forward, dq, dK/dV).
 
 At the serving engine's shape for Llama-2-7B (batch 256, 32 kv heads, tables of 256 blocks of 16), and a
 grouped-query case (32 query heads over 8, batch 64). Variants are bench/paged_attention_check.py's
-GROUP:WARPS:STAGES[:BLOCKS[:EARLY[:DOTS]]] (query heads a program, warps, software-pipeline stages, pool
-blocks a loop step, value loads beside key loads, the dot form), so a form can be read here, then timed
-there.
+GROUP:WARPS:STAGES[:BLOCKS[:DOTS]] (query heads a program, warps, software-pipeline stages, pool blocks a
+loop step, the dot form), so a form can be read here, then timed there.
 Counted per kernel: HMMA (tensor-core products), LDGSTS (global-to-shared copies: Triton pipelines those
 loads across loop steps), LDG (global loads straight into registers), the SASS instructions in all, and
 those of the loop over a row's blocks (a loop step's work, a warp).
@@ -32,16 +31,15 @@ from llama_jax.ops import pallas_decode_attention, pallas_flash_attention, palla
 from paged_attention_check import setting  # bench/: the variants' format
 
 S = jax.ShapeDtypeStruct
-VARIANTS = ["8:4:2:1:0:0", "8:8:2:1:0:0", "8:4:2:2:0:0", "8:4:2:1:0:1", "8:4:1:1:0:1", "8:4:3:1:0:1",
-            "8:8:2:1:0:1", "4:4:2:1:0:1", "4:4:3:1:0:1", "16:4:2:1:0:1", "16:8:2:1:0:1", "8:4:2:2:0:1"]
+VARIANTS = ["8:4:2:1:0", "8:8:2:1:0", "8:4:2:2:0", "8:4:2:1:1", "8:4:1:1:1", "8:4:3:1:1", "8:8:2:1:1",
+            "4:4:2:1:1", "4:4:3:1:1", "16:4:2:1:1", "16:8:2:1:1", "8:4:2:2:1"]
 
 
 def paged(variant: str, pool_dtype: str, batch: int = 256, kv_heads: int = 32) -> triton_build.Kernel:
-    group, warps, stages, per_step, early, dots = setting(variant)
+    group, warps, stages, per_step, dots = setting(variant)
     pool = S((32, 4097, 16, kv_heads, 128), jnp.dtype(pool_dtype))
     fn = functools.partial(pallas_paged_attention.paged_attention, group=group if kv_heads == 32 else None,
-                           num_warps=warps, num_stages=stages, blocks_per_step=per_step, values_early=bool(early),
-                           tensor_cores=bool(dots))
+                           num_warps=warps, num_stages=stages, blocks_per_step=per_step, tensor_cores=bool(dots))
     program = triton_build.lower(fn, S((batch, 32, 128), jnp.bfloat16), pool, pool, S((), jnp.int32),
                                  S((batch, 256), jnp.int32), S((batch,), jnp.int32))
     [kernel] = triton_build.kernels(program)
@@ -80,7 +78,7 @@ def line(built: triton_build.Build, **what) -> str:
 
 def main() -> None:
     cases = [(v, d, 256, 32) for d in ("bfloat16", "float8_e4m3fn") for v in VARIANTS]
-    cases += [("4:4:2:1:0:0", "bfloat16", 64, 8), ("4:4:2:1:0:1", "bfloat16", 64, 8)]  # GQA: a kv head's 4 queries
+    cases += [("4:4:2:1:0", "bfloat16", 64, 8), ("4:4:2:1:1", "bfloat16", 64, 8)]  # GQA: a kv head's 4 queries
     for variant, pool_dtype, batch, kv_heads in cases:
         built = triton_build.build(paged(variant, pool_dtype, batch, kv_heads))
         print(line(built, kernel="paged_attention", variant=variant, pool_dtype=pool_dtype, batch=batch,

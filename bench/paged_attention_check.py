@@ -11,9 +11,9 @@
    reference (which gathers every row's blocks into a dense copy first), median of 50 runs, for each pool
    block size of --block-sizes (default 16, the engine's) and pool dtype of --pool-dtypes (default bf16;
    float8_e4m3fn halves the bytes read), and for each kernel setting of --variants
-   (GROUP:WARPS:STAGES[:BLOCKS[:EARLY]], query heads a program, Triton's num_warps and num_stages, pool blocks
-   a loop step reads, default 1, 1 to issue value loads with key loads, and 1 for the loop's dot form on
-   tensor cores, both default 0; default the shipped).
+   (GROUP:WARPS:STAGES[:BLOCKS[:DOTS]], query heads a program, Triton's num_warps and num_stages, pool
+   blocks a loop step reads, default 1, and 1 for the loop's dot form on tensor cores, default 0; default
+   the shipped).
 3. The engine: greedy tokens of a small float32 model (head_dim 64, so the kernel takes it) through the
    engine with Kernels.auto() against `generate_tokens` with Kernels.xla(), and whether the kernel was in
    the engine's decode step.
@@ -62,21 +62,20 @@ def reference(q, pool_k, pool_v, tables, lengths):
 kernel = jax.jit(lambda q, k, v, t, n: pallas_paged_attention.paged_attention(q, k, v, jnp.int32(1), t, n))
 SHIPPED = (f"{pallas_paged_attention.HEADS_PER_PROGRAM}:{pallas_paged_attention.NUM_WARPS}:"
            f"{pallas_paged_attention.NUM_STAGES}:{pallas_paged_attention.BLOCKS_PER_STEP}:"
-           f"{int(pallas_paged_attention.VALUES_EARLY)}:{int(pallas_paged_attention.TENSOR_CORES)}")
+           f"{int(pallas_paged_attention.TENSOR_CORES)}")
 
 
 def setting(variant: str) -> tuple[int, ...]:
-    """GROUP:WARPS:STAGES[:BLOCKS[:EARLY[:DOTS]]] -> (group, warps, stages, blocks a step, values early,
-    tensor cores)."""
+    """GROUP:WARPS:STAGES[:BLOCKS[:DOTS]] -> (group, warps, stages, blocks a step, tensor cores)."""
     parts = list(map(int, variant.split(":")))
-    return tuple(parts + [1, 0, 0][len(parts) - 3:])
+    return tuple(parts + [1, 0][len(parts) - 3:])
 
 
 def kernel_with(variant: str):
-    group, warps, stages, per_step, early, dots = setting(variant)
+    group, warps, stages, per_step, dots = setting(variant)
     return jax.jit(lambda q, k, v, t, n: pallas_paged_attention.paged_attention(
         q, k, v, jnp.int32(1), t, n, group=group, num_warps=warps, num_stages=stages, blocks_per_step=per_step,
-        values_early=bool(early), tensor_cores=bool(dots)))
+        tensor_cores=bool(dots)))
 xla = jax.jit(reference)
 
 
@@ -160,7 +159,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--block-sizes", type=int, nargs="+", default=[16], help="the pool's block sizes to time")
     p.add_argument("--variants", nargs="+", default=[SHIPPED],
-                   help="kernel settings GROUP:WARPS:STAGES[:BLOCKS[:EARLY[:DOTS]]] to time")
+                   help="kernel settings GROUP:WARPS:STAGES[:BLOCKS[:DOTS]] to time")
     p.add_argument("--pool-dtypes", nargs="+", default=["bfloat16"], choices=["bfloat16", "float8_e4m3fn"],
                    help="the pool's dtypes to time (float8_e4m3fn: serve --cache-dtype)")
     p.add_argument("--timing-only", action="store_true")

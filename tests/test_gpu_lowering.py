@@ -87,11 +87,11 @@ def test_the_policy_for_one_h100(h100):
     (4, 32, 256, None, 1, "bfloat16"), (4, 8, 256, None, 2, "bfloat16"),  # few long rows: split over programs
     (256, 32, 256, None, 1, "float8_e4m3fn"), (4, 8, 256, None, 1, "float8_e4m3fn"),  # an 8-bit pool
 ])
-@pytest.mark.parametrize("form", ["vector", "values_early", "tensor_cores"])
-def test_paged_attention_lowers(batch, kv_heads, width, group, per_step, pool_dtype, form):
+@pytest.mark.parametrize("tensor_cores", [False, True])
+def test_paged_attention_lowers(batch, kv_heads, width, group, per_step, pool_dtype, tensor_cores):
     pool = S((32, 4097, 16, kv_heads, 128), jnp.dtype(pool_dtype))
     fn = functools.partial(pallas_paged_attention.paged_attention, group=group, blocks_per_step=per_step,
-                           values_early=form == "values_early", tensor_cores=form == "tensor_cores")
+                           tensor_cores=tensor_cores)
     text = lower(fn, S((batch, 32, 128), jnp.bfloat16), pool, pool, S((), jnp.int32), S((batch, width), jnp.int32),
                  S((batch,), jnp.int32))
     assert custom_calls(text) == [TRITON]

@@ -18,8 +18,8 @@ hands to a custom call, so this kernel takes the whole pool and a layer index, i
 HEADS_PER_PROGRAM, NUM_WARPS and NUM_STAGES are the fastest of a sweep on an H100 (bench/BENCHMARKS.md).
 A loop step can read several blocks, their loads independent so that more bytes are in flight a program:
 BLOCKS_PER_STEP stays 1, level with a bf16 pool in a sweep on an H100 (`bench/paged_attention_check.py
---variants`; 9-11% faster with an 8-bit pool, not yet tried end to end). VALUES_EARLY (a step's value
-loads issued beside its key loads) measured no faster.
+--variants`; 9-11% faster with an 8-bit pool, not yet tried end to end). Issuing a step's value loads
+beside its key loads measured no faster, and is gone.
 
 TENSOR_CORES chooses a second form of the loop (`_dot_kernel`): the block's keys as one 2-D tile
 [block * heads, head_dim] and the program's queries padded to 16 rows, so that scores and the weighted
@@ -44,13 +44,12 @@ FILL_PROGRAMS = 264  # split the rows over programs until about two per SM of an
 HEADS_PER_PROGRAM = 8  # query heads a program takes where they read distinct kv heads (no GQA)
 NUM_WARPS, NUM_STAGES = 4, 2
 BLOCKS_PER_STEP = 1  # pool blocks a loop step reads
-VALUES_EARLY = False  # a step's value loads issued with its key loads
 TENSOR_CORES = False  # the dot form of the loop (_dot_kernel)
 DOT_ROWS = 16  # the least M of a Triton dot: a program's query heads are padded to it
 
 
 def _kernel(layer_ref, tables_ref, lengths_ref, q_ref, k_ref, v_ref, *out_refs, block, splits, group, rep,
-            per_step, values_early, scale):
+            per_step, scale):
     """Program (b, j, c): query heads j * group .. (j + 1) * group - 1 of row b, over part c of `splits` of
     the row's blocks that hold keys (slot < length), `per_step` blocks a loop step (their loads independent
     of each other, so they are in flight together). The parts divide each row's own blocks, not the table's
@@ -72,18 +71,15 @@ def _kernel(layer_ref, tables_ref, lengths_ref, q_ref, k_ref, v_ref, *out_refs, 
         firsts = [(i * per_step + n) * block for n in range(per_step)]  # each block's first slot
         ids = [tables_ref[b, i * per_step + n] for n in range(per_step)]
         oks = [(first + jnp.arange(block) < length)[:, None] for first in firsts]  # [block, 1] each
-        keys = [read(k_ref, page) for page in ids]
-        vals = [read(v_ref, page) for page in ids] if values_early else [None] * per_step
-        scores = [jnp.where(ok, jnp.sum(k * q[None], axis=2), _NEG)  # [block, group] each
-                  for ok, k in zip(oks, keys)]
+        scores = [jnp.where(ok, jnp.sum(read(k_ref, page) * q[None], axis=2), _NEG)  # [block, group] each
+                  for ok, page in zip(oks, ids)]
         m_new = functools.reduce(jnp.maximum, [jnp.max(s, axis=0) for s in scores], m)
         alpha = jnp.exp(m - m_new)
         total, acc = total * alpha, acc * alpha[:, None]
-        for ok, s, page, v in zip(oks, scores, ids, vals):
+        for ok, s, page in zip(oks, scores, ids):
             p = jnp.where(ok, jnp.exp(s - m_new[None, :]), 0.0)  # padding slots stay 0 even while m_new is _NEG
             total = total + jnp.sum(p, axis=0)
-            v = read(v_ref, page) if v is None else v
-            acc = acc + jnp.sum(p[:, :, None] * v, axis=0)  # [group, head_dim]
+            acc = acc + jnp.sum(p[:, :, None] * read(v_ref, page), axis=0)  # [group, head_dim]
         return m_new, total, acc
 
     init = (jnp.full((group,), _NEG, jnp.float32), jnp.zeros((group,), jnp.float32),
@@ -184,8 +180,7 @@ def paged_attention(
     *,
     group: int | None = None,  # query heads a program takes (default: heads_per_program)
     blocks_per_step: int = BLOCKS_PER_STEP,  # a power of two, at most the table's width
-    values_early: bool = VALUES_EARLY,
-    tensor_cores: bool = TENSOR_CORES,  # the dot form (values_early unused)
+    tensor_cores: bool = TENSOR_CORES,  # the dot form
     num_warps: int = NUM_WARPS,
     num_stages: int = NUM_STAGES,
     interpret: bool = False,
@@ -219,7 +214,7 @@ def paged_attention(
         q_in = jnp.pad(q_in, ((0, 0), (0, 0), (0, rows - group), (0, 0))).astype(q.dtype)
     else:
         kernel = functools.partial(_kernel, block=block, splits=splits, group=group, rep=rep, per_step=blocks_per_step,
-                                   values_early=values_early, scale=1.0 / math.sqrt(head_dim))
+                                   scale=1.0 / math.sqrt(head_dim))
         q_in = q
     if splits == 1:
         out_shape = [jax.ShapeDtypeStruct((batch, heads // group, rows, head_dim), q.dtype)]
