@@ -93,10 +93,10 @@ def values() -> None:
                               nan=bool(np.isnan(got).any()), device=DEVICE)), flush=True)
 
 
-def timing(block: int, variants, pool_dtype: str = "bfloat16") -> None:
-    q, pool_k, pool_v, tables, lengths = case(3, 256, 32, 32, 384, block=block)
+def timing(block: int, variants, pool_dtype: str = "bfloat16", kv_heads: int = 32) -> None:
+    q, pool_k, pool_v, tables, lengths = case(3, 256, 32, kv_heads, 384, block=block)
     pool_k, pool_v = (p.astype(pool_dtype) for p in (pool_k, pool_v))
-    cache_bytes = int(2 * jnp.sum(lengths)) * 32 * 128 * jnp.dtype(pool_dtype).itemsize
+    cache_bytes = int(2 * jnp.sum(lengths)) * kv_heads * 128 * jnp.dtype(pool_dtype).itemsize
 
     def median_ms(fn):
         fn(q, pool_k, pool_v, tables, lengths).block_until_ready()
@@ -120,7 +120,7 @@ def timing(block: int, variants, pool_dtype: str = "bfloat16") -> None:
                                   error=str(e).splitlines()[0][:200])), flush=True)
             continue
         print(json.dumps(dict(check="paged-attention-time", block_size=block, variant=variant, pool_dtype=pool_dtype,
-                              shipped=setting(variant) == setting(SHIPPED), batch=q.shape[0],
+                              shipped=setting(variant) == setting(SHIPPED), batch=q.shape[0], kv_heads=kv_heads,
                               mean_len=round(float(jnp.mean(lengths)), 1),
                               rel_l2_vs_f32_reference=round(rel, 5),
                               kernel_ms=round(k_ms, 4), xla_reference_ms=round(x_ms, 4),
@@ -162,12 +162,14 @@ if __name__ == "__main__":
                    help="kernel settings GROUP:WARPS:STAGES[:BLOCKS[:DOTS]] to time")
     p.add_argument("--pool-dtypes", nargs="+", default=["bfloat16"], choices=["bfloat16", "float8_e4m3fn"],
                    help="the pool's dtypes to time (float8_e4m3fn: serve --cache-dtype)")
+    p.add_argument("--kv-heads", type=int, default=32,
+                   help="kv heads of the timed layer (32 query heads; 8: grouped like Llama-3-8B's)")
     p.add_argument("--timing-only", action="store_true")
     a = p.parse_args()
     if not a.timing_only:
         values()
     for block in a.block_sizes:
         for pool_dtype in a.pool_dtypes:
-            timing(block, a.variants, pool_dtype)
+            timing(block, a.variants, pool_dtype, a.kv_heads)
     if not a.timing_only:
         engine()
