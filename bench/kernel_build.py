@@ -38,7 +38,7 @@ VARIANTS = ["8:4:2:1:0", "8:8:2:1:0", "8:4:2:2:0", "8:4:2:1:1", "8:4:1:1:1", "8:
 def paged(variant: str, pool_dtype: str, batch: int = 256, kv_heads: int = 32) -> triton_build.Kernel:
     group, warps, stages, per_step, dots = setting(variant)
     pool = S((32, 4097, 16, kv_heads, 128), jnp.dtype(pool_dtype))
-    fn = functools.partial(pallas_paged_attention.paged_attention, group=group if kv_heads == 32 else None,
+    fn = functools.partial(pallas_paged_attention.paged_attention, group=group,
                            num_warps=warps, num_stages=stages, blocks_per_step=per_step, tensor_cores=bool(dots))
     program = triton_build.lower(fn, S((batch, 32, 128), jnp.bfloat16), pool, pool, S((), jnp.int32),
                                  S((batch, 256), jnp.int32), S((batch,), jnp.int32))
