@@ -268,6 +268,34 @@ def test_engine_decodes_at_one_table_width_through_the_kernel(monkeypatch):
     assert widths == {"xla": {8, 16}, "kernel": {32}, "kernel, 8-bit cache": {32}, "kernel, fixed up to 8": {8, 16}}
 
 
+@pytest.mark.parametrize("block_size", [16, 4])
+def test_engine_through_the_kernels_dot_form(monkeypatch, block_size):
+    """With the dot form switched on (TENSOR_CORES), the engine's decode steps run it (interpreted) where
+    pool blocks hold 16 slots or more, and the XLA reference where they hold fewer (`supported` refuses
+    them): tokens equal generate's either way."""
+    monkeypatch.setattr(pallas_paged_attention, "TENSOR_CORES", True)  # what `supported` reads
+    calls, kernel = [], pallas_paged_attention.paged_attention
+
+    def dot_form(*args, **kw):  # the default is bound when the module loads: pass the form explicitly
+        calls.append(args[0].shape)
+        return kernel(*args, **kw, tensor_cores=True)
+
+    monkeypatch.setattr(pallas_paged_attention, "paged_attention", dot_form)
+    cfg = lj.PRESETS["tiny"]
+    params = lj.init_params(cfg, jax.random.key(5))
+    prompts = [list(map(int, np.random.default_rng(n).integers(3, cfg.vocab_size, n))) for n in (5, 20, 30)]
+    want = lj.generate_tokens(params, cfg, prompts, max_new_tokens=12, eos_id=-1)
+    engine = Engine(params, cfg, eos_id=-1, max_batch=8, kv_blocks=64, block_size=block_size, prefill_tokens=16,
+                    kernels=Kernels(paged_attention="pallas", interpret=True))
+    outs = {}
+    for i, p in enumerate(prompts):
+        engine.submit(p, Request(max_tokens=12), _collect(outs, i))
+    while not engine.idle:
+        engine.step()
+    assert [outs[i] for i in range(3)] == want
+    assert bool(calls) == (block_size >= pallas_paged_attention.DOT_ROWS)
+
+
 def test_warm_up_compiles_every_decode_bucket_first(stories, reference, monkeypatch):
     """Engine.warm_up compiles the decode step for each row bucket, greedy and sampled (greedy only with
     sampled=False), with padding rows only: requests afterwards meet no new decode shape, and their tokens

@@ -154,10 +154,11 @@ def _pow2(n: int) -> bool:
 def supported(q: jax.Array, pool_k: jax.Array) -> bool:
     """Whether `paged_attention` takes these: one query per row, a pool of q's dtype or of 8-bit floats
     (float8_e4m3fn: read and widened to float32 in the kernel), and a block size and head_dim that are
-    powers of two (Triton's tiles), head_dim at least 16."""
+    powers of two (Triton's tiles), head_dim at least 16; for the dot form (TENSOR_CORES) blocks of at
+    least DOT_ROWS slots."""
     return (q.ndim == 4 and q.shape[1] == 1 and q.dtype in (jnp.bfloat16, jnp.float16, jnp.float32)
             and pool_k.dtype in (q.dtype, jnp.float8_e4m3fn) and _pow2(pool_k.shape[2]) and _pow2(q.shape[-1])
-            and q.shape[-1] >= 16)
+            and q.shape[-1] >= 16 and (not TENSOR_CORES or pool_k.shape[2] >= DOT_ROWS))
 
 
 def heads_per_program(heads: int, kv_heads: int) -> int:
