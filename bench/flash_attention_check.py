@@ -4,10 +4,17 @@ in bf16 against the reference in float32. One JSON line per case: the relative L
 and forward-plus-backward times beside cuDNN's on plain causal rows of the same shape.
 
     python bench/flash_attention_check.py
+    python bench/flash_attention_check.py --bwd-variants 4:64:64 8:64:64 4:64:32 8:32:64
+
+--bwd-variants times forward plus backward on the packed rows for backward settings
+WARPS:BLOCK_Q_DKV:BLOCK_K_DKV (num_warps_bwd, and the dK/dV kernel's query and key blocks; the first is
+the default). Built for sm_90 here (`bench/kernel_build.py`), the default dK/dV kernel takes 255 registers
+and spills; 8 warps, or key blocks of 32, do not.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 
@@ -41,6 +48,9 @@ def timed(f, *args):
 
 
 def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bwd-variants", nargs="*", default=[], help="WARPS:BLOCK_Q_DKV:BLOCK_K_DKV to time")
+    a = p.parse_args()
     rng = np.random.default_rng(0)
     batch, seq, heads, kv_heads, head_dim = 2, 2048, 8, 2, 128
     keys = jax.random.split(jax.random.key(0), 4)
@@ -80,6 +90,18 @@ def main():
     print(json.dumps(dict(check="flash-attention-gpu-time", batch=batch, seq=seq, heads=heads, kv_heads=kv_heads,
                           head_dim=head_dim, **figures, device=jax.devices()[0].device_kind, jax=jax.__version__)),
           flush=True)
+    for variant in a.bwd_variants:
+        warps, block_q_dkv, block_k_dkv = map(int, variant.split(":"))
+        setting = dict(num_warps_bwd=warps, block_q_dkv=block_q_dkv, block_k_dkv=block_k_dkv)
+        f = lambda q, k, v, s=setting: flash.flash_attention(q, k, v, packed, **s)  # noqa: E731
+        grads = jax.grad(lambda q, k, v: (f(q, k, v).astype(jnp.float32) * bf(g)).sum(), argnums=(0, 1, 2))(
+            q16, k16, v16)
+        want = jax.grad(lambda q, k, v: (ours(q, k, v).astype(jnp.float32) * bf(g)).sum(), argnums=(0, 1, 2))(
+            q16, k16, v16)
+        print(json.dumps(dict(check="flash-attention-bwd-variant", variant=variant, rows="packed",
+                              fwd_bwd_ms=timed(loss(f), q16, k16, v16),
+                              grads_rel_l2_vs_default=max(rel(x, y) for x, y in zip(grads, want)),
+                              device=jax.devices()[0].device_kind)), flush=True)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ shared memory, and the SASS instructions that say how each runs, one JSON line a
 
 Then the project's other Pallas kernels at the shapes they serve: the dense decode attention (batch 16),
 the matmul at 16 rows in bf16 and at one row in int4 (Llama-2-7B's stacked q/k/v), and flash attention's
-three kernels on packed rows of 1024 (forward, dq, dK/dV).
+three kernels on packed rows of 1024 (forward, dq, dK/dV), with the default backward settings and three
+others that bench/flash_attention_check.py --bwd-variants times.
 
 At the serving engine's shape for Llama-2-7B (batch 256, 32 kv heads, tables of 256 blocks of 16), and a
 grouped-query case (32 query heads over 8, batch 64). Variants are bench/paged_attention_check.py's
@@ -54,8 +55,12 @@ def others() -> dict[str, jax.stages.Lowered]:
     w = S((32, 4096, 4096), jnp.bfloat16)
     w4 = jax.eval_shape(functools.partial(qarray.quantize, bits=4, group=128), w)
 
-    def loss(q, k, v, k_start):
-        return pallas_flash_attention.flash_attention(q, k, v, k_start).astype(jnp.float32).sum()
+    def loss(q, k, v, k_start, **setting):
+        return pallas_flash_attention.flash_attention(q, k, v, k_start, **setting).astype(jnp.float32).sum()
+
+    def flash(**setting):  # forward, dq and dK/dV kernels
+        return triton_build.lower(jax.grad(functools.partial(loss, **setting), argnums=(0, 1, 2)), packed, packed,
+                                  packed, S((1, 1024), jnp.int32))
 
     return {
         "decode_attention b16": triton_build.lower(pallas_decode_attention.decode_attention, q, q, q, rope, cache,
@@ -64,8 +69,11 @@ def others() -> dict[str, jax.stages.Lowered]:
                                                   S((), jnp.int32)),
         "qmatmul int4 1 row": triton_build.lower(pallas_qmatmul.qmatmul, S((1, 4096), jnp.bfloat16), w4,
                                                  S((), jnp.int32)),
-        "flash_attention fwd+bwd": triton_build.lower(jax.grad(loss, argnums=(0, 1, 2)), packed, packed, packed,
-                                                      S((1, 1024), jnp.int32)),
+        "flash_attention fwd+bwd": flash(),
+        # the backward's settings of bench/flash_attention_check.py --bwd-variants (WARPS:BLOCK_Q_DKV:BLOCK_K_DKV)
+        "flash_attention fwd+bwd, bwd 8:64:64": flash(num_warps_bwd=8),
+        "flash_attention fwd+bwd, bwd 4:64:32": flash(block_k_dkv=32),
+        "flash_attention fwd+bwd, bwd 8:32:64": flash(num_warps_bwd=8, block_q_dkv=32),
     }
 
 
