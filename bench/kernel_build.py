@@ -12,9 +12,10 @@ At the serving engine's shape for Llama-2-7B (batch 256, 32 kv heads, tables of 
 grouped-query case (32 query heads over 8, batch 64). Variants are bench/paged_attention_check.py's
 GROUP:WARPS:STAGES[:BLOCKS[:DOTS]] (query heads a program, warps, software-pipeline stages, pool blocks a
 loop step, the dot form), so a form can be read here, then timed there.
-Counted per kernel: HMMA (tensor-core products), LDGSTS (global-to-shared copies: Triton pipelines those
-loads across loop steps), LDG (global loads straight into registers), the SASS instructions in all, and
-those of the loop over a row's blocks (a loop step's work, a warp).
+Per kernel: registers, spills, shared memory, and how many of its programs an SM holds at once (as
+registers, shared memory and warps allow). Counted: HMMA (tensor-core products), LDGSTS (global-to-shared
+copies: Triton pipelines those loads across loop steps), LDG (global loads straight into registers), the
+SASS instructions in all, and those of the loop over a row's blocks (a loop step's work, a warp).
 ops/triton_build.py does the building (the `triton` package and its ptxas).
 """
 
@@ -81,7 +82,8 @@ def line(built: triton_build.Build, **what) -> str:
     return json.dumps(dict(bench="kernel-build", **what, target="sm_90a", registers=built.registers,
                            spill_bytes=built.spill_bytes, shared_bytes=built.shared_bytes,
                            hmma=built.count("HMMA|HGMMA"), ldgsts=built.count("LDGSTS"), ldg=built.count("LDG$|LDG\\."),
-                           sass=built.count("."), loop_sass=built.loop_instructions()))
+                           sass=built.count("."), loop_sass=built.loop_instructions(),
+                           programs_per_sm=built.programs_per_sm()))
 
 
 def main() -> None:

@@ -24,6 +24,9 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 
 TRITON_CALL = "__gpu$xla.gpu.triton"  # the custom call target of a Pallas Triton kernel
+# An H100 SM (sm_90): 64K registers, allocated a warp at a time in units of 256; 228 KB of shared memory, of
+# which the hardware keeps 1 KB a resident program; at most 64 warps and 32 programs.
+SM_REGISTERS, SM_SHARED, SM_WARPS, SM_PROGRAMS = 65536, 228 * 1024, 64, 32
 H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
 
 
@@ -46,6 +49,13 @@ class Build:
     registers: int
     spill_bytes: int
     shared_bytes: int
+    num_warps: int
+
+    def programs_per_sm(self) -> int:
+        """How many of its programs an SM holds at once, as registers, shared memory and warps allow."""
+        registers = -(-self.registers * 32 // 256) * 256 * self.num_warps  # a program's, in whole units
+        shared = self.shared_bytes + 1024
+        return min(SM_REGISTERS // registers, SM_SHARED // shared, SM_WARPS // self.num_warps, SM_PROGRAMS)
 
     def count(self, pattern: str) -> int:
         """How many SASS instructions match `pattern` (a regex on the opcode, e.g. "HMMA|HGMMA", "LDGSTS")."""
@@ -116,4 +126,4 @@ def build(kernel: Kernel, capability: int = 90) -> Build:
     return Build(ptx=built.asm["ptx"], sass=sass,
                  registers=int(re.search(r"Used (\d+) registers", report).group(1)),
                  spill_bytes=sum(map(int, re.findall(r"(\d+) bytes spill", report))),
-                 shared_bytes=built.metadata.shared)
+                 shared_bytes=built.metadata.shared, num_warps=kernel.num_warps)
