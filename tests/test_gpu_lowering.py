@@ -284,3 +284,18 @@ def test_other_pallas_kernels_build_for_sm90(name):
     assert len(kernels) == (3 if name == "flash_attention" else 1)
     for kernel in kernels:
         assert triton_build.build(kernel).registers > 0
+
+
+@pytest.mark.parametrize("registers,shared,warps,programs", [
+    (96, 0, 4, 5),  # registers bound: 96 x 32 lanes x 4 warps = 12,288 of 65,536
+    (98, 38912, 4, 4),  # 98 rounds up to 104 a lane (256 a warp): 13,312 a program
+    (32, 60000, 4, 3),  # shared memory bound: 61,024 with the 1 KB the SM keeps a program, of 228 KB
+    (32, 0, 8, 8),  # warps bound: 64 an SM
+    (16, 0, 1, 32),  # programs bound
+])
+def test_programs_per_sm_follows_the_occupancy_rules(registers, shared, warps, programs):
+    """An H100 SM: 64K registers allocated 256 a warp at a time, 228 KB of shared memory less 1 KB a
+    program, 64 warps, 32 programs (NVIDIA's occupancy rules for compute capability 9.0)."""
+    built = triton_build.Build(ptx="", sass="", registers=registers, spill_bytes=0, shared_bytes=shared,
+                               num_warps=warps)
+    assert built.programs_per_sm() == programs
