@@ -207,6 +207,7 @@ def paged_attention(
     if tensor_cores:
         # The dots' inputs: float16 for an 8-bit pool, which widens to it in one instruction a pair (to bf16
         # it takes several; bench/kernel_build.py: 874 loop instructions against 1,276), q's dtype otherwise.
+        # float16 holds e4m3 exactly, softmax weights in [0, 1], and queries below its 65,504.
         dtype = jnp.float32 if q.dtype == jnp.float32 else (
             jnp.float16 if pool_k.dtype == jnp.float8_e4m3fn else jnp.bfloat16)
         kernel = functools.partial(_dot_kernel, block=block, splits=splits, group=group, rep=rep,
