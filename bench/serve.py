@@ -4,6 +4,7 @@ transformers in static batches of 64, in the same invocation.
     python bench/serve.py                               # Llama-2-7B shape, bf16, 1024 requests of 128 + 128
     python bench/serve.py --no-peer --requests 256
     python bench/serve.py --preset tiny --requests 64 --new 32 --no-peer    # a smoke run on a CPU
+    python bench/serve.py --no-peer --paged-attention pallas_dots           # the paged kernel's dot form
 
 Random weights (timing does not depend on the values), random prompt tokens, no EOS: every request
 produces --new tokens. The requests are offered all at once, then again as a Poisson process at --rate
@@ -23,6 +24,7 @@ runs use. Each side runs in a process of its own, so the frameworks never share 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -101,6 +103,11 @@ def ours(a) -> None:
     from llama_jax.ops import Kernels
 
     kernels = Kernels.named(a.kernels)
+    if a.paged_attention:
+        if a.paged_attention != "xla" and jax.devices()[0].platform != "gpu":
+            sys.exit(f"bench/serve.py: --paged-attention {a.paged_attention} runs a GPU kernel; this is a "
+                     f"{jax.devices()[0].platform}")
+        kernels = dataclasses.replace(kernels, paged_attention=a.paged_attention)
     cfg = lj.PRESETS[a.preset].replace(param_dtype="bfloat16", compute_dtype="bfloat16",
                                        max_seq_len=max(a.prompt + a.new, 256))
     params = lj.init_params(cfg, jax.random.key(0))
@@ -151,6 +158,8 @@ def main() -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--prefill-tokens", type=int, default=1024)
     p.add_argument("--kernels", default="auto", choices=["auto", "xla"])
+    p.add_argument("--paged-attention", default=None, choices=["xla", "pallas", "pallas_dots"],
+                   help="the paged kernel's form, in place of the policy's (pallas_dots: its loop as tensor-core dots)")
     p.add_argument("--cache-dtype", default=None, choices=["bfloat16", "float8_e4m3fn"],
                    help="the paged cache's dtype (default: the compute dtype, bf16)")
     p.add_argument("--peer-batch", type=int, default=64)

@@ -270,30 +270,32 @@ def test_engine_decodes_at_one_table_width_through_the_kernel(monkeypatch):
 
 @pytest.mark.parametrize("block_size", [16, 4])
 def test_engine_through_the_kernels_dot_form(monkeypatch, block_size):
-    """With the dot form switched on (TENSOR_CORES), the engine's decode steps run it (interpreted) where
-    pool blocks hold 16 slots or more, and the XLA reference where they hold fewer (`supported` refuses
-    them): tokens equal generate's either way."""
-    monkeypatch.setattr(pallas_paged_attention, "TENSOR_CORES", True)  # what `supported` reads
+    """Under the policy's "pallas_dots" the engine's decode steps run the kernel's dot form (interpreted)
+    where pool blocks hold 16 slots or more, and the XLA reference where they hold fewer (`supported`
+    refuses them): tokens equal generate's either way."""
     calls, kernel = [], pallas_paged_attention.paged_attention
 
-    def dot_form(*args, **kw):  # the default is bound when the module loads: pass the form explicitly
-        calls.append(args[0].shape)
-        return kernel(*args, **kw, tensor_cores=True)
+    def counted(*args, **kw):
+        calls.append(kw["tensor_cores"])
+        return kernel(*args, **kw)
 
-    monkeypatch.setattr(pallas_paged_attention, "paged_attention", dot_form)
+    monkeypatch.setattr(pallas_paged_attention, "paged_attention", counted)
     cfg = lj.PRESETS["tiny"]
     params = lj.init_params(cfg, jax.random.key(5))
     prompts = [list(map(int, np.random.default_rng(n).integers(3, cfg.vocab_size, n))) for n in (5, 20, 30)]
     want = lj.generate_tokens(params, cfg, prompts, max_new_tokens=12, eos_id=-1)
     engine = Engine(params, cfg, eos_id=-1, max_batch=8, kv_blocks=64, block_size=block_size, prefill_tokens=16,
-                    kernels=Kernels(paged_attention="pallas", interpret=True))
+                    kernels=Kernels(paged_attention="pallas_dots", interpret=True))
     outs = {}
     for i, p in enumerate(prompts):
         engine.submit(p, Request(max_tokens=12), _collect(outs, i))
     while not engine.idle:
         engine.step()
     assert [outs[i] for i in range(3)] == want
-    assert bool(calls) == (block_size >= pallas_paged_attention.DOT_ROWS)
+    if block_size >= pallas_paged_attention.DOT_ROWS:
+        assert calls and all(calls)  # the decode steps through the dot form
+    else:
+        assert not calls
 
 
 def test_warm_up_compiles_every_decode_bucket_first(stories, reference, monkeypatch):

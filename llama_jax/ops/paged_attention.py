@@ -50,6 +50,7 @@ def paged_attention(
     if q.shape[1] == 1 and decode_reads_in_place(kernels, pool_k, q.shape[2], q.dtype):
         lengths = jnp.where(token_mask[:, 0], positions[:, 0] + 1, 0)
         out = pallas_paged_attention.paged_attention(q[:, 0], pool_k, pool_v, layer, tables, lengths,
+                                                     tensor_cores=kernels.paged_attention == "pallas_dots",
                                                      interpret=kernels.interpret)
         return out[:, None], pool_k, pool_v
     return reference(q, pool_k, pool_v, layer, tables, positions), pool_k, pool_v
@@ -61,7 +62,8 @@ def decode_reads_in_place(kernels: Kernels, pool_k: jax.Array, heads: int, dtype
     tables' width, so a caller may give every decode step one width (one compiled program); the reference
     gathers `width` blocks a row, so there the width is worth keeping near the longest row's."""
     q = jax.ShapeDtypeStruct((1, 1, heads, pool_k.shape[-1]), dtype)
-    return kernels.paged_attention == "pallas" and pallas_paged_attention.supported(q, pool_k)
+    return kernels.paged_attention != "xla" and pallas_paged_attention.supported(
+        q, pool_k, tensor_cores=kernels.paged_attention == "pallas_dots")
 
 
 def write(pool_k, pool_v, layer, k, v, tables, positions, token_mask):

@@ -21,7 +21,8 @@ BLOCKS_PER_STEP stays 1, level with a bf16 pool in a sweep on an H100 (`bench/pa
 --variants`; 9-11% faster with an 8-bit pool, not yet tried end to end). Issuing a step's value loads
 beside its key loads measured no faster, and is gone.
 
-TENSOR_CORES chooses a second form of the loop (`_dot_kernel`): the block's keys as one 2-D tile
+`tensor_cores` chooses a second form of the loop (`_dot_kernel`; the policy's "pallas_dots", off in
+`Kernels.auto` until a GPU sweep favours it): the block's keys as one 2-D tile
 [block * heads, head_dim] and the program's queries padded to 16 rows, so that scores and the weighted
 values are two `dot`s on tensor cores. Without GQA each query head has its own keys, so the scores
 [16, block * heads] hold every head against every head's keys, and a mask keeps each head's own; the
@@ -44,7 +45,6 @@ FILL_PROGRAMS = 264  # split the rows over programs until about two per SM of an
 HEADS_PER_PROGRAM = 8  # query heads a program takes where they read distinct kv heads (no GQA)
 NUM_WARPS, NUM_STAGES = 4, 2
 BLOCKS_PER_STEP = 1  # pool blocks a loop step reads
-TENSOR_CORES = False  # the dot form of the loop (_dot_kernel)
 DOT_ROWS = 16  # the least M of a Triton dot: a program's query heads are padded to it
 
 
@@ -151,14 +151,14 @@ def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def supported(q: jax.Array, pool_k: jax.Array) -> bool:
+def supported(q: jax.Array, pool_k: jax.Array, tensor_cores: bool = False) -> bool:
     """Whether `paged_attention` takes these: one query per row, a pool of q's dtype or of 8-bit floats
     (float8_e4m3fn: read and widened to float32 in the kernel), and a block size and head_dim that are
-    powers of two (Triton's tiles), head_dim at least 16; for the dot form (TENSOR_CORES) blocks of at
+    powers of two (Triton's tiles), head_dim at least 16; for the dot form (`tensor_cores`) blocks of at
     least DOT_ROWS slots."""
     return (q.ndim == 4 and q.shape[1] == 1 and q.dtype in (jnp.bfloat16, jnp.float16, jnp.float32)
             and pool_k.dtype in (q.dtype, jnp.float8_e4m3fn) and _pow2(pool_k.shape[2]) and _pow2(q.shape[-1])
-            and q.shape[-1] >= 16 and (not TENSOR_CORES or pool_k.shape[2] >= DOT_ROWS))
+            and q.shape[-1] >= 16 and (not tensor_cores or pool_k.shape[2] >= DOT_ROWS))
 
 
 def heads_per_program(heads: int, kv_heads: int) -> int:
@@ -181,7 +181,7 @@ def paged_attention(
     *,
     group: int | None = None,  # query heads a program takes (default: heads_per_program)
     blocks_per_step: int = BLOCKS_PER_STEP,  # a power of two, at most the table's width
-    tensor_cores: bool = TENSOR_CORES,  # the dot form
+    tensor_cores: bool = False,  # the dot form
     num_warps: int = NUM_WARPS,
     num_stages: int = NUM_STAGES,
     interpret: bool = False,
