@@ -18,8 +18,7 @@ hands to a custom call, so this kernel takes the whole pool and a layer index, i
 HEADS_PER_PROGRAM, NUM_WARPS and NUM_STAGES are the fastest of a sweep on an H100 (bench/BENCHMARKS.md).
 A loop step can read several blocks, their loads independent so that more bytes are in flight a program:
 BLOCKS_PER_STEP stays 1, level with a bf16 pool in a sweep on an H100 (`bench/paged_attention_check.py
---variants`; 9-11% faster with an 8-bit pool, not yet tried end to end). Issuing a step's value loads
-beside its key loads measured no faster, and is gone.
+--variants`; 9-11% faster with an 8-bit pool, not yet tried end to end).
 
 `tensor_cores` chooses a second form of the loop (`_dot_kernel`; the policy's "pallas_dots", off in
 `Kernels.auto` until a GPU sweep favours it): the block's keys as one 2-D tile
