@@ -61,8 +61,7 @@ def reference(q, pool_k, pool_v, tables, lengths):
 
 kernel = jax.jit(lambda q, k, v, t, n: pallas_paged_attention.paged_attention(q, k, v, jnp.int32(1), t, n))
 SHIPPED = (f"{pallas_paged_attention.HEADS_PER_PROGRAM}:{pallas_paged_attention.NUM_WARPS}:"
-           f"{pallas_paged_attention.NUM_STAGES}:{pallas_paged_attention.BLOCKS_PER_STEP}:"
-           "0")  # the dot form is the policy's "pallas_dots", not Kernels.auto's
+           f"{pallas_paged_attention.NUM_STAGES}:{pallas_paged_attention.BLOCKS_PER_STEP}")  # the vector form
 
 
 def setting(variant: str) -> tuple[int, ...]:

@@ -31,11 +31,8 @@ from llama_jax.train import loss_fn
 # JAX 0.12 deprecates Pallas' Triton backend in favour of Mosaic GPU; the kernels here are written for it.
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 S = jax.ShapeDtypeStruct
-KIND = "NVIDIA H100 80GB HBM3"
-TRITON = "__gpu$xla.gpu.triton"
-H100_MESH = jax.sharding.AbstractMesh(
-    (1, 1, 1), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
-    abstract_device=jax.sharding.AbstractDevice(device_kind=KIND, num_cores=132, platform="gpu"))
+KIND = triton_build.H100.device_kind
+TRITON = triton_build.TRITON_CALL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,9 +53,8 @@ def h100():
 
 
 def lowered(fn, *args) -> jax.stages.Lowered:
-    """fn(*args) (ShapeDtypeStructs: nothing is allocated) lowered for one H100."""
-    with jax.sharding.use_abstract_mesh(H100_MESH):
-        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+    """fn(*args) (ShapeDtypeStructs: nothing is allocated) lowered for one H100, on the project's mesh axes."""
+    return triton_build.lower(fn, *args, axes=MESH_AXES)
 
 
 def lower(fn, *args) -> str:

@@ -81,16 +81,20 @@ def _kernel(layer_ref, tables_ref, lengths_ref, q_ref, k_ref, v_ref, *out_refs, 
             acc = acc + jnp.sum(p[:, :, None] * read(v_ref, page), axis=0)  # [group, head_dim]
         return m_new, total, acc
 
-    init = (jnp.full((group,), _NEG, jnp.float32), jnp.zeros((group,), jnp.float32),
-            jnp.zeros(q.shape, jnp.float32))
+    _walk(body, out_refs, q.shape, length, c, block=block, splits=splits, per_step=per_step)
+
+
+def _walk(body, out_refs, shape, length, c, *, block, splits, per_step):
+    """Run `body` over loop steps of `per_step` blocks: this program's part c of `splits` of the row's
+    blocks that hold keys (slot < length), from an empty online softmax over `shape` [rows, head_dim];
+    then write. One split: the program's output. Several: its unnormalised sums, running maxima and
+    totals."""
+    rows, _ = shape
+    init = (jnp.full((rows,), _NEG, jnp.float32), jnp.zeros((rows,), jnp.float32), jnp.zeros(shape, jnp.float32))
     used = (length + block - 1) // block  # the row's blocks
     part = (used + splits * per_step - 1) // (splits * per_step) * per_step  # blocks a program, whole loop steps
     last = jnp.minimum((c + 1) * part, used)  # slots past the row's keys in the last step are masked
-    _write(out_refs, *jax.lax.fori_loop(c * part // per_step, (last + per_step - 1) // per_step, body, init))
-
-
-def _write(out_refs, m, total, acc):
-    """One split: the program's output. Several: its unnormalised sums, running maxima and totals."""
+    m, total, acc = jax.lax.fori_loop(c * part // per_step, (last + per_step - 1) // per_step, body, init)
     if len(out_refs) == 1:  # a row of no keys (padding) gets zeros, not 0 / 0
         out_refs[0][...] = (acc / jnp.where(total > 0, total, 1.0)[:, None]).astype(out_refs[0].dtype)
     else:
@@ -138,12 +142,7 @@ def _dot_kernel(layer_ref, tables_ref, lengths_ref, q_ref, k_ref, v_ref, *out_re
             acc = acc + jnp.dot(p.astype(dtype), read(v_ref, page), preferred_element_type=jnp.float32)
         return m_new, total, acc
 
-    init = (jnp.full((rows,), _NEG, jnp.float32), jnp.zeros((rows,), jnp.float32),
-            jnp.zeros((rows, head_dim), jnp.float32))
-    used = (length + block - 1) // block
-    part = (used + splits * per_step - 1) // (splits * per_step) * per_step
-    last = jnp.minimum((c + 1) * part, used)
-    _write(out_refs, *jax.lax.fori_loop(c * part // per_step, (last + per_step - 1) // per_step, body, init))
+    _walk(body, out_refs, q.shape, length, c, block=block, splits=splits, per_step=per_step)
 
 
 def _pow2(n: int) -> bool:

@@ -76,9 +76,11 @@ def _opcodes(sass: str) -> list[str]:
     return re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)", sass)
 
 
-def lower(fn, *args, device: jax.sharding.AbstractDevice = H100) -> jax.stages.Lowered:
-    """fn(*args) (ShapeDtypeStructs: nothing is allocated) lowered for one abstract GPU."""
-    mesh = jax.sharding.AbstractMesh((1,), ("device",), axis_types=(jax.sharding.AxisType.Auto,),
+def lower(fn, *args, device: jax.sharding.AbstractDevice = H100, axes: tuple[str, ...] = ("device",)
+          ) -> jax.stages.Lowered:
+    """fn(*args) (ShapeDtypeStructs: nothing is allocated) lowered for one abstract GPU, as a mesh of one
+    device along each of `axes` (a model's programs name the project's mesh axes)."""
+    mesh = jax.sharding.AbstractMesh((1,) * len(axes), axes, axis_types=(jax.sharding.AxisType.Auto,) * len(axes),
                                      abstract_device=device)
     with jax.sharding.use_abstract_mesh(mesh):
         return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
