@@ -249,6 +249,25 @@ def test_block_choice_caps_the_float32_parts_at_many_rows():
     assert pick(32, (4096,), 64, programs) == (64, 16)
 
 
+def test_dense_block_choice_takes_the_fewest_parts_that_give_each_sm_a_program():
+    """pick_dense_blocks on Llama-2-7B's bf16 decode products (K units of 128 rows): the fewest parts of K,
+    then the widest column block, with at least 132 programs. For the three shapes swept on an H100 at 16
+    rows that is the sweep's fastest setting or within 2.5% of it (o and down: block 32 in 2 parts;
+    gate: block 64 whole). Llama-3-8B's k and v (1024 columns) split 8 ways to fill the SMs; too few
+    columns and units for 132 programs give the most programs there are."""
+    pick = pallas_qmatmul.pick_dense_blocks
+    launches = {"o": (4096, (4096,)), "gate": (4096, (11008,)), "down": (11008, (4096,)),
+                "qkv": (4096, (4096,) * 3), "gate_up": (4096, (11008,) * 2), "kv_8b": (4096, (1024,))}
+    picks = {name: pick(k // 128, ns) for name, (k, ns) in launches.items()}
+    assert picks == {"o": (32, 2), "gate": (64, 1), "down": (32, 2), "qkv": (64, 1), "gate_up": (128, 1),
+                     "kv_8b": (32, 8)}
+    for name, (k, ns) in launches.items():
+        bn, split = picks[name]
+        assert sum(ns) // bn * split >= 132, name
+        assert split * 64 * sum(ns) * 4 <= pallas_qmatmul.PARTS_BYTES, name  # small parts even at 64 rows
+    assert pick(2, (128,)) == (32, 2)  # 8 programs: all there are
+
+
 @pytest.mark.parametrize("rows", [1, 16])
 def test_dense_gpu_kernel_runs_several_weights_in_one_launch(rows):
     """q/k/v-like bf16 stacks of different widths given as a tuple: one pallas_call over all their column

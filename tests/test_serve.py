@@ -4,6 +4,7 @@ streamed and not, 50 concurrent clients with cancellations, bad input, and SIGTE
 
 import collections
 import concurrent.futures
+import dataclasses
 import functools
 import http.client
 import importlib
@@ -268,11 +269,14 @@ def test_engine_decodes_at_one_table_width_through_the_kernel(monkeypatch):
     assert widths == {"xla": {8, 16}, "kernel": {32}, "kernel, 8-bit cache": {32}, "kernel, fixed up to 8": {8, 16}}
 
 
-@pytest.mark.parametrize("block_size", [16, 4])
-def test_engine_through_the_kernels_dot_form(monkeypatch, block_size):
-    """Under the policy's "pallas_dots" the engine's decode steps run the kernel's dot form (interpreted)
-    where pool blocks hold 16 slots or more, and the XLA reference where they hold fewer (`supported`
-    refuses them): tokens equal generate's either way."""
+@pytest.mark.parametrize("policy, kv_heads, block_size, form", [
+    ("pallas_dots", 4, 16, "dots"), ("pallas_dots", 4, 4, "reference"),
+    ("pallas", 2, 16, "dots"), ("pallas", 4, 16, "vector"), ("pallas", 2, 4, "vector")])
+def test_engine_through_the_kernels_dot_form(monkeypatch, policy, kv_heads, block_size, form):
+    """The engine's decode steps run the kernel's dot form (interpreted) under the policy's "pallas_dots",
+    and under "pallas" where query heads share kv heads; a pool block of fewer than 16 slots takes the XLA
+    reference under "pallas_dots" (`supported` refuses it) and the vector form under "pallas". Tokens
+    equal generate's in every case."""
     calls, kernel = [], pallas_paged_attention.paged_attention
 
     def counted(*args, **kw):
@@ -280,22 +284,19 @@ def test_engine_through_the_kernels_dot_form(monkeypatch, block_size):
         return kernel(*args, **kw)
 
     monkeypatch.setattr(pallas_paged_attention, "paged_attention", counted)
-    cfg = lj.PRESETS["tiny"]
+    cfg = dataclasses.replace(lj.PRESETS["tiny"], n_kv_heads=kv_heads)  # 4 query heads of 16 dims
     params = lj.init_params(cfg, jax.random.key(5))
     prompts = [list(map(int, np.random.default_rng(n).integers(3, cfg.vocab_size, n))) for n in (5, 20, 30)]
     want = lj.generate_tokens(params, cfg, prompts, max_new_tokens=12, eos_id=-1)
     engine = Engine(params, cfg, eos_id=-1, max_batch=8, kv_blocks=64, block_size=block_size, prefill_tokens=16,
-                    kernels=Kernels(paged_attention="pallas_dots", interpret=True))
+                    kernels=Kernels(paged_attention=policy, interpret=True))
     outs = {}
     for i, p in enumerate(prompts):
         engine.submit(p, Request(max_tokens=12), _collect(outs, i))
     while not engine.idle:
         engine.step()
     assert [outs[i] for i in range(3)] == want
-    if block_size >= pallas_paged_attention.DOT_ROWS:
-        assert calls and all(calls)  # the decode steps through the dot form
-    else:
-        assert not calls
+    assert {"dots": calls and all(calls), "vector": calls and not any(calls), "reference": not calls}[form]
 
 
 def test_warm_up_compiles_every_decode_bucket_first(stories, reference, monkeypatch):

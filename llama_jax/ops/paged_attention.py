@@ -13,7 +13,7 @@ The op rotates q and k (the model's own `rotate`), writes the new keys and value
 each query reads its row's slots up to its own position. The reference gathers each row's blocks into a
 dense [batch, width * block] copy and runs XLA's attention over it; for a decode step (one token a row) on
 one GPU the policy's kernel (Kernels.paged_attention "pallas", pallas_paged_attention.py) reads the blocks
-where they lie. A prefill chunk (several tokens a row) always takes the reference.
+where they lie, in its tensor-core form where query heads share kv heads (`dot_form`). A prefill chunk (several tokens a row) always takes the reference.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def paged_attention(
     if q.shape[1] == 1 and decode_reads_in_place(kernels, pool_k, q.shape[2], q.dtype):
         lengths = jnp.where(token_mask[:, 0], positions[:, 0] + 1, 0)
         out = pallas_paged_attention.paged_attention(q[:, 0], pool_k, pool_v, layer, tables, lengths,
-                                                     tensor_cores=kernels.paged_attention == "pallas_dots",
+                                                     tensor_cores=dot_form(kernels, q.shape[2], pool_k),
                                                      interpret=kernels.interpret)
         return out[:, None], pool_k, pool_v
     return reference(q, pool_k, pool_v, layer, tables, positions), pool_k, pool_v
@@ -63,7 +63,18 @@ def decode_reads_in_place(kernels: Kernels, pool_k: jax.Array, heads: int, dtype
     gathers `width` blocks a row, so there the width is worth keeping near the longest row's."""
     q = jax.ShapeDtypeStruct((1, 1, heads, pool_k.shape[-1]), dtype)
     return kernels.paged_attention != "xla" and pallas_paged_attention.supported(
-        q, pool_k, tensor_cores=kernels.paged_attention == "pallas_dots")
+        q, pool_k, tensor_cores=dot_form(kernels, heads, pool_k))
+
+
+def dot_form(kernels: Kernels, heads: int, pool_k: jax.Array) -> bool:
+    """Whether the kernel runs its loop as tensor-core dots: asked for ("pallas_dots"), or under "pallas"
+    where query heads share a kv head and a block fills a dot's rows. There the vector form repeats each
+    block's arithmetic for every query head of a program; the dot form took 0.197 ms against 0.570 for 32
+    query heads over 8 kv heads, and 0.487-0.63 against 0.443 without grouping (one H100, batch 256;
+    bench/BENCHMARKS.md)."""
+    kv_heads, block = pool_k.shape[3], pool_k.shape[2]
+    grouped = heads > kv_heads and block >= pallas_paged_attention.DOT_ROWS
+    return kernels.paged_attention == "pallas_dots" or (kernels.paged_attention == "pallas" and grouped)
 
 
 def write(pool_k, pool_v, layer, k, v, tables, positions, token_mask):

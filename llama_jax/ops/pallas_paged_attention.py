@@ -20,13 +20,13 @@ A loop step can read several blocks, their loads independent so that more bytes 
 BLOCKS_PER_STEP stays 1, level with a bf16 pool in a sweep on an H100 (`bench/paged_attention_check.py
 --variants`; 9-11% faster with an 8-bit pool, not yet tried end to end).
 
-`tensor_cores` chooses a second form of the loop (`_dot_kernel`; the policy's "pallas_dots", off in
-`Kernels.auto` until a GPU sweep favours it): the block's keys as one 2-D tile
+`tensor_cores` chooses a second form of the loop (`_dot_kernel`; ops/paged_attention.dot_form picks it
+where query heads share kv heads, 2.9x the vector form there on an H100): the block's keys as one 2-D tile
 [block * heads, head_dim] and the program's queries padded to 16 rows, so that scores and the weighted
 values are two `dot`s on tensor cores. Without GQA each query head has its own keys, so the scores
 [16, block * heads] hold every head against every head's keys, and a mask keeps each head's own; the
-waste is in tensor-core work, which a decode step has to spare. The vector form above spends its time
-outside the reads: an 8-bit pool, half the bytes, still takes 77% of bf16's time (bench/BENCHMARKS.md).
+waste is in tensor-core work, and without GQA it measured 4-57% slower than the vector form. Under GQA
+the vector form repeats each block's products for every query head of its program, the dot form not.
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ side by side. `supported` allows it for int4, where a [4096, 4096] weight alone 
 fill 132 SMs; for int8 one launch per weight measured faster (bench/BENCHMARKS.md).
 
 Grid: (sum of N) / bn column blocks x `split` parts of K (so that a [4096, 4096] weight still spreads over
-every SM); each program loops over its K part one `unit` of rows at a time (a scale group, or for per-channel
+every SM: four programs an SM for quantized weights, `pick_blocks`; one for bf16, `pick_dense_blocks`,
+where fewer parts measured faster); each program loops over its K part one `unit` of rows at a time (a scale group, or for per-channel
 int8 a fixed tile). With split 1 a program's sum is final (per-channel scale applied in the kernel);
 otherwise each part is written as float32 [split, M, N] and XLA adds the parts up and scales them
 (`pick_blocks` keeps those parts within PARTS_BYTES where it can: at 64 rows they outgrow the weight).
@@ -153,6 +154,19 @@ def pick_blocks(k_units: int, ns, rows: int, min_programs: int) -> tuple[int, in
     return next(capped, (bn, split))
 
 
+def pick_dense_blocks(k_units: int, ns) -> tuple[int, int]:
+    """Column block (dividing every N) and K split for bf16 weights on the tensor cores (16 to 64 rows): the
+    fewest parts of K, then the widest block, that give a program per SM. Here fewer, longer programs beat
+    filling the SMs four times over (`pick_blocks`): the float32 parts cost a write, a read back and a sum,
+    while one program's bf16 loads already keep its SM's memory pipe full (one H100 at 16 rows: o 0.79 ->
+    0.61 ms, gate 1.42 -> 1.25, down 1.57 -> 1.32; bench/BENCHMARKS.md). So few parts are written that
+    PARTS_BYTES needs no cap here (at most 2 MB for a 7B launch at 64 rows)."""
+    fits = [b for b in (128, 64, 32) if all(n % b == 0 for n in ns)] or [16]
+    splits = [d for d in range(1, k_units + 1) if k_units % d == 0]
+    programs = ((b, d) for d in splits for b in fits if sum(ns) // b * d >= _SMS)
+    return next(programs, (fits[-1], k_units))  # too few columns and K for an SM each: the most programs
+
+
 def supported(q, x) -> bool:
     """Whether the kernel serves x @ q (q a QArray, or a tuple of QArrays to run in one launch): a GPU,
     bf16 activations, few rows, K grouped along rows, and for a tuple one scheme and K throughout."""
@@ -255,7 +269,10 @@ def _launch(x, args, ns, layer, *, bits, unit, grouped, bn, split, num_warps, nu
     layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
     one_row = m == 1 and not tensor_cores
     mp = 1 if one_row else max(16, pl.next_power_of_2(m))  # the tensor cores want >= 16 rows
-    auto_bn, auto_split = pick_blocks(k // unit, ns, mp, (2 if one_row and bits == 8 else 4) * _SMS)
+    if bits == 16 and not one_row:
+        auto_bn, auto_split = pick_dense_blocks(k // unit, ns)
+    else:
+        auto_bn, auto_split = pick_blocks(k // unit, ns, mp, (2 if one_row and bits == 8 else 4) * _SMS)
     num_warps = num_warps or (8 if one_row else 4)
     bn, split = bn or auto_bn, split or auto_split
     if any(n % bn for n in ns) or (k // unit) % split:

@@ -16,8 +16,9 @@ Fields and their choices (the first is always the XLA reference):
                     kernel, pallas_flash_attention.py) | "splash" (TPUs)
   decode_attention  a decode step's rotary, cache write and attention: "xla" | "pallas" (one GPU)
   paged_attention   a decode step's attention over the serving engine's paged KV cache: "xla" |
-                    "pallas" (one GPU: pallas_paged_attention.py reads the blocks where they lie) |
-                    "pallas_dots" (the same kernel's loop as tensor-core dots; not yet timed on a GPU)
+                    "pallas" (one GPU: pallas_paged_attention.py reads the blocks where they lie; its
+                    loop as tensor-core dots where query heads share kv heads, else on the vector units) |
+                    "pallas_dots" (the dot form for every model: slower without grouped heads)
   matmul            few-row matmuls of quantized weights and of stacked bf16 weights read in place:
                     "xla" | "pallas" (one GPU; Triton) | "native" (the CPU's C++ kernel, float32)
   matvec            one-row matmuls and the whole decode layer in one call: "xla" | "cuda" (one
