@@ -13,7 +13,8 @@ The op rotates q and k (the model's own `rotate`), writes the new keys and value
 each query reads its row's slots up to its own position. The reference gathers each row's blocks into a
 dense [batch, width * block] copy and runs XLA's attention over it; for a decode step (one token a row) on
 one GPU the policy's kernel (Kernels.paged_attention "pallas", pallas_paged_attention.py) reads the blocks
-where they lie, in its tensor-core form where query heads share kv heads (`dot_form`). A prefill chunk (several tokens a row) always takes the reference.
+where they lie, in its tensor-core form where query heads share kv heads (`dot_form`). A prefill chunk
+(several tokens a row) always takes the reference.
 """
 
 from __future__ import annotations

@@ -21,10 +21,11 @@ fill 132 SMs; for int8 one launch per weight measured faster (bench/BENCHMARKS.m
 
 Grid: (sum of N) / bn column blocks x `split` parts of K (so that a [4096, 4096] weight still spreads over
 every SM: four programs an SM for quantized weights, `pick_blocks`; one for bf16, `pick_dense_blocks`,
-where fewer parts measured faster); each program loops over its K part one `unit` of rows at a time (a scale group, or for per-channel
-int8 a fixed tile). With split 1 a program's sum is final (per-channel scale applied in the kernel);
-otherwise each part is written as float32 [split, M, N] and XLA adds the parts up and scales them
-(`pick_blocks` keeps those parts within PARTS_BYTES where it can: at 64 rows they outgrow the weight).
+where fewer parts measured faster); each program loops over its K part one `unit` of rows at a time (a
+scale group, or for per-channel int8 a fixed tile). With split 1 a program's sum is final (per-channel
+scale applied in the kernel); otherwise each part is written as float32 [split, M, N] and XLA adds the
+parts up and scales them (`pick_blocks` keeps those parts within PARTS_BYTES where it can: at 64 rows they
+outgrow the weight).
 Per group of g codes with scale s (and zero point z, else -8 s for symmetric int4; qarray.py):
     x . w = s * (x . codes) + z * sum(x)
 """
