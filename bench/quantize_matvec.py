@@ -9,7 +9,8 @@ Every kernel result is checked against x @ dequantize(q) in float32 on fresh ran
 `bf16_kernel` is qmatmul.matmul on the bf16 stack. The sweep varies the column block and warps, with one
 row on the CUDA cores and padded to 16 rows for the tensor cores (`tensor_cores`), and the K split and
 pipeline depth on the tensor-core path; with --rows above 1 it sweeps the column block and the K split
-({} is pallas_qmatmul.pick_blocks' choice), against XLA's GEMM on the same stack.
+({} is the kernel's own choice: pallas_qmatmul.pick_dense_blocks for bf16, pick_blocks for
+quantized weights), against XLA's GEMM on the same stack.
 """
 import argparse
 import json

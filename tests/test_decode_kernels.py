@@ -231,10 +231,10 @@ def test_dense_gpu_kernel_equals_float32_matmul_of_the_layer(rows):
 
 
 def test_block_choice_caps_the_float32_parts_at_many_rows():
-    """pick_blocks on Llama-2-7B's decode products (K units of 128 rows, 4 programs an H100 SM): at 16 rows
-    the widest block and fewest parts that fill the SMs, as measured; at 64 rows every launch whose K
-    has a fitting divisor writes at most PARTS_BYTES of parts (the o projection split 32 ways wrote 33.5
-    MB, its weight's size) and still fills the SMs."""
+    """pick_blocks (quantized weights; bf16 takes pick_dense_blocks, below) on Llama-2-7B's decode
+    products (K units of 128 rows, 4 programs an H100 SM): at 16 rows the widest block and fewest parts
+    that fill the SMs; at 64 rows every launch whose K has a fitting divisor writes at most PARTS_BYTES of
+    parts (the o projection split 32 ways writes 33.5 MB, a bf16 o's size) and still fills the SMs."""
     pick, cap, programs = pallas_qmatmul.pick_blocks, pallas_qmatmul.PARTS_BYTES, 4 * 132
     launches = {"qkv": (4096, (4096,) * 3), "o": (4096, (4096,)), "gate_up": (4096, (11008,) * 2),
                 "down": (11008, (4096,))}

@@ -4,7 +4,6 @@ streamed and not, 50 concurrent clients with cancellations, bad input, and SIGTE
 
 import collections
 import concurrent.futures
-import dataclasses
 import functools
 import http.client
 import importlib
@@ -284,7 +283,7 @@ def test_engine_through_the_kernels_dot_form(monkeypatch, policy, kv_heads, bloc
         return kernel(*args, **kw)
 
     monkeypatch.setattr(pallas_paged_attention, "paged_attention", counted)
-    cfg = dataclasses.replace(lj.PRESETS["tiny"], n_kv_heads=kv_heads)  # 4 query heads of 16 dims
+    cfg = lj.PRESETS["tiny"].replace(n_kv_heads=kv_heads)  # 4 query heads of 16 dims
     params = lj.init_params(cfg, jax.random.key(5))
     prompts = [list(map(int, np.random.default_rng(n).integers(3, cfg.vocab_size, n))) for n in (5, 20, 30)]
     want = lj.generate_tokens(params, cfg, prompts, max_new_tokens=12, eos_id=-1)
